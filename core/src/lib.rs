@@ -1,0 +1,10 @@
+//! spright-core: the SPRIGHT dataplane as a library.
+//!
+//! - [`pool`]: the shared-memory slot pool (memmap2), offsets not pointers.
+//! - [`descriptor`]: the 16-byte descriptor that moves between functions.
+//! - [`transport`]: the `Transport` trait with the sk_msg and Unix-socket implementations.
+//! - [`control`]: the control protocol by which a function joins the node's dataplane.
+//! - [`sdk`]: the function SDK.
+//! - [`logging`]: zap-compatible JSON logs shared by every component.
+
+pub mod logging;

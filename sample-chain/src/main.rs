@@ -1,0 +1,5 @@
+//! placeholder
+
+fn main() -> anyhow::Result<()> {
+    Ok(())
+}
