@@ -7,4 +7,6 @@
 //! - [`sdk`]: the function SDK.
 //! - [`logging`]: zap-compatible JSON logs shared by every component.
 
+pub mod descriptor;
 pub mod logging;
+pub mod pool;
