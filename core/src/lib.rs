@@ -7,6 +7,8 @@
 //! - [`sdk`]: the function SDK.
 //! - [`logging`]: zap-compatible JSON logs shared by every component.
 
+pub mod chain;
 pub mod descriptor;
 pub mod logging;
 pub mod pool;
+pub mod transport;
