@@ -1,1 +1,71 @@
-fn main() {}
+//! Compiles the dataplane's eBPF programs (bpf/dataplane.bpf.c) with clang-19
+//! into `$OUT_DIR/dataplane.bpf.o`, which the loader embeds.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const SOURCE: &str = "bpf/dataplane.bpf.c";
+const OBJECT: &str = "dataplane.bpf.o";
+const CLANG: &str = "/usr/bin/clang-19";
+const HELPERS: &str = "/usr/include/bpf/bpf_helpers.h";
+const LINUX_BPF_H: &str = "/usr/include/linux/bpf.h";
+const SETUP_HINT: &str = "install clang-19 and libbpf-dev: run scripts/setup.sh";
+
+fn main() -> ExitCode {
+    println!("cargo:rerun-if-changed={SOURCE}");
+    println!("cargo:rerun-if-changed=build.rs");
+    match build() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: spright-ebpf: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build() -> Result<(), String> {
+    let clang = Path::new(CLANG);
+    if !clang.exists() {
+        return Err(format!("{CLANG} not found; {SETUP_HINT}"));
+    }
+    for header in [HELPERS, LINUX_BPF_H] {
+        if !Path::new(header).exists() {
+            return Err(format!("{header} not found; {SETUP_HINT}"));
+        }
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| format!("OUT_DIR: {e}"))?);
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").map_err(|e| format!("target arch: {e}"))?;
+    // linux/bpf.h pulls in asm/types.h, which lives in the multiarch include dir.
+    let multiarch = format!("/usr/include/{}", debian_multiarch(&arch));
+    let object = out_dir.join(OBJECT);
+
+    let output = Command::new(clang)
+        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        .arg(format!("-I{multiarch}"))
+        .arg("-c")
+        .arg(SOURCE)
+        .arg("-o")
+        .arg(&object)
+        .output()
+        .map_err(|e| format!("running {CLANG}: {e}; {SETUP_HINT}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{CLANG} failed to compile {SOURCE} ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Maps Cargo's target arch to Debian's multiarch tuple.
+fn debian_multiarch(arch: &str) -> String {
+    match arch {
+        "x86" => "i386-linux-gnu".to_owned(),
+        "arm" => "arm-linux-gnueabihf".to_owned(),
+        "powerpc64" => "powerpc64-linux-gnu".to_owned(),
+        other => format!("{other}-linux-gnu"),
+    }
+}
