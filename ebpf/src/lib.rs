@@ -21,9 +21,17 @@
 //!    short to carry an id) continues on the normal TCP path to the hub peer.
 //!
 //! Several descriptors written in one `send()` are judged one by one (the program
-//! applies its verdict to 16 bytes at a time). Per-CPU counters count messages and
-//! bytes per destination id (`fn_msgs`, `fn_bytes`; slot [`UNKNOWN_INDEX`] counts
-//! descriptors that went to the hub); read them with [`Dataplane::counters`].
+//! applies each verdict to 16 bytes). When one of them has an unknown destination,
+//! it and the rest of that write go to the hub in one piece: the kernel cannot mix
+//! "pass" and "redirect" inside one write without delaying the passed bytes. To
+//! send to the hub the program redirects to the sender's own socket (egress), found
+//! through its local port, so a port must stay registered while its socket is open.
+//! Writers must write whole descriptors; a write shorter than 4 bytes goes to the
+//! hub and counts as unknown.
+//!
+//! Per-CPU counters count messages and bytes per destination id (`fn_msgs`,
+//! `fn_bytes`; slot [`UNKNOWN_INDEX`] counts descriptors that went to the hub);
+//! read them with [`Dataplane::counters`].
 //!
 //! Programs are compiled from `bpf/dataplane.bpf.c` by `build.rs` (clang-19) and
 //! embedded in this crate. Loading needs root (CAP_BPF and CAP_NET_ADMIN).
@@ -435,9 +443,10 @@ impl Dataplane {
         })
     }
 
-    /// Records that the socket bound to `local_port` belongs to `function_id`.
-    /// Call before the socket connects: only connections established afterwards
-    /// are filed into `fn_socks`.
+    /// Records that the socket bound to `local_port` belongs to `function_id`
+    /// (below [`MAX_FUNCTIONS`]). Call before the socket connects: only
+    /// connections established afterwards are filed into `fn_socks`. Keep the
+    /// port registered while the socket is open (the hub path needs it).
     pub fn register_port(&mut self, local_port: u16, function_id: u32) -> Result<(), EbpfError> {
         check_function_id(function_id)?;
         self.ports
@@ -451,7 +460,8 @@ impl Dataplane {
             })
     }
 
-    /// Forgets `local_port`. Succeeds if it was not registered.
+    /// Forgets `local_port` (call after its socket is closed). Succeeds if it
+    /// was not registered.
     pub fn unregister_port(&mut self, local_port: u16) -> Result<(), EbpfError> {
         match self.ports.remove(&u32::from(local_port)) {
             Err(e) if !is_not_found(&e) => Err(map_error(

@@ -256,6 +256,33 @@ fn ten_thousand_descriptors_arrive_complete_and_in_order() {
 }
 
 #[test]
+fn many_descriptors_to_unknown_ids_reach_the_hub_in_order() {
+    const COUNT: u32 = 2_000;
+    let mut dp = load(&DataplaneOptions::default());
+    let hub = Hub::new();
+    let mut a = attach_function(&mut dp, &hub, 30);
+    wait_for_socket(&dp, a.id, true);
+    let mut hub_peer = a.hub_peer;
+    let reader = std::thread::spawn(move || {
+        for seq in 0..COUNT {
+            assert_eq!(
+                read_descriptor(&mut hub_peer),
+                descriptor(100 + seq % 100, seq, 0, 0)
+            );
+        }
+        hub_peer
+    });
+    for seq in 0..COUNT {
+        a.socket
+            .write_all(&descriptor(100 + seq % 100, seq, 0, 0))
+            .expect("send");
+    }
+    let hub_peer = reader.join().expect("hub saw every descriptor in order");
+    assert_empty(&hub_peer, "hub peer of A");
+    assert_eq!(unknown(&dp), sent(u64::from(COUNT)));
+}
+
+#[test]
 fn two_dataplanes_on_one_cgroup_do_not_interfere() {
     let mut dp1 = load(&DataplaneOptions::default());
     let mut dp2 = load(&DataplaneOptions::default());
@@ -443,5 +470,45 @@ fn missing_cgroup_is_reported_with_its_path() {
             pin_dir: None,
         })
         .is_err()
+    );
+}
+
+const UNPRIVILEGED_CHILD: &str = "SPRIGHT_EBPF_UNPRIVILEGED_CHILD";
+
+#[test]
+fn load_without_capabilities_names_the_missing_capabilities() {
+    if std::env::var_os(UNPRIVILEGED_CHILD).is_some() {
+        // Running inside setpriv below, with every capability dropped.
+        let err = Dataplane::load(&DataplaneOptions::default()).unwrap_err();
+        assert!(err.is_permission_denied(), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("loading eBPF programs needs CAP_BPF and CAP_NET_ADMIN (run as root)"),
+            "{err}"
+        );
+        assert!(check_support(&DataplaneOptions::default()).is_err());
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let output = Command::new("setpriv")
+        .args([
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+        ])
+        .arg(exe)
+        .args([
+            "--exact",
+            "load_without_capabilities_names_the_missing_capabilities",
+            "--test-threads=1",
+        ])
+        .env(UNPRIVILEGED_CHILD, "1")
+        .output()
+        .expect("run setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "unprivileged child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
     );
 }
