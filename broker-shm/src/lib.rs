@@ -3,3 +3,5 @@
 
 pub mod event;
 pub mod filter;
+pub mod log;
+pub mod manifests;

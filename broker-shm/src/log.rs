@@ -1,0 +1,471 @@
+//! The per-broker event log: memory-mapped segment files plus per-trigger cursors.
+//!
+//! Layout under `<data-dir>/<namespace>/<broker>/`:
+//! - `<base offset, 20 digits>.seg`: preallocated segment files; records are
+//!   `[len u32 LE][checksum u32 LE][payload][pad to 8]`, a zero length marks the end;
+//! - `cursors/<trigger key>`: 8-byte little-endian dispatch position of each trigger.
+//!
+//! Offsets are logical byte positions across segments (segment base + position), so a
+//! cursor stays valid when older segments are deleted. The length word is written last, so
+//! a record torn by a crash reads as the end of the log; the checksum catches torn pages
+//! after a power loss in "append" durability.
+
+use memmap2::{MmapMut, MmapOptions};
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+const HEADER: usize = 8;
+
+/// When an append counts as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once copied into the shared mapping (survives a process crash, not a power loss).
+    Append,
+    /// After `msync` of the written range (survives a power loss).
+    Msync,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "append" => Ok(Durability::Append),
+            "msync" => Ok(Durability::Msync),
+            other => Err(format!("durability must be append or msync, not {other:?}")),
+        }
+    }
+}
+
+/// Log sizing and durability.
+#[derive(Debug, Clone, Copy)]
+pub struct LogConfig {
+    /// Bytes per segment file (also the largest record).
+    pub segment_bytes: usize,
+    /// Most bytes of segments kept on disk; appends beyond it are refused until the
+    /// triggers catch up (never silently dropped).
+    pub retention_bytes: u64,
+    /// Append durability.
+    pub durability: Durability,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 16 << 20,
+            retention_bytes: 1 << 30,
+            durability: Durability::Append,
+        }
+    }
+}
+
+/// Log errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("event of {0} bytes exceeds the segment size")]
+    TooLarge(usize),
+    #[error("log retention limit reached ({0} bytes); subscribers are behind")]
+    Full(u64),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+struct Segment {
+    base: u64,
+    used: usize,
+    path: PathBuf,
+    map: MmapMut,
+}
+
+fn checksum(data: &[u8]) -> u32 {
+    // FNV-1a, 32 bit.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+fn padded(n: usize) -> usize {
+    (HEADER + n + 7) & !7
+}
+
+fn map_file(path: &Path, len: usize, create: bool) -> Result<MmapMut, LogError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(io(path))?;
+    let cur = file.metadata().map_err(io(path))?.len();
+    if cur < len as u64 {
+        file.set_len(len as u64).map_err(io(path))?;
+    }
+    map(&file, path)
+}
+
+fn map(file: &File, path: &Path) -> Result<MmapMut, LogError> {
+    // SAFETY: the file is private to this process (one broker-shm per data dir); nobody
+    // truncates it while mapped, and all access goes through the owning `BrokerLog`.
+    unsafe { MmapOptions::new().map_mut(file) }.map_err(io(path))
+}
+
+impl Segment {
+    fn open(dir: &Path, base: u64, size: usize) -> Result<Segment, LogError> {
+        let path = dir.join(format!("{base:020}.seg"));
+        let map = map_file(&path, size, true)?;
+        let mut seg = Segment {
+            base,
+            used: 0,
+            path,
+            map,
+        };
+        seg.used = seg.scan();
+        Ok(seg)
+    }
+
+    /// Finds the end of the valid records.
+    fn scan(&self) -> usize {
+        let mut pos = 0;
+        while let Some((_, next)) = self.record_at(pos) {
+            pos = next;
+        }
+        pos
+    }
+
+    fn record_at(&self, pos: usize) -> Option<(&[u8], usize)> {
+        let hdr = self.map.get(pos..pos + HEADER)?;
+        let len = u32::from_le_bytes(hdr[0..4].try_into().ok()?) as usize;
+        let sum = u32::from_le_bytes(hdr[4..8].try_into().ok()?);
+        if len == 0 {
+            return None;
+        }
+        let payload = self.map.get(pos + HEADER..pos + HEADER + len)?;
+        if checksum(payload) != sum {
+            return None;
+        }
+        Some((payload, pos + padded(len)))
+    }
+
+    fn capacity(&self) -> usize {
+        self.map.len()
+    }
+
+    fn append(&mut self, payload: &[u8], durability: Durability) -> Result<(), LogError> {
+        let pos = self.used;
+        let end = pos + padded(payload.len());
+        let len = u32::try_from(payload.len()).map_err(|_| LogError::TooLarge(payload.len()))?;
+        self.map[pos + HEADER..pos + HEADER + payload.len()].copy_from_slice(payload);
+        // Zero the next header so a stale record after a reused region never reads as valid.
+        if let Some(next) = self.map.get_mut(end..end + 4) {
+            next.fill(0);
+        }
+        self.map[pos + 4..pos + 8].copy_from_slice(&checksum(payload).to_le_bytes());
+        self.map[pos..pos + 4].copy_from_slice(&len.to_le_bytes());
+        if durability == Durability::Msync {
+            let flush_end = (end + 4).min(self.map.len());
+            self.map
+                .flush_range(pos, flush_end - pos)
+                .map_err(io(&self.path))?;
+        }
+        self.used = end;
+        Ok(())
+    }
+}
+
+/// One broker's log.
+pub struct BrokerLog {
+    dir: PathBuf,
+    cfg: LogConfig,
+    segments: VecDeque<Segment>,
+}
+
+impl std::fmt::Debug for BrokerLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLog")
+            .field("dir", &self.dir)
+            .field("segments", &self.segments.len())
+            .field("tail", &self.tail())
+            .finish()
+    }
+}
+
+impl BrokerLog {
+    /// Opens (or creates) the log in `dir`, recovering the tail by scanning.
+    pub fn open(dir: &Path, cfg: LogConfig) -> Result<BrokerLog, LogError> {
+        std::fs::create_dir_all(dir.join("cursors")).map_err(io(dir))?;
+        let mut bases: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse::<u64>().ok()
+            })
+            .collect();
+        bases.sort_unstable();
+        let mut segments = VecDeque::new();
+        for base in bases {
+            // Existing segments keep their own size.
+            let path = dir.join(format!("{base:020}.seg"));
+            let size = std::fs::metadata(&path).map_err(io(&path))?.len() as usize;
+            segments.push_back(Segment::open(dir, base, size.max(HEADER))?);
+        }
+        if segments.is_empty() {
+            segments.push_back(Segment::open(dir, 0, cfg.segment_bytes)?);
+        }
+        Ok(BrokerLog {
+            dir: dir.to_path_buf(),
+            cfg,
+            segments,
+        })
+    }
+
+    /// The directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Offset one past the last record.
+    pub fn tail(&self) -> u64 {
+        self.segments.back().map_or(0, |s| s.base + s.used as u64)
+    }
+
+    /// Offset of the oldest retained record.
+    pub fn head(&self) -> u64 {
+        self.segments.front().map_or(0, |s| s.base)
+    }
+
+    /// Bytes of segment files currently on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.capacity() as u64).sum()
+    }
+
+    /// Appends a record; returns the offset after it (the new tail).
+    pub fn append(&mut self, payload: &[u8]) -> Result<u64, LogError> {
+        let need = padded(payload.len()) + 4;
+        if need > self.cfg.segment_bytes {
+            return Err(LogError::TooLarge(payload.len()));
+        }
+        let fits = self
+            .segments
+            .back()
+            .is_some_and(|s| s.used + need <= s.capacity());
+        if !fits {
+            if self.disk_bytes() + self.cfg.segment_bytes as u64 > self.cfg.retention_bytes {
+                return Err(LogError::Full(self.cfg.retention_bytes));
+            }
+            let base = self.tail();
+            self.segments
+                .push_back(Segment::open(&self.dir, base, self.cfg.segment_bytes)?);
+        }
+        let durability = self.cfg.durability;
+        let seg = self
+            .segments
+            .back_mut()
+            .ok_or(LogError::TooLarge(payload.len()))?;
+        seg.append(payload, durability)?;
+        Ok(self.tail())
+    }
+
+    /// Reads the record at `offset`: `(payload, next offset)`, or `None` at the tail.
+    /// An offset below the head (deleted by retention) resumes at the head.
+    pub fn read(&self, offset: u64) -> Option<(Vec<u8>, u64)> {
+        let offset = offset.max(self.head());
+        for (i, s) in self.segments.iter().enumerate() {
+            let end = s.base + s.used as u64;
+            if offset < s.base || offset > end {
+                continue;
+            }
+            if offset == end {
+                // End of a sealed segment: continue in the next one.
+                if i + 1 < self.segments.len() {
+                    continue;
+                }
+                return None;
+            }
+            let pos = usize::try_from(offset - s.base).ok()?;
+            let (payload, next) = s.record_at(pos)?;
+            return Some((payload.to_vec(), s.base + next as u64));
+        }
+        None
+    }
+
+    /// Deletes every sealed segment entirely below `offset` (all triggers are past it).
+    pub fn truncate_below(&mut self, offset: u64) {
+        while self.segments.len() > 1 {
+            let Some(front) = self.segments.front() else {
+                break;
+            };
+            if front.base + front.used as u64 > offset {
+                break;
+            }
+            if let Some(seg) = self.segments.pop_front() {
+                let _ = std::fs::remove_file(&seg.path);
+            }
+        }
+    }
+}
+
+/// A trigger's persisted dispatch position (an 8-byte memory-mapped file).
+pub struct Cursor {
+    map: MmapMut,
+    path: PathBuf,
+    durability: Durability,
+}
+
+impl std::fmt::Debug for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cursor({}, {})", self.path.display(), self.get())
+    }
+}
+
+impl Cursor {
+    /// Opens the cursor `key` of a log; a new cursor starts at `initial`.
+    pub fn open(
+        log_dir: &Path,
+        key: &str,
+        initial: u64,
+        durability: Durability,
+    ) -> Result<Cursor, LogError> {
+        let safe: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = log_dir.join("cursors").join(safe);
+        let existed = path.exists();
+        let map = map_file(&path, 8, true)?;
+        let mut c = Cursor {
+            map,
+            path,
+            durability,
+        };
+        if !existed {
+            c.set(initial)?;
+        }
+        Ok(c)
+    }
+
+    /// Current position.
+    pub fn get(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.map[..8]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Stores a new position.
+    pub fn set(&mut self, v: u64) -> Result<(), LogError> {
+        self.map[..8].copy_from_slice(&v.to_le_bytes());
+        if self.durability == Durability::Msync {
+            self.map.flush().map_err(io(&self.path))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the cursor file (trigger removed).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(seg: usize, ret: u64) -> LogConfig {
+        LogConfig {
+            segment_bytes: seg,
+            retention_bytes: ret,
+            durability: Durability::Msync,
+        }
+    }
+
+    #[test]
+    fn append_read_reopen_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap();
+        let mut offsets = vec![0];
+        for i in 0..20 {
+            let rec = format!("record-{i}-{}", "x".repeat(i * 3));
+            offsets.push(log.append(rec.as_bytes()).unwrap());
+        }
+        assert!(log.segments.len() > 2);
+        let tail = log.tail();
+        drop(log);
+        let mut log = BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap();
+        assert_eq!(log.tail(), tail);
+        let mut off = 0;
+        for i in 0..20 {
+            let (rec, next) = log.read(off).unwrap();
+            assert!(rec.starts_with(format!("record-{i}-").as_bytes()));
+            assert_eq!(next, offsets[i + 1]);
+            off = next;
+        }
+        assert!(log.read(off).is_none());
+        let before = log.disk_bytes();
+        log.truncate_below(offsets[15]);
+        assert!(log.disk_bytes() < before);
+        assert!(log.read(offsets[15]).is_some());
+        // Reading below the head resumes at the head.
+        assert!(log.read(0).is_some());
+    }
+
+    #[test]
+    fn retention_refuses_and_torn_record_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = BrokerLog::open(dir.path(), cfg(128, 256)).unwrap();
+        let mut full = false;
+        for _ in 0..20 {
+            match log.append(&[7u8; 40]) {
+                Ok(_) => {}
+                Err(LogError::Full(_)) => {
+                    full = true;
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(full);
+        assert!(matches!(
+            log.append(&[0u8; 200]),
+            Err(LogError::TooLarge(_))
+        ));
+        // Corrupt the last record's payload: reopening must stop before it.
+        let tail = log.tail();
+        let seg = log.segments.back_mut().unwrap();
+        let last = seg.used - padded(40);
+        seg.map[last + HEADER] ^= 0xff;
+        drop(log);
+        let log = BrokerLog::open(dir.path(), cfg(128, 256)).unwrap();
+        assert!(log.tail() < tail);
+    }
+
+    #[test]
+    fn cursor_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("cursors")).unwrap();
+        let mut c = Cursor::open(dir.path(), "ns/t", 42, Durability::Append).unwrap();
+        assert_eq!(c.get(), 42);
+        c.set(99).unwrap();
+        drop(c);
+        let c = Cursor::open(dir.path(), "ns/t", 0, Durability::Append).unwrap();
+        assert_eq!(c.get(), 99);
+    }
+}
