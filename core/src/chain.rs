@@ -118,13 +118,18 @@ impl ChainFile {
             return bad("no functions".into());
         }
         if self.functions.len() > MAX_FUNCTIONS {
-            return bad(format!("{} functions, at most {MAX_FUNCTIONS}", self.functions.len()));
+            return bad(format!(
+                "{} functions, at most {MAX_FUNCTIONS}",
+                self.functions.len()
+            ));
         }
         let mut names = HashSet::new();
         for f in &self.functions {
             let valid = !f.name.is_empty()
                 && f.name.len() <= 63
-                && f.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                && f.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             if !valid {
                 return bad(format!(
                     "function name {:?} must be 1-63 characters of [A-Za-z0-9_-]",
@@ -170,7 +175,12 @@ impl ChainFile {
         let chains = self
             .chains
             .iter()
-            .map(|c| c.steps.iter().filter_map(|s| functions.get(s).copied()).collect())
+            .map(|c| {
+                c.steps
+                    .iter()
+                    .filter_map(|s| functions.get(s).copied())
+                    .collect()
+            })
             .collect();
         RoutingTable { functions, chains }
     }
@@ -211,11 +221,26 @@ chains:
     fn rejects_bad_specs_with_reasons() {
         let cases = [
             ("functions: []\nchains: []", "no functions"),
-            ("functions: [{name: a}, {name: a}]\nchains: [{name: c, route: /c, steps: [a]}]", "twice"),
-            ("functions: [{name: a}]\nchains: [{name: c, route: c, steps: [a]}]", "start with"),
-            ("functions: [{name: a}]\nchains: [{name: c, route: /c, steps: [z]}]", "unknown function"),
-            ("functions: [{name: 'a b'}]\nchains: [{name: c, route: /c, steps: [a]}]", "must be"),
-            ("functions: [{name: a, cmd: x}]\nchains: []", "unknown field"),
+            (
+                "functions: [{name: a}, {name: a}]\nchains: [{name: c, route: /c, steps: [a]}]",
+                "twice",
+            ),
+            (
+                "functions: [{name: a}]\nchains: [{name: c, route: c, steps: [a]}]",
+                "start with",
+            ),
+            (
+                "functions: [{name: a}]\nchains: [{name: c, route: /c, steps: [z]}]",
+                "unknown function",
+            ),
+            (
+                "functions: [{name: 'a b'}]\nchains: [{name: c, route: /c, steps: [a]}]",
+                "must be",
+            ),
+            (
+                "functions: [{name: a, cmd: x}]\nchains: []",
+                "unknown field",
+            ),
             ("{", "YAML"),
         ];
         for (text, want) in cases {

@@ -8,7 +8,10 @@
 //! - [`logging`]: zap-compatible JSON logs shared by every component.
 
 pub mod chain;
+pub mod control;
 pub mod descriptor;
+pub mod host;
 pub mod logging;
 pub mod pool;
+pub mod sdk;
 pub mod transport;

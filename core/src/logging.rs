@@ -7,10 +7,10 @@ use std::fmt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
 
 /// Formats each event as one zap-compatible JSON object.
 #[derive(Debug, Clone)]
@@ -89,7 +89,10 @@ where
             _ => meta.target().to_owned(),
         };
         out.insert("caller".into(), caller.into());
-        let message = fields.0.remove("message").unwrap_or(Value::String(String::new()));
+        let message = fields
+            .0
+            .remove("message")
+            .unwrap_or(Value::String(String::new()));
         out.insert("message".into(), message);
         for (k, v) in fields.0 {
             out.insert(k, v);

@@ -26,8 +26,8 @@
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 use thiserror::Error;
@@ -82,7 +82,11 @@ pub enum PoolError {
     #[error("stale descriptor for slot {slot}: generation {got}, slot is at {current}")]
     Stale { slot: u32, got: u32, current: u32 },
     #[error("slot {slot} is not {expected:#x}'s to take (owner {owner:#x})")]
-    NotOwner { slot: u32, expected: u32, owner: u32 },
+    NotOwner {
+        slot: u32,
+        expected: u32,
+        owner: u32,
+    },
     #[error("function id {0} is out of range")]
     BadFunctionId(u32),
 }
@@ -123,9 +127,16 @@ impl PoolConfig {
         let meta_end = HEADER_LEN
             .checked_add(count.checked_mul(META_LEN).ok_or_else(too_big)?)
             .ok_or_else(too_big)?;
-        let data_offset = meta_end.div_ceil(PAGE).checked_mul(PAGE).ok_or_else(too_big)?;
+        let data_offset = meta_end
+            .div_ceil(PAGE)
+            .checked_mul(PAGE)
+            .ok_or_else(too_big)?;
         let total = data_offset
-            .checked_add(count.checked_mul(self.slot_size as usize).ok_or_else(too_big)?)
+            .checked_add(
+                count
+                    .checked_mul(self.slot_size as usize)
+                    .ok_or_else(too_big)?,
+            )
             .ok_or_else(too_big)?;
         Ok(Layout { data_offset, total })
     }
@@ -163,8 +174,9 @@ impl Pool {
     pub fn create_memfd(name: &str, config: PoolConfig) -> Result<Self, PoolError> {
         let cname = std::ffi::CString::new(name)
             .map_err(|_| PoolError::Config("pool name contains NUL".into()))?;
-        let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .map_err(std::io::Error::from)?;
+        let fd =
+            nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .map_err(std::io::Error::from)?;
         Self::create_on(File::from(fd), config)
     }
 
@@ -189,16 +201,23 @@ impl Pool {
             data_offset: layout.data_offset,
             fd: file.into(),
         };
-        pool.header_u32(H_SLOT_SIZE).store(config.slot_size, Ordering::Relaxed);
-        pool.header_u32(H_SLOT_COUNT).store(config.slot_count, Ordering::Relaxed);
+        pool.header_u32(H_SLOT_SIZE)
+            .store(config.slot_size, Ordering::Relaxed);
+        pool.header_u32(H_SLOT_COUNT)
+            .store(config.slot_count, Ordering::Relaxed);
         pool.header_u32(H_VERSION).store(VERSION, Ordering::Relaxed);
         for i in 0..config.slot_count {
-            let next = if i + 1 < config.slot_count { i + 1 } else { EMPTY };
+            let next = if i + 1 < config.slot_count {
+                i + 1
+            } else {
+                EMPTY
+            };
             pool.meta_u32(i, M_NEXT).store(next, Ordering::Relaxed);
             pool.meta_u32(i, M_GENERATION).store(0, Ordering::Relaxed);
             pool.meta_u32(i, M_OWNER).store(FREE, Ordering::Relaxed);
         }
-        pool.header_u32(H_FREE_COUNT).store(config.slot_count, Ordering::Relaxed);
+        pool.header_u32(H_FREE_COUNT)
+            .store(config.slot_count, Ordering::Relaxed);
         pool.header_u64(H_FREE_HEAD).store(0, Ordering::Relaxed);
         pool.header_u64(H_MAGIC).store(MAGIC, Ordering::Release);
         Ok(pool)
@@ -228,13 +247,17 @@ impl Pool {
         }
         let version = pool.header_u32(H_VERSION).load(Ordering::Relaxed);
         if version != VERSION {
-            return Err(PoolError::BadRegion(format!("version {version}, expected {VERSION}")));
+            return Err(PoolError::BadRegion(format!(
+                "version {version}, expected {VERSION}"
+            )));
         }
         let config = PoolConfig {
             slot_size: pool.header_u32(H_SLOT_SIZE).load(Ordering::Relaxed),
             slot_count: pool.header_u32(H_SLOT_COUNT).load(Ordering::Relaxed),
         };
-        let layout = config.layout().map_err(|e| PoolError::BadRegion(e.to_string()))?;
+        let layout = config
+            .layout()
+            .map_err(|e| PoolError::BadRegion(e.to_string()))?;
         if layout.total != total {
             return Err(PoolError::BadRegion(format!(
                 "header describes {} bytes, region has {total}",
@@ -248,7 +271,10 @@ impl Pool {
 
     /// Opens a pool file created by [`Pool::create_file`].
     pub fn open_file(path: &Path) -> Result<Self, PoolError> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
         Self::open(file.into())
     }
 
@@ -278,7 +304,9 @@ impl Pool {
                 return Err(PoolError::Exhausted(self.config.slot_count));
             }
             if index >= self.config.slot_count {
-                return Err(PoolError::BadRegion(format!("free list names slot {index}")));
+                return Err(PoolError::BadRegion(format!(
+                    "free list names slot {index}"
+                )));
             }
             let next = self.meta_u32(index, M_NEXT).load(Ordering::Acquire);
             let tag = (cur >> 32).wrapping_add(1);
@@ -289,8 +317,10 @@ impl Pool {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    self.header_u32(H_FREE_COUNT).fetch_sub(1, Ordering::Relaxed);
-                    self.meta_u32(index, M_OWNER).store(holder | HELD, Ordering::Release);
+                    self.header_u32(H_FREE_COUNT)
+                        .fetch_sub(1, Ordering::Relaxed);
+                    self.meta_u32(index, M_OWNER)
+                        .store(holder | HELD, Ordering::Release);
                     self.meta_u32(index, M_LEN).store(0, Ordering::Relaxed);
                     self.meta_u64(index, M_REQUEST).store(0, Ordering::Relaxed);
                     self.meta_u32(index, M_ROUTE).store(0, Ordering::Relaxed);
@@ -322,17 +352,21 @@ impl Pool {
                 expected: holder,
                 owner: actual,
             })?;
-        let current = self.meta_u32(desc.slot, M_GENERATION).load(Ordering::Acquire);
+        let current = self
+            .meta_u32(desc.slot, M_GENERATION)
+            .load(Ordering::Acquire);
         if current != desc.generation {
             // Lost a race with a reclaim: hand it back untouched.
-            let _ = owner.compare_exchange(holder | HELD, holder, Ordering::AcqRel, Ordering::Relaxed);
+            let _ =
+                owner.compare_exchange(holder | HELD, holder, Ordering::AcqRel, Ordering::Relaxed);
             return Err(PoolError::Stale {
                 slot: desc.slot,
                 got: desc.generation,
                 current,
             });
         }
-        self.meta_u32(desc.slot, M_LEN).store(desc.len, Ordering::Relaxed);
+        self.meta_u32(desc.slot, M_LEN)
+            .store(desc.len, Ordering::Relaxed);
         Ok(Slot {
             pool: Arc::clone(self),
             index: desc.slot,
@@ -380,11 +414,13 @@ impl Pool {
 
     /// Pushes a slot whose owner is already `FREE` back on the free stack.
     fn release(&self, index: u32) {
-        self.meta_u32(index, M_GENERATION).fetch_add(1, Ordering::AcqRel);
+        self.meta_u32(index, M_GENERATION)
+            .fetch_add(1, Ordering::AcqRel);
         let head = self.header_u64(H_FREE_HEAD);
         let mut cur = head.load(Ordering::Acquire);
         loop {
-            self.meta_u32(index, M_NEXT).store(cur as u32, Ordering::Release);
+            self.meta_u32(index, M_NEXT)
+                .store(cur as u32, Ordering::Release);
             let tag = (cur >> 32).wrapping_add(1);
             match head.compare_exchange_weak(
                 cur,
@@ -396,7 +432,8 @@ impl Pool {
                 Err(actual) => cur = actual,
             }
         }
-        self.header_u32(H_FREE_COUNT).fetch_add(1, Ordering::Relaxed);
+        self.header_u32(H_FREE_COUNT)
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn header_u32(&self, offset: usize) -> &AtomicU32 {
@@ -476,7 +513,9 @@ impl Slot {
 
     /// Payload length.
     pub fn len(&self) -> usize {
-        self.pool.meta_u32(self.index, M_LEN).load(Ordering::Relaxed) as usize
+        self.pool
+            .meta_u32(self.index, M_LEN)
+            .load(Ordering::Relaxed) as usize
     }
 
     /// Whether the payload is empty.
@@ -508,14 +547,15 @@ impl Slot {
     /// Sets the payload length.
     pub fn set_len(&mut self, len: usize) -> Result<(), PoolError> {
         let slot_size = self.pool.config.slot_size;
-        let len32 = u32::try_from(len)
-            .ok()
-            .filter(|l| *l <= slot_size)
-            .ok_or(PoolError::LengthOutOfRange {
+        let len32 = u32::try_from(len).ok().filter(|l| *l <= slot_size).ok_or(
+            PoolError::LengthOutOfRange {
                 len: u32::try_from(len).unwrap_or(u32::MAX),
                 slot_size,
-            })?;
-        self.pool.meta_u32(self.index, M_LEN).store(len32, Ordering::Relaxed);
+            },
+        )?;
+        self.pool
+            .meta_u32(self.index, M_LEN)
+            .store(len32, Ordering::Relaxed);
         Ok(())
     }
 
@@ -528,34 +568,47 @@ impl Slot {
 
     /// The request this slot belongs to (set by the gateway, carried along the chain).
     pub fn request_id(&self) -> u64 {
-        self.pool.meta_u64(self.index, M_REQUEST).load(Ordering::Relaxed)
+        self.pool
+            .meta_u64(self.index, M_REQUEST)
+            .load(Ordering::Relaxed)
     }
 
     /// Sets the request id.
     pub fn set_request_id(&mut self, id: u64) {
-        self.pool.meta_u64(self.index, M_REQUEST).store(id, Ordering::Relaxed);
+        self.pool
+            .meta_u64(self.index, M_REQUEST)
+            .store(id, Ordering::Relaxed);
     }
 
     /// Route: chain index (high 16 bits) and hop (low 16 bits).
     pub fn route(&self) -> (u16, u16) {
-        let r = self.pool.meta_u32(self.index, M_ROUTE).load(Ordering::Relaxed);
+        let r = self
+            .pool
+            .meta_u32(self.index, M_ROUTE)
+            .load(Ordering::Relaxed);
         ((r >> 16) as u16, r as u16)
     }
 
     /// Sets the route.
     pub fn set_route(&mut self, chain: u16, hop: u16) {
         let r = (u32::from(chain) << 16) | u32::from(hop);
-        self.pool.meta_u32(self.index, M_ROUTE).store(r, Ordering::Relaxed);
+        self.pool
+            .meta_u32(self.index, M_ROUTE)
+            .store(r, Ordering::Relaxed);
     }
 
     /// Status word: 0 for a result, otherwise an HTTP status the gateway should answer.
     pub fn status(&self) -> u32 {
-        self.pool.meta_u32(self.index, M_STATUS).load(Ordering::Relaxed)
+        self.pool
+            .meta_u32(self.index, M_STATUS)
+            .load(Ordering::Relaxed)
     }
 
     /// Sets the status word.
     pub fn set_status(&mut self, status: u32) {
-        self.pool.meta_u32(self.index, M_STATUS).store(status, Ordering::Relaxed);
+        self.pool
+            .meta_u32(self.index, M_STATUS)
+            .store(status, Ordering::Relaxed);
     }
 
     /// Hands the slot to function `dst` and returns the descriptor to send it. Until `dst`
@@ -590,7 +643,12 @@ impl Drop for Slot {
             && self
                 .pool
                 .meta_u32(self.index, M_OWNER)
-                .compare_exchange(self.holder | HELD, FREE, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    self.holder | HELD,
+                    FREE,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             self.pool.release(self.index);
@@ -657,14 +715,20 @@ mod tests {
             len: 0,
             generation: 0,
         };
-        assert!(matches!(pool.claim(&bad_slot, 1), Err(PoolError::SlotOutOfRange { .. })));
+        assert!(matches!(
+            pool.claim(&bad_slot, 1),
+            Err(PoolError::SlotOutOfRange { .. })
+        ));
         let bad_len = Descriptor {
             dst: 1,
             slot: 0,
             len: 129,
             generation: 0,
         };
-        assert!(matches!(pool.claim(&bad_len, 1), Err(PoolError::LengthOutOfRange { .. })));
+        assert!(matches!(
+            pool.claim(&bad_len, 1),
+            Err(PoolError::LengthOutOfRange { .. })
+        ));
         let mut s = pool.alloc(1).expect("alloc");
         assert!(s.set_len(129).is_err());
         assert!(s.write(&[0; 200]).is_err());

@@ -59,7 +59,9 @@ impl std::str::FromStr for TransportChoice {
             "auto" => Ok(Self::Auto),
             "sk_msg" | "skmsg" => Ok(Self::Only(TransportKind::SkMsg)),
             "unix" => Ok(Self::Only(TransportKind::Unix)),
-            other => Err(format!("unknown transport {other:?}: expected auto, sk_msg or unix")),
+            other => Err(format!(
+                "unknown transport {other:?}: expected auto, sk_msg or unix"
+            )),
         }
     }
 }
@@ -269,7 +271,7 @@ impl Drop for UnixEndpoint {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn desc(dst: u32, slot: u32) -> Descriptor {
@@ -288,7 +290,11 @@ mod tests {
         let b = std::sync::Arc::new(UnixEndpoint::bind(&dir, 2).expect("bind b"));
         let reader = {
             let b = std::sync::Arc::clone(&b);
-            std::thread::spawn(move || (0..1000).map(|_| b.recv().expect("recv").slot).collect::<Vec<_>>())
+            std::thread::spawn(move || {
+                (0..1000)
+                    .map(|_| b.recv().expect("recv").slot)
+                    .collect::<Vec<_>>()
+            })
         };
         for i in 0..1000 {
             a.send(&desc(2, i)).expect("send");
@@ -301,7 +307,10 @@ mod tests {
     fn unix_unknown_destination_is_an_error() {
         let dir = tempdir();
         let a = UnixEndpoint::bind(&dir, 1).expect("bind");
-        assert!(matches!(a.send(&desc(7, 0)), Err(TransportError::UnknownDestination(7))));
+        assert!(matches!(
+            a.send(&desc(7, 0)),
+            Err(TransportError::UnknownDestination(7))
+        ));
     }
 
     #[test]
@@ -312,22 +321,25 @@ mod tests {
         let t = std::thread::spawn(move || a2.recv());
         std::thread::sleep(std::time::Duration::from_millis(20));
         a.shutdown();
-        assert!(matches!(t.join().expect("join"), Err(TransportError::Closed)));
+        assert!(matches!(
+            t.join().expect("join"),
+            Err(TransportError::Closed)
+        ));
     }
 
     #[test]
     fn choice_parses() {
         assert_eq!("auto".parse(), Ok(TransportChoice::Auto));
-        assert_eq!("sk_msg".parse(), Ok(TransportChoice::Only(TransportKind::SkMsg)));
+        assert_eq!(
+            "sk_msg".parse(),
+            Ok(TransportChoice::Only(TransportKind::SkMsg))
+        );
         assert!("tcp".parse::<TransportChoice>().is_err());
     }
 
     pub(crate) fn tempdir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "spright-t-{}-{}",
-            std::process::id(),
-            uuid_like()
-        ));
+        let d =
+            std::env::temp_dir().join(format!("spright-t-{}-{}", std::process::id(), uuid_like()));
         std::fs::create_dir_all(&d).expect("mkdir");
         d
     }

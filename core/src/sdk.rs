@@ -1,0 +1,332 @@
+//! The function SDK: how a function process joins the node's dataplane, receives events as
+//! zero-copy views of the pool and sends its result on.
+//!
+//! ```no_run
+//! use spright_core::sdk::{Function, Next};
+//! let f = Function::join("/run/spright/control.sock".as_ref(), "upper")?;
+//! f.run(|event| {
+//!     event.payload_mut().make_ascii_uppercase(); // in place, in shared memory
+//!     Ok(Next::Chain) // on to the chain's next step (or back to the gateway at the end)
+//! })?;
+//! # Ok::<(), spright_core::sdk::SdkError>(())
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tracing::warn;
+
+use crate::chain::RoutingTable;
+use crate::control::{ControlConn, ControlError, FunctionMessage, OwnerMessage};
+use crate::descriptor::{Descriptor, GATEWAY_ID};
+use crate::pool::{Pool, PoolError, Slot};
+use crate::transport::{SkMsgEndpoint, Transport, TransportError, TransportKind, UnixEndpoint};
+
+/// SDK errors.
+#[derive(Debug, Error)]
+pub enum SdkError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("the dataplane sent no pool with its welcome")]
+    NoPool,
+    #[error("the dataplane's welcome lacks {0}")]
+    Incomplete(&'static str),
+}
+
+/// Where an event goes after the handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// The chain's next step; back to the gateway after the last.
+    Chain,
+    /// The named function (the chain continues after it if it is a step of the chain).
+    To(String),
+    /// Straight back to the gateway as the chain's result.
+    Reply,
+}
+
+/// A handler's refusal: the gateway answers `status` with `message` as the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u16,
+    pub message: String,
+}
+
+impl Reject {
+    /// A 400: the input was bad.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+        }
+    }
+}
+
+/// One event, held by this function: its payload lives in the shared pool.
+#[derive(Debug)]
+pub struct Event<'f> {
+    slot: Slot,
+    function: &'f Function,
+}
+
+impl Event<'_> {
+    /// The payload, in place.
+    pub fn payload(&self) -> &[u8] {
+        self.slot.payload()
+    }
+
+    /// The payload, writable in place.
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let len = self.slot.len();
+        &mut self.slot.buffer_mut()[..len]
+    }
+
+    /// The whole slot (capacity bytes) for a result written in place; then [`Event::set_len`].
+    pub fn buffer_mut(&mut self) -> &mut [u8] {
+        self.slot.buffer_mut()
+    }
+
+    /// Sets the payload length after writing into [`Event::buffer_mut`].
+    pub fn set_len(&mut self, len: usize) -> Result<(), Reject> {
+        self.slot.set_len(len).map_err(|e| Reject {
+            status: 413,
+            message: e.to_string(),
+        })
+    }
+
+    /// Puts the result in a new slot (out of place); the input slot is freed.
+    pub fn replace(&mut self, bytes: &[u8]) -> Result<(), Reject> {
+        let mut fresh = self
+            .function
+            .pool
+            .alloc(self.function.id)
+            .map_err(|e| Reject {
+                status: 503,
+                message: e.to_string(),
+            })?;
+        fresh.write(bytes).map_err(|e| Reject {
+            status: 413,
+            message: e.to_string(),
+        })?;
+        fresh.set_request_id(self.slot.request_id());
+        let (c, h) = self.slot.route();
+        fresh.set_route(c, h);
+        self.slot = fresh; // the old slot drops here and returns to the pool
+        Ok(())
+    }
+
+    /// The request this event belongs to.
+    pub fn request_id(&self) -> u64 {
+        self.slot.request_id()
+    }
+}
+
+/// A function process attached to the dataplane.
+pub struct Function {
+    name: String,
+    id: u32,
+    pool: Arc<Pool>,
+    transport: Box<dyn Transport>,
+    routing: RoutingTable,
+    _control: ControlConn,
+}
+
+impl std::fmt::Debug for Function {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Function")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("transport", &self.transport.kind())
+            .finish()
+    }
+}
+
+impl Function {
+    /// Joins the dataplane whose control socket is at `control` as function `name`.
+    pub fn join(control: &Path, name: &str) -> Result<Self, SdkError> {
+        let conn = ControlConn::connect(control)?;
+        conn.send(
+            &FunctionMessage::Hello {
+                function: name.to_owned(),
+                pid: std::process::id(),
+            },
+            None,
+        )?;
+        let (welcome, fd) = match conn.recv::<OwnerMessage>()? {
+            (OwnerMessage::Welcome(w), fd) => (w, fd),
+            (OwnerMessage::Reject { reason }, _) => {
+                return Err(ControlError::Rejected(reason).into());
+            }
+            (other, _) => {
+                return Err(ControlError::Unexpected {
+                    expected: "welcome",
+                    got: format!("{other:?}"),
+                }
+                .into());
+            }
+        };
+        let pool = Arc::new(Pool::open(fd.ok_or(SdkError::NoPool)?)?);
+        let registered = |conn: &ControlConn| -> Result<(), ControlError> {
+            match conn.recv::<OwnerMessage>()?.0 {
+                OwnerMessage::Registered => Ok(()),
+                OwnerMessage::Reject { reason } => Err(ControlError::Rejected(reason)),
+                other => Err(ControlError::Unexpected {
+                    expected: "registered",
+                    got: format!("{other:?}"),
+                }),
+            }
+        };
+        let transport: Box<dyn Transport> = match welcome.transport {
+            TransportKind::SkMsg => {
+                let hub = welcome.hub.ok_or(SdkError::Incomplete("the hub address"))?;
+                let mut control_err = None;
+                let ep = SkMsgEndpoint::connect(hub, |port| {
+                    let r = conn
+                        .send(&FunctionMessage::Register { port: Some(port) }, None)
+                        .and_then(|()| registered(&conn));
+                    r.map_err(|e| {
+                        let msg = e.to_string();
+                        control_err = Some(e);
+                        TransportError::Io(std::io::Error::other(msg))
+                    })
+                });
+                match (ep, control_err) {
+                    (Ok(ep), _) => Box::new(ep),
+                    (Err(_), Some(e)) => return Err(e.into()),
+                    (Err(e), None) => return Err(e.into()),
+                }
+            }
+            TransportKind::Unix => {
+                let dir = welcome
+                    .unix_dir
+                    .ok_or(SdkError::Incomplete("the socket directory"))?;
+                let ep = UnixEndpoint::bind(&dir, welcome.id)?;
+                conn.send(&FunctionMessage::Register { port: None }, None)?;
+                registered(&conn)?;
+                Box::new(ep)
+            }
+        };
+        conn.send(&FunctionMessage::Attached, None)?;
+        Ok(Self {
+            name: name.to_owned(),
+            id: welcome.id,
+            pool,
+            transport,
+            routing: welcome.routing,
+            _control: conn,
+        })
+    }
+
+    /// This function's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// This function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The transport in use.
+    pub fn transport_kind(&self) -> TransportKind {
+        self.transport.kind()
+    }
+
+    /// The routing table the dataplane handed over.
+    pub fn routing(&self) -> &RoutingTable {
+        &self.routing
+    }
+
+    /// Serves events until the dataplane goes away. The thread sleeps in the kernel between
+    /// events.
+    pub fn run<H>(&self, mut handler: H) -> Result<(), SdkError>
+    where
+        H: FnMut(&mut Event<'_>) -> Result<Next, Reject>,
+    {
+        loop {
+            let desc = match self.transport.recv() {
+                Ok(d) => d,
+                Err(TransportError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            self.handle(&desc, &mut handler)?;
+        }
+    }
+
+    fn handle<H>(&self, desc: &Descriptor, handler: &mut H) -> Result<(), SdkError>
+    where
+        H: FnMut(&mut Event<'_>) -> Result<Next, Reject>,
+    {
+        let slot = match self.pool.claim(desc, self.id) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(function = %self.name, error = %e, "dropping an invalid descriptor");
+                return Ok(());
+            }
+        };
+        let mut event = Event {
+            slot,
+            function: self,
+        };
+        let outcome = handler(&mut event);
+        let mut slot = event.slot;
+        let (chain, hop) = slot.route();
+        let (dst, hop) = match outcome {
+            Ok(Next::Chain) => match self.routing.next(chain, hop) {
+                Some((next_hop, id)) => (id, next_hop),
+                None => (GATEWAY_ID, hop),
+            },
+            Ok(Next::Reply) => (GATEWAY_ID, hop),
+            Ok(Next::To(name)) => match self.routing.id(&name) {
+                Some(id) => {
+                    let pos = self
+                        .routing
+                        .chains
+                        .get(usize::from(chain))
+                        .and_then(|steps| steps.iter().position(|s| *s == id))
+                        .and_then(|p| u16::try_from(p).ok())
+                        .unwrap_or(hop);
+                    (id, pos)
+                }
+                None => {
+                    fail(
+                        &mut slot,
+                        500,
+                        &format!("function {:?} sent to unknown function {name:?}", self.name),
+                    );
+                    (GATEWAY_ID, hop)
+                }
+            },
+            Err(reject) => {
+                fail(&mut slot, reject.status, &reject.message);
+                (GATEWAY_ID, hop)
+            }
+        };
+        slot.set_route(chain, hop);
+        let sent = slot.send_to(dst)?;
+        if let Err(e) = self.transport.send(&sent) {
+            // Take the slot back (it is in flight to `dst`) and tell the gateway.
+            let mut back = self.pool.claim(&sent, dst)?;
+            fail(
+                &mut back,
+                503,
+                &format!("function {dst} is not attached: {e}"),
+            );
+            let d = back.send_to(GATEWAY_ID)?;
+            self.transport.send(&d)?;
+        }
+        Ok(())
+    }
+}
+
+fn fail(slot: &mut Slot, status: u16, message: &str) {
+    let bytes = message.as_bytes();
+    let n = bytes.len().min(slot.capacity());
+    slot.buffer_mut()[..n].copy_from_slice(&bytes[..n]);
+    let _ = slot.set_len(n);
+    slot.set_status(u32::from(status));
+}
