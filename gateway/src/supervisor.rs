@@ -41,18 +41,11 @@ fn spawn(f: &FunctionSpec, control: &Path) -> std::io::Result<Child> {
 /// A bare program name is looked up next to the gateway's own executable first, so the
 /// sample chain runs from a build directory without installing anything.
 fn resolve(program: &str) -> PathBuf {
-    if !program.contains('/') {
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_owned))
-        {
-            let candidate = dir.join(program);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    PathBuf::from(program)
+    let beside_us = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|dir| dir.join(program)))
+        .filter(|candidate| !program.contains('/') && candidate.is_file());
+    beside_us.unwrap_or_else(|| PathBuf::from(program))
 }
 
 async fn run(f: FunctionSpec, control: PathBuf, mut stop: watch::Receiver<bool>) {
