@@ -1,5 +1,63 @@
-//! queue-proxy-ebpf: placeholder until its issue lands.
+//! queue-proxy-ebpf: a drop-in replacement for Knative's queue-proxy sidecar.
+//!
+//! Thin main: read the environment (exit 64 on bad config), start the listeners, wait for
+//! SIGTERM, drain, exit 0.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("queue-proxy-ebpf is not built yet; see its issue")
+mod accounting;
+mod app;
+mod body;
+mod breaker;
+mod chain;
+mod drain;
+mod env;
+mod forwarded;
+mod health;
+mod metrics;
+mod proxy;
+mod readiness;
+mod reqlog;
+mod server;
+mod stat;
+mod timeout;
+
+use std::process::ExitCode;
+
+/// `EX_USAGE`: configuration error.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let config = match env::Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("queue-proxy-ebpf: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let level = if config.logging_level.is_empty() {
+        "info"
+    } else {
+        config.logging_level.as_str()
+    };
+    spright_core::logging::init("queueproxy", level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("queue-proxy-ebpf: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(app::AppError::Config(e)) => {
+            tracing::error!(error = %e, "invalid configuration");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "queue-proxy failed");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,183 @@
+//! Builds the queue-proxy from its [`Config`] and runs it until SIGTERM has been handled.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::accounting::{RequestAccounting, WindowedStats};
+use crate::breaker::Breaker;
+use crate::chain::Chain;
+use crate::drain::{Drainer, QUIET_PERIOD};
+use crate::env::{Config, RequestMetricsProtocol};
+use crate::metrics::RequestMetrics;
+use crate::proxy::Proxy;
+use crate::readiness::{self, Prober};
+use crate::reqlog::RequestLog;
+use crate::server::{self, Plain};
+use crate::timeout::Timeouts;
+
+/// Knative's `hijackDrainDuration`.
+const HIJACK_DRAIN: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on port {port}: {source}")]
+    Bind { port: u16, source: std::io::Error },
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+}
+
+async fn bind(port: u16) -> Result<TcpListener, AppError> {
+    // Dual-stack like Go's ":port"; fall back to IPv4 where IPv6 is off.
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    match TcpListener::bind(v6).await {
+        Ok(l) => Ok(l),
+        Err(_) => TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+            .await
+            .map_err(|source| AppError::Bind { port, source }),
+    }
+}
+
+pub async fn run(cfg: Config) -> Result<(), AppError> {
+    let start = Instant::now();
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+
+    let prober = match &cfg.readiness_probe {
+        Some(json) => {
+            let specs = readiness::decode(json, cfg.enable_multi_container_probes)
+                .map_err(|e| AppError::Config(e.to_string()))?;
+            Some(Prober::new(specs, cfg.enable_http2_auto_detection))
+        }
+        None => None,
+    };
+    let accounting: Arc<dyn RequestAccounting> = Arc::new(WindowedStats::new(start));
+    let breaker = cfg
+        .breaker_params()
+        .map(|(cc, depth)| Breaker::new(cc, depth));
+    let max_idle = match cfg.container_concurrency {
+        0 => 1000,
+        cc => usize::try_from(cc).unwrap_or(1000),
+    };
+    let metrics =
+        (cfg.observability.request_metrics == RequestMetricsProtocol::Prometheus).then(|| {
+            Arc::new(RequestMetrics::new(&[
+                ("k8s_container_name", "queue-proxy"),
+                ("k8s_namespace_name", &cfg.namespace),
+                ("k8s_pod_name", &cfg.pod),
+                ("service_name", cfg.service_name()),
+                ("kn_service_name", &cfg.service),
+                ("kn_configuration_name", &cfg.configuration),
+                ("kn_revision_name", &cfg.revision),
+            ]))
+        });
+    let request_log = cfg.observability.enable_request_log.then(|| {
+        Arc::new(RequestLog::new(
+            &cfg.observability.request_log_template,
+            &[
+                ("Name", &cfg.revision),
+                ("Namespace", &cfg.namespace),
+                ("Service", &cfg.service),
+                ("Configuration", &cfg.configuration),
+                ("PodName", &cfg.pod),
+                ("PodIP", &cfg.pod_ip),
+            ],
+            cfg.observability.enable_probe_request_log,
+        ))
+    });
+    let drainer = Drainer::new(QUIET_PERIOD);
+    let proxy = Proxy::new(cfg.user_port, max_idle);
+    let hijacks = Arc::clone(&proxy.hijacks);
+    let chain = Arc::new(Chain {
+        drainer: Arc::clone(&drainer),
+        prober,
+        accounting: Arc::clone(&accounting),
+        breaker,
+        timeouts: Timeouts {
+            total: cfg.revision_timeout,
+            response_start: cfg.response_start_timeout,
+            idle: cfg.idle_timeout,
+        },
+        proxy,
+        metrics: metrics.clone(),
+        request_log,
+    });
+
+    let main_l = bind(cfg.serving_port).await?;
+    let admin_l = bind(cfg.admin_port).await?;
+    let stats_l = bind(cfg.autoscaling_metrics_port).await?;
+    let user_l = match &metrics {
+        Some(_) => Some(bind(cfg.user_metrics_port).await?),
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (term_tx, term_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+
+    let c = Arc::clone(&chain);
+    servers.spawn(server::serve(
+        main_l,
+        move |req, peer| Arc::clone(&c).handle(req, peer),
+        stop_rx.clone(),
+        Plain,
+    ));
+    let d = Arc::clone(&drainer);
+    servers.spawn(server::serve(
+        admin_l,
+        move |req, _| server::admin(req, Arc::clone(&d), term_rx.clone()),
+        stop_rx.clone(),
+        Plain,
+    ));
+    let acc = Arc::clone(&accounting);
+    let pod = cfg.pod.clone();
+    servers.spawn(server::serve(
+        stats_l,
+        move |req, _| {
+            let r = server::stats(&req, &pod, acc.as_ref());
+            async move { r }
+        },
+        stop_rx.clone(),
+        Plain,
+    ));
+    if let (Some(l), Some(m)) = (user_l, metrics) {
+        servers.spawn(server::serve(
+            l,
+            move |req, _| {
+                let r = server::user_metrics(&req, &m);
+                async move { r }
+            },
+            stop_rx.clone(),
+            Plain,
+        ));
+    }
+    tracing::info!(
+        port = cfg.serving_port,
+        admin = cfg.admin_port,
+        stats = cfg.autoscaling_metrics_port,
+        "Starting queue-proxy"
+    );
+
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    let _ = term_tx.send(true);
+    tracing::info!(
+        "Received TERM signal, attempting to gracefully shutdown servers. Sleeping {QUIET_PERIOD:?} to allow K8s propagation of non-ready state"
+    );
+    drainer.drain().await;
+    let _ = stop_tx.send(true);
+    while servers.join_next().await.is_some() {}
+    if !hijacks.drain(HIJACK_DRAIN).await {
+        tracing::warn!("Hijack connection drain failed");
+    }
+    tracing::info!("Shutdown complete, exiting...");
+    Ok(())
+}

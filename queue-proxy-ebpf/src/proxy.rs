@@ -1,0 +1,304 @@
+//! The reverse proxy to the user container (serving `pkg/http/proxy.go`, Go's
+//! `httputil.ReverseProxy`): HTTP/1.1 upstream for HTTP/1 requests, h2c for HTTP/2 ones,
+//! hop-by-hop headers removed, `X-Forwarded-For` appended, Knative's revision headers pruned,
+//! websocket upgrades spliced, errors mapped to 502.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
+
+use crate::body::{self, Body};
+
+/// Knative's `activator.RevisionHeaders`, removed before proxying.
+const REVISION_HEADERS: [&str; 2] = ["knative-serving-revision", "knative-serving-namespace"];
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Who failed, so the caller can pick the status (pingora-style error kinds).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The user container refused or broke the connection: 502. (A client that goes away
+    /// drops the request future, so no downstream kind is needed: nothing is written.)
+    #[error("{0}")]
+    Upstream(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Counts spliced (upgraded) connections so shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct HijackTracker {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct HijackGuard(Arc<HijackTracker>);
+
+impl Drop for HijackGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl HijackTracker {
+    fn enter(self: &Arc<Self>) -> HijackGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        HijackGuard(Arc::clone(self))
+    }
+
+    pub fn active(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no upgraded connection is open, at most `limit`.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.active() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}
+
+pub struct Proxy {
+    user_port: u16,
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+    pub hijacks: Arc<HijackTracker>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("user_port", &self.user_port)
+            .finish_non_exhaustive()
+    }
+}
+
+fn connection_tokens(h: &HeaderMap) -> Vec<String> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+fn upgrade_type(h: &HeaderMap) -> Option<HeaderValue> {
+    connection_tokens(h)
+        .iter()
+        .any(|t| t == "upgrade")
+        .then(|| h.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Removes hop-by-hop headers (those named in `Connection` as well).
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for t in connection_tokens(h) {
+        if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+            h.remove(name);
+        }
+    }
+    let keep_te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim() == "trailers"))
+    });
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    if keep_te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+impl Proxy {
+    pub fn new(user_port: u16, max_idle: usize) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(max_idle)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(conn.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(conn);
+        Self {
+            user_port,
+            h1,
+            h2,
+            hijacks: Arc::new(HijackTracker::default()),
+        }
+    }
+
+    /// Forwards `req` (whose Host is already final) to the user container.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let is_h2 = req.version() == Version::HTTP_2;
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let uri: Uri = format!("http://127.0.0.1:{}{}", self.user_port, pq)
+            .parse()
+            .map_err(|e| ProxyError::Upstream(format!("bad request target: {e}")))?;
+        *req.uri_mut() = uri;
+        let upgrade = if is_h2 {
+            None
+        } else {
+            upgrade_type(req.headers())
+        };
+        let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        {
+            let h = req.headers_mut();
+            for name in REVISION_HEADERS {
+                h.remove(name);
+            }
+            strip_hop_by_hop(h);
+            if let Some(u) = &upgrade {
+                h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                h.insert(header::UPGRADE, u.clone());
+            }
+            let ip = client.ip().to_string();
+            let prior: Vec<&str> = h
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let xff = if prior.is_empty() {
+                ip
+            } else {
+                format!("{}, {ip}", prior.join(", "))
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert("x-forwarded-for", v);
+            }
+            match host {
+                Some(v) if !is_h2 => {
+                    h.insert(header::HOST, v);
+                }
+                _ => {}
+            }
+        }
+        *req.version_mut() = if is_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let client_ref = if is_h2 { &self.h2 } else { &self.h1 };
+        let mut res = client_ref.request(req).await.map_err(|e| {
+            if e.is_connect() {
+                ProxyError::Upstream(format!(
+                    "dial tcp 127.0.0.1:{}: connect: connection refused",
+                    self.user_port
+                ))
+            } else {
+                ProxyError::Upstream(match std::error::Error::source(&e) {
+                    Some(s) => s.to_string(),
+                    None => e.to_string(),
+                })
+            }
+        })?;
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(down) = downstream_upgrade {
+                let up = hyper::upgrade::on(&mut res);
+                let guard = self.hijacks.enter();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                        let mut d = TokioIo::new(d);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    }
+                });
+            }
+            return Ok(res);
+        }
+        strip_hop_by_hop(res.headers_mut());
+        Ok(res)
+    }
+}
+
+/// The 502 answer for a proxy error (Go's `http.Error(w, err.Error(), 502)`).
+pub fn error_response(e: &ProxyError) -> Response<Body> {
+    body::error(e.status(), &e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-custom"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("5"));
+        h.insert("te", HeaderValue::from_static("trailers, gzip"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-custom").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(
+            upgrade_type(&h),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        h.remove("connection");
+        assert_eq!(upgrade_type(&h), None);
+    }
+}

@@ -1,0 +1,162 @@
+//! Listeners (knative-contract.md A.2): the serving port (HTTP/1.1 and h2c on one socket),
+//! the admin port with `/wait-for-drain`, autoscaler stats, user metrics. Each accept loop
+//! stops on the shutdown signal and then waits for its open connections.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::accounting::RequestAccounting;
+use crate::body::{self, Body};
+use crate::drain::Drainer;
+use crate::metrics::RequestMetrics;
+use crate::stat::{PROTOBUF_MIME, Stat};
+
+/// Go's `ReadHeaderTimeout` on every server.
+const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_HEADER_TIMEOUT);
+    b.http2().timer(TokioTimer::new());
+    b
+}
+
+/// Accepts connections from `listener` until `stop` turns true, serving each with `handler`
+/// (given the peer address), then waits for the open connections to finish.
+pub async fn serve<H, F, W>(
+    listener: TcpListener,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+    wrap: W,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+    W: Wrap,
+{
+    let graceful = GracefulShutdown::new();
+    let builder = builder();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // Out of descriptors and the like: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let h = handler.clone();
+        let svc = service_fn(move |req| {
+            let f = h(req, peer);
+            async move { Ok::<_, Infallible>(f.await) }
+        });
+        let builder = builder.clone();
+        let graceful_watch = graceful.watcher();
+        let wrap = wrap.clone();
+        tokio::spawn(async move {
+            let Some(io) = wrap.wrap(stream).await else {
+                return;
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+            let _ = graceful_watch.watch(conn.into_owned()).await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Turns an accepted stream into the one HTTP runs on (identity, or TLS).
+pub trait Wrap: Clone + Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn wrap(&self, s: tokio::net::TcpStream) -> impl Future<Output = Option<Self::Io>> + Send;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Plain;
+
+impl Wrap for Plain {
+    type Io = tokio::net::TcpStream;
+    async fn wrap(&self, s: tokio::net::TcpStream) -> Option<Self::Io> {
+        Some(s)
+    }
+}
+
+fn not_found() -> Response<Body> {
+    body::error(StatusCode::NOT_FOUND, "404 page not found")
+}
+
+/// The admin handler: `/wait-for-drain` drains, then answers 200. Without a SIGTERM within a
+/// second of the call the drain is cancelled again (a user-container restart, not a pod
+/// shutdown).
+pub async fn admin(
+    req: Request<Incoming>,
+    drainer: Arc<Drainer>,
+    terminating: watch::Receiver<bool>,
+) -> Response<Body> {
+    if req.uri().path() != "/wait-for-drain" {
+        return not_found();
+    }
+    tracing::info!("Attached drain handler from user-container");
+    let d = Arc::clone(&drainer);
+    let mut term = terminating;
+    tokio::spawn(async move {
+        let signalled = tokio::time::timeout(Duration::from_secs(1), term.wait_for(|t| *t)).await;
+        if !matches!(signalled, Ok(Ok(_))) {
+            d.reset();
+        }
+    });
+    drainer.drain().await;
+    body::status(StatusCode::OK)
+}
+
+/// The autoscaler stats handler (`/metrics` only, protobuf whatever the Accept header).
+pub fn stats(
+    req: &Request<Incoming>,
+    pod: &str,
+    accounting: &dyn RequestAccounting,
+) -> Response<Body> {
+    if req.uri().path() != "/metrics" {
+        return not_found();
+    }
+    let stat = Stat::from_report(pod, accounting.snapshot(Instant::now()));
+    let mut r = Response::new(body::full(stat.encode_to_vec()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROTOBUF_MIME),
+    );
+    r
+}
+
+/// The user metrics handler (`/metrics`, Prometheus text).
+pub fn user_metrics(req: &Request<Incoming>, m: &RequestMetrics) -> Response<Body> {
+    if req.uri().path() != "/metrics" {
+        return not_found();
+    }
+    let mut r = Response::new(body::full(m.render()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
