@@ -1,5 +1,10 @@
-//! activator-lite: placeholder until its issue lands.
+//! activator-lite binary: parse config, build, run, drain on SIGTERM.
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("activator-lite is not built yet; see its issue")
+    spright_core::logging::init("activator", "info");
+    let cfg = activator_lite::Config::load()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(activator_lite::run(cfg))
 }

@@ -1,0 +1,311 @@
+//! Configuration: the environment exactly as the stock `activator` Deployment sets it
+//! (`config/core/deployments/activator.yaml`, `cmd/activator/main.go`), plus flags for
+//! the parts that come from the Kubernetes API in Knative (manifests directory,
+//! autoscaler override) and listen ports for tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Errors while reading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is required but not set")]
+    Missing(&'static str),
+    #[error("environment variable {name}={value:?} is invalid: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("--autoscaler {0:?} is not a ws:// or wss:// URL")]
+    AutoscalerUrl(String),
+}
+
+/// Command-line flags.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "activator-lite", about = "Knative activator, lean")]
+pub struct Flags {
+    /// Directory of Knative-shaped YAML manifests (Revisions and core/v1 Endpoints), watched for changes.
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// Autoscaler websocket URL; default ws://autoscaler.<SYSTEM_NAMESPACE>.svc.<cluster-domain>:8080
+    #[arg(long)]
+    pub autoscaler: Option<String>,
+    /// HTTP/1.1 + h2c port.
+    #[arg(long, default_value_t = 8012)]
+    pub http1_port: u16,
+    /// h2c port (serves HTTP/1.1 as well, as Knative's does).
+    #[arg(long, default_value_t = 8013)]
+    pub h2c_port: u16,
+    /// Prometheus metrics port.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// Address to bind the listeners to.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: std::net::IpAddr,
+    /// Seconds to keep serving after SIGTERM while health checks fail (network.DefaultDrainTimeout).
+    #[arg(long, default_value_t = 45.0)]
+    pub drain_timeout_secs: f64,
+    /// Requests waiting per revision before 503 (breakerQueueDepth).
+    #[arg(long, default_value_t = 10_000)]
+    pub queue_depth: usize,
+}
+
+/// Effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pod_name: String,
+    pub pod_ip: String,
+    pub system_namespace: String,
+    pub max_idle_proxy_conns: usize,
+    pub max_idle_proxy_conns_per_host: usize,
+    pub probe_timeout: Duration,
+    pub probe_frequency: Duration,
+    pub autoscaler_url: String,
+    pub manifests: PathBuf,
+    pub bind: std::net::IpAddr,
+    pub http1_port: u16,
+    pub h2c_port: u16,
+    pub metrics_port: u16,
+    pub drain_timeout: Duration,
+    pub queue_depth: usize,
+}
+
+impl Config {
+    /// Builds the configuration from flags and an environment map.
+    pub fn from_parts(
+        flags: Flags,
+        env: &HashMap<String, String>,
+        resolv_conf: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let pod_name = get("POD_NAME").ok_or(ConfigError::Missing("POD_NAME"))?;
+        let pod_ip = get("POD_IP").ok_or(ConfigError::Missing("POD_IP"))?;
+        let system_namespace = get("SYSTEM_NAMESPACE");
+        let autoscaler_url = match flags.autoscaler {
+            Some(url) => {
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    return Err(ConfigError::AutoscalerUrl(url));
+                }
+                url
+            }
+            None => {
+                let ns = system_namespace
+                    .clone()
+                    .ok_or(ConfigError::Missing("SYSTEM_NAMESPACE"))?;
+                let domain = get("CLUSTER_DOMAIN")
+                    .or_else(|| resolv_conf.and_then(cluster_domain_from_resolv))
+                    .unwrap_or_else(|| "cluster.local".to_owned());
+                format!("ws://autoscaler.{ns}.svc.{domain}:8080")
+            }
+        };
+        let int = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse()
+                    .map_err(|e: std::num::ParseIntError| ConfigError::Invalid {
+                        name,
+                        value: v.clone(),
+                        reason: e.to_string(),
+                    }),
+            }
+        };
+        let dur = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => parse_go_duration(&v).map_err(|reason| ConfigError::Invalid {
+                    name,
+                    value: v.clone(),
+                    reason,
+                }),
+            }
+        };
+        let drain = flags.drain_timeout_secs;
+        if !(drain.is_finite() && drain >= 0.0) {
+            return Err(ConfigError::Invalid {
+                name: "--drain-timeout-secs",
+                value: drain.to_string(),
+                reason: "must be a non-negative number".into(),
+            });
+        }
+        Ok(Config {
+            pod_name,
+            pod_ip,
+            system_namespace: system_namespace.unwrap_or_else(|| "knative-serving".into()),
+            max_idle_proxy_conns: int("MAX_IDLE_PROXY_CONNS", 1000)?,
+            max_idle_proxy_conns_per_host: int("MAX_IDLE_PROXY_CONNS_PER_HOST", 100)?,
+            probe_timeout: dur("PROBE_TIMEOUT", Duration::from_millis(300))?,
+            probe_frequency: dur("PROBE_FREQUENCY", Duration::from_millis(200))?,
+            autoscaler_url,
+            manifests: flags.manifests,
+            bind: flags.bind,
+            http1_port: flags.http1_port,
+            h2c_port: flags.h2c_port,
+            metrics_port: flags.metrics_port,
+            drain_timeout: Duration::from_secs_f64(drain),
+            queue_depth: flags.queue_depth.max(1),
+        })
+    }
+
+    /// Reads flags from argv and the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let flags = Flags::parse();
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
+        Self::from_parts(flags, &env, resolv.as_deref())
+    }
+}
+
+/// The cluster domain as knative/pkg derives it from resolv.conf: the part after
+/// `svc.` in the search list (`search ns.svc.cluster.local svc.cluster.local ...`).
+pub fn cluster_domain_from_resolv(resolv: &str) -> Option<String> {
+    resolv
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("search"))
+        .flat_map(|rest| rest.split_whitespace())
+        .find_map(|tok| tok.strip_prefix("svc.").map(str::to_owned))
+        .filter(|d| !d.is_empty())
+}
+
+/// Parses a Go `time.Duration` string such as `300ms`, `1.5s`, `1m30s`.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("missing unit in {s:?}"))?;
+        if num_end == 0 {
+            return Err(format!("expected a number in {s:?}"));
+        }
+        let value: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("bad number in {s:?}"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            u => return Err(format!("unknown unit {u:?} in {s:?}")),
+        };
+        total += value * scale;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(extra: &[&str]) -> Flags {
+        let mut args = vec!["activator-lite", "--manifests", "/tmp/m"];
+        args.extend_from_slice(extra);
+        Flags::parse_from(args)
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn stock_env() {
+        let e = env(&[
+            ("POD_NAME", "activator-abc"),
+            ("POD_IP", "10.0.0.5"),
+            ("SYSTEM_NAMESPACE", "knative-serving"),
+            ("CONFIG_LOGGING_NAME", "config-logging"),
+            ("CONFIG_OBSERVABILITY_NAME", "config-observability"),
+            ("GOGC", "500"),
+        ]);
+        let resolv = "nameserver 10.96.0.10\nsearch knative-serving.svc.example.org svc.example.org example.org\n";
+        let c = Config::from_parts(flags(&[]), &e, Some(resolv)).unwrap();
+        assert_eq!(
+            c.autoscaler_url,
+            "ws://autoscaler.knative-serving.svc.example.org:8080"
+        );
+        assert_eq!(c.probe_timeout, Duration::from_millis(300));
+        assert_eq!(c.probe_frequency, Duration::from_millis(200));
+        assert_eq!(c.max_idle_proxy_conns, 1000);
+        assert_eq!(c.drain_timeout, Duration::from_secs(45));
+        assert_eq!(c.http1_port, 8012);
+    }
+
+    #[test]
+    fn missing_and_invalid() {
+        let e = env(&[("POD_IP", "1.2.3.4")]);
+        assert!(matches!(
+            Config::from_parts(flags(&[]), &e, None),
+            Err(ConfigError::Missing("POD_NAME"))
+        ));
+        let e = env(&[("POD_NAME", "a"), ("POD_IP", "1.2.3.4")]);
+        assert!(matches!(
+            Config::from_parts(flags(&[]), &e, None),
+            Err(ConfigError::Missing("SYSTEM_NAMESPACE"))
+        ));
+        let e = env(&[
+            ("POD_NAME", "a"),
+            ("POD_IP", "1.2.3.4"),
+            ("PROBE_TIMEOUT", "fast"),
+        ]);
+        let err =
+            Config::from_parts(flags(&["--autoscaler", "ws://127.0.0.1:1"]), &e, None).unwrap_err();
+        assert!(err.to_string().contains("PROBE_TIMEOUT"), "{err}");
+        let e = env(&[("POD_NAME", "a"), ("POD_IP", "1.2.3.4")]);
+        assert!(matches!(
+            Config::from_parts(flags(&["--autoscaler", "http://x"]), &e, None),
+            Err(ConfigError::AutoscalerUrl(_))
+        ));
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(
+            parse_go_duration("300ms").unwrap(),
+            Duration::from_millis(300)
+        );
+        assert_eq!(parse_go_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_go_duration("1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "10", "ms", "1x", "1..2s", "-1s"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn go_duration_random_input_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet: Vec<char> = "0123456789.msuhn µ-x".chars().collect();
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..12);
+            let s: String = (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            let _ = parse_go_duration(&s);
+        }
+    }
+}

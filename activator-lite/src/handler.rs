@@ -1,0 +1,550 @@
+//! The request path on 8012/8013 (Knative `pkg/activator/handler`, outermost first):
+//! kubelet health, network probe (`K-Network-Hash`), activator probe, revision lookup,
+//! concurrency reporting, revision timeouts, throttling and proxying.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
+use tokio::time::Sleep;
+
+use crate::autoscaler::LinkStatus;
+use crate::manifests::{ClusterState, RevisionKey, RevisionSpec};
+use crate::stats::{ConcurrencyReporter, InFlight};
+use crate::throttler::{Lease, ThrottleError, Throttler};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type RespBody = BoxBody<Bytes, BoxError>;
+
+pub const HDR_NETWORK_PROBE: &str = "k-network-probe";
+pub const HDR_NETWORK_HASH: &str = "k-network-hash";
+pub const HDR_KUBELET_PROBE: &str = "k-kubelet-probe";
+pub const HDR_PROXY_REQUEST: &str = "k-proxy-request";
+pub const HDR_ORIGINAL_HOST: &str = "k-original-host";
+pub const HDR_REV_NAMESPACE: &str = "knative-serving-namespace";
+pub const HDR_REV_NAME: &str = "knative-serving-revision";
+
+/// Where a request for a revision could not be served, with the status Knative answers.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("revision not found")]
+    NotFound,
+    #[error("activator request timeout")]
+    Timeout,
+    #[error("{0}")]
+    Throttled(#[from] ThrottleError),
+    #[error("error proxying request: {0}")]
+    Upstream(String),
+}
+
+impl RequestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RequestError::NotFound => StatusCode::NOT_FOUND,
+            RequestError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            RequestError::Throttled(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RequestError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Shared state of the request path.
+pub struct App {
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    pub throttler: Arc<Throttler>,
+    pub reporter: Arc<ConcurrencyReporter>,
+    pub link: Arc<LinkStatus>,
+    pub draining: AtomicBool,
+    pub queue_depth: usize,
+    client_h1: Client<HttpConnector, Incoming>,
+    client_h2: Client<HttpConnector, Incoming>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+fn is_kubelet_probe(h: &HeaderMap) -> bool {
+    h.contains_key(HDR_KUBELET_PROBE)
+        || h.get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ua| ua.starts_with("kube-probe/"))
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+/// The target revision from the Knative-Serving-* headers, else from the Host
+/// `<name>.<namespace>[.svc.<domain>][:port]`.
+pub fn revision_from(h: &HeaderMap, uri: &Uri) -> Option<RevisionKey> {
+    let ns = header_str(h, HDR_REV_NAMESPACE);
+    let name = header_str(h, HDR_REV_NAME);
+    if !ns.is_empty() && !name.is_empty() {
+        return Some(RevisionKey::new(ns, name));
+    }
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))?;
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let mut parts = host.split('.');
+    let name = parts.next().filter(|s| !s.is_empty())?;
+    let ns = parts.next().filter(|s| !s.is_empty())?;
+    Some(RevisionKey::new(ns, name))
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers (and those named in Connection); keeps the upgrade pair
+/// when `upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(upgrade && n == header::UPGRADE) {
+            h.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Rewrites the request headers for the pod (Knative `handler.go` proxyRequest).
+pub fn rewrite_request_headers(
+    h: &mut HeaderMap,
+    uri: &Uri,
+    upgrade: bool,
+    peer: Option<SocketAddr>,
+) {
+    strip_hop_by_hop(h, upgrade);
+    let original_host = h.remove(header::HOST).or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = original_host {
+        h.insert(HDR_ORIGINAL_HOST, host);
+    }
+    h.remove(HDR_REV_NAMESPACE);
+    h.remove(HDR_REV_NAME);
+    h.insert(HDR_PROXY_REQUEST, HeaderValue::from_static("activator"));
+    if let Some(peer) = peer {
+        let ip = peer.ip().to_string();
+        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+}
+
+/// A response body that keeps the pod slot and the concurrency count until it ends,
+/// and enforces the revision's total and idle timeouts while streaming.
+struct GuardedBody {
+    inner: Incoming,
+    hold: Option<(Lease, InFlight)>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(d) = this.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            this.hold = None;
+            return Poll::Ready(Some(Err("activator request timeout".into())));
+        }
+        if let Some((_, d)) = this.idle.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            this.hold = None;
+            return Poll::Ready(Some(Err("activator request idle timeout".into())));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some((dur, d)) = this.idle.as_mut() {
+                    d.as_mut().reset(tokio::time::Instant::now() + *dur);
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.hold = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.hold = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl App {
+    pub fn new(
+        state: watch::Receiver<Arc<ClusterState>>,
+        throttler: Arc<Throttler>,
+        reporter: Arc<ConcurrencyReporter>,
+        link: Arc<LinkStatus>,
+        queue_depth: usize,
+        max_idle_per_host: usize,
+    ) -> Arc<Self> {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        let client_h1 = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(max_idle_per_host)
+            .build(conn.clone());
+        let client_h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(conn);
+        Arc::new(Self {
+            state,
+            throttler,
+            reporter,
+            link,
+            draining: AtomicBool::new(false),
+            queue_depth,
+            client_h1,
+            client_h2,
+        })
+    }
+
+    /// The whole handler chain.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response<RespBody>, Infallible> {
+        // 1. Kubelet health checks: ready only while the autoscaler link is up.
+        if is_kubelet_probe(req.headers()) {
+            if self.draining.load(Ordering::Acquire) {
+                return Ok(text(StatusCode::INTERNAL_SERVER_ERROR, "shutting down"));
+            }
+            if !self.link.connected() {
+                return Ok(text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "not connected to the autoscaler",
+                ));
+            }
+            return Ok(text(StatusCode::OK, ""));
+        }
+        // 2. Network probe.
+        let probe = header_str(req.headers(), HDR_NETWORK_PROBE).to_owned();
+        if probe == "probe" {
+            let hash = req.headers().get(HDR_NETWORK_HASH).cloned();
+            return Ok(match hash.filter(|h| !h.is_empty()) {
+                Some(h) => {
+                    let mut r = text(StatusCode::OK, "");
+                    r.headers_mut().insert(HDR_NETWORK_HASH, h);
+                    r
+                }
+                None => text(StatusCode::BAD_REQUEST, "no K-Network-Hash header"),
+            });
+        }
+        req.headers_mut().remove(HDR_NETWORK_HASH);
+        // 3. Activator probe.
+        if !probe.is_empty() {
+            return Ok(if probe == "activator" {
+                text(StatusCode::OK, "activator")
+            } else {
+                text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unexpected probe header value: {probe:?}"),
+                )
+            });
+        }
+        Ok(match self.serve_revision(req, peer).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "request failed");
+                text(e.status(), e.to_string())
+            }
+        })
+    }
+
+    fn lookup(&self, req: &Request<Incoming>) -> Result<Arc<RevisionSpec>, RequestError> {
+        let key = revision_from(req.headers(), req.uri()).ok_or(RequestError::NotFound)?;
+        self.state
+            .borrow()
+            .revisions
+            .get(&key)
+            .cloned()
+            .ok_or(RequestError::NotFound)
+    }
+
+    async fn serve_revision(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response<RespBody>, RequestError> {
+        // 5. Context: the revision must exist.
+        let spec = self.lookup(&req)?;
+        let key = spec.key.clone();
+        let rt = match self.throttler.get(&key) {
+            Some(rt) => rt,
+            None => self
+                .throttler
+                .upsert(&key, spec.container_concurrency, self.queue_depth),
+        };
+        // 10. Concurrency reporting (the first request of a revision pokes the autoscaler).
+        let in_flight = self.reporter.request_start(&key);
+        // 11. Timeouts.
+        let total = (!spec.timeout.is_zero()).then_some(spec.timeout);
+        let first_byte = match (spec.response_start_timeout, total) {
+            (Some(rs), Some(t)) if !rs.is_zero() => Some(rs.min(t)),
+            (Some(rs), None) if !rs.is_zero() => Some(rs),
+            _ => total,
+        };
+        let started = tokio::time::Instant::now();
+        let work = async {
+            // 12. Throttle, then proxy.
+            let lease = rt.acquire().await?;
+            self.proxy(req, lease, in_flight, &spec, started, peer)
+                .await
+        };
+        match first_byte {
+            Some(t) => tokio::time::timeout(t, work)
+                .await
+                .map_err(|_| RequestError::Timeout)?,
+            None => work.await,
+        }
+    }
+
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        lease: Lease,
+        in_flight: InFlight,
+        spec: &RevisionSpec,
+        started: tokio::time::Instant,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response<RespBody>, RequestError> {
+        let upgrade = !spec.h2c && is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let uri: Uri = format!("http://{}{}", lease.dest(), pq)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| RequestError::Upstream(e.to_string()))?;
+        rewrite_request_headers(&mut parts.headers, &parts.uri, upgrade, peer);
+        parts.uri = uri;
+        let out = Request::from_parts(parts, body);
+        let (out, client) = if spec.h2c {
+            let mut out = out;
+            *out.version_mut() = http::Version::HTTP_2;
+            (out, &self.client_h2)
+        } else {
+            let mut out = out;
+            *out.version_mut() = http::Version::HTTP_11;
+            (out, &self.client_h1)
+        };
+        let mut resp = client.request(out).await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            RequestError::Upstream(msg)
+        })?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                let _hold = (lease, in_flight);
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Ok(Response::from_parts(
+                parts,
+                Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+            ));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let deadline = spec
+            .timeout
+            .checked_sub(started.elapsed())
+            .filter(|_| !spec.timeout.is_zero())
+            .map(|left| Box::pin(tokio::time::sleep(left)));
+        let idle = spec
+            .idle_timeout
+            .filter(|d| !d.is_zero())
+            .map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        let body = GuardedBody {
+            inner: body,
+            hold: Some((lease, in_flight)),
+            deadline,
+            idle,
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn revision_from_headers_or_host() {
+        let uri: Uri = "/x".parse().unwrap();
+        let h = hm(&[
+            (HDR_REV_NAMESPACE, "ns"),
+            (HDR_REV_NAME, "rev"),
+            ("host", "other.x"),
+        ]);
+        assert_eq!(revision_from(&h, &uri), Some(RevisionKey::new("ns", "rev")));
+        let h = hm(&[("host", "hello-00001.default.svc.cluster.local:80")]);
+        assert_eq!(
+            revision_from(&h, &uri),
+            Some(RevisionKey::new("default", "hello-00001"))
+        );
+        assert_eq!(
+            revision_from(&hm(&[("host", "localhost:8012")]), &uri),
+            None
+        );
+        assert_eq!(revision_from(&hm(&[]), &uri), None);
+        let abs: Uri = "http://r.ns/x".parse().unwrap();
+        assert_eq!(
+            revision_from(&hm(&[]), &abs),
+            Some(RevisionKey::new("ns", "r"))
+        );
+    }
+
+    #[test]
+    fn headers_rewritten_as_knative_does() {
+        let mut h = hm(&[
+            ("host", "hello.default.example.com"),
+            (HDR_REV_NAMESPACE, "default"),
+            (HDR_REV_NAME, "hello-00001"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("te", "trailers"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-user", "kept"),
+        ]);
+        let uri: Uri = "/".parse().unwrap();
+        rewrite_request_headers(&mut h, &uri, false, Some("10.0.0.1:5555".parse().unwrap()));
+        assert_eq!(
+            h.get(HDR_ORIGINAL_HOST).unwrap(),
+            "hello.default.example.com"
+        );
+        assert!(h.get("host").is_none());
+        assert_eq!(h.get(HDR_PROXY_REQUEST).unwrap(), "activator");
+        assert!(h.get(HDR_REV_NAMESPACE).is_none() && h.get(HDR_REV_NAME).is_none());
+        assert!(h.get("x-hop").is_none() && h.get("te").is_none() && h.get("connection").is_none());
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.1.1.1, 10.0.0.1");
+        assert_eq!(h.get("x-user").unwrap(), "kept");
+
+        let mut h = hm(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        rewrite_request_headers(&mut h, &uri, true, None);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(RequestError::NotFound.status(), 404);
+        assert_eq!(RequestError::Timeout.status(), 504);
+        assert_eq!(
+            RequestError::Throttled(ThrottleError::QueueFull).status(),
+            503
+        );
+        assert_eq!(RequestError::Upstream("x".into()).status(), 502);
+    }
+}

@@ -1,0 +1,229 @@
+//! Listeners (8012 and 8013 speak HTTP/1.1 and h2c, 9090 metrics), wiring, and the
+//! SIGTERM drain: health checks fail at once, requests keep being served for the drain
+//! delay (45 s), then the listeners close and open connections finish gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::Context as _;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::autoscaler::{self, LinkStatus};
+use crate::backends::{Backends, PodProber};
+use crate::config::Config;
+use crate::handler::{App, text};
+use crate::manifests::{ClusterSource, ManifestDir};
+use crate::stats::ConcurrencyReporter;
+use crate::throttler::Throttler;
+
+/// Counts open connections so shutdown can wait for them.
+#[derive(Debug, Default)]
+struct Conns {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+struct ConnGuard(Arc<Conns>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Conns {
+    fn enter(self: &Arc<Self>) -> ConnGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        ConnGuard(self.clone())
+    }
+    async fn wait_idle(&self) {
+        loop {
+            let n = self.idle.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+async fn serve<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    mut stop: watch::Receiver<bool>,
+    conns: Arc<Conns>,
+) where
+    F: Fn(hyper::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<hyper::Response<crate::handler::RespBody>, std::convert::Infallible>,
+        > + Send
+        + 'static,
+{
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let mut stop = stop.clone();
+        let guard = conns.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let svc = service_fn(move |req| handler(req, peer));
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection error");
+                    }
+                    return;
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+}
+
+async fn bind(cfg: &Config, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(cfg.bind, port);
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener on {addr}"))
+}
+
+async fn terminated() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Runs the activator until SIGTERM/SIGINT and the drain are done.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let source = ManifestDir::start(&cfg.manifests)
+        .with_context(|| format!("loading manifests from {}", cfg.manifests.display()))?;
+    let state = source.subscribe();
+    let throttler = Arc::new(Throttler::default());
+    let backends = Backends::new(
+        throttler.clone(),
+        PodProber::new(cfg.probe_timeout),
+        cfg.probe_frequency,
+        cfg.queue_depth,
+        cfg.pod_ip.clone(),
+    );
+    backends.apply(&state.borrow());
+    tokio::spawn(backends.clone().run(state.clone()));
+
+    let (stats_tx, stats_rx) = mpsc::unbounded_channel();
+    let reporter = ConcurrencyReporter::new(cfg.pod_name.clone(), stats_tx);
+    tokio::spawn(reporter.clone().run());
+    let link = Arc::new(LinkStatus::default());
+    tokio::spawn(autoscaler::run(
+        cfg.autoscaler_url.clone(),
+        stats_rx,
+        link.clone(),
+    ));
+
+    let app = App::new(
+        state.clone(),
+        throttler.clone(),
+        reporter.clone(),
+        link.clone(),
+        cfg.queue_depth,
+        cfg.max_idle_proxy_conns_per_host,
+    );
+
+    let l1 = bind(&cfg, cfg.http1_port, "http1").await?;
+    let l2 = bind(&cfg, cfg.h2c_port, "h2c").await?;
+    let lm = bind(&cfg, cfg.metrics_port, "metrics").await?;
+    tracing::info!(
+        http1 = cfg.http1_port,
+        h2c = cfg.h2c_port,
+        metrics = cfg.metrics_port,
+        autoscaler = %cfg.autoscaler_url,
+        manifests = %cfg.manifests.display(),
+        "activator-lite serving"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let conns = Arc::new(Conns::default());
+    let handler = {
+        let app = app.clone();
+        move |req, peer| app.clone().handle(req, Some(peer))
+    };
+    tokio::spawn(serve(l1, handler.clone(), stop_rx.clone(), conns.clone()));
+    tokio::spawn(serve(l2, handler, stop_rx.clone(), conns.clone()));
+    let metrics_handler = {
+        let state = state.clone();
+        let throttler = throttler.clone();
+        let reporter = reporter.clone();
+        let link = link.clone();
+        move |req: hyper::Request<Incoming>, _peer| {
+            let st = state.borrow().clone();
+            let body = if req.uri().path() == "/metrics" {
+                let mut r = text(
+                    hyper::StatusCode::OK,
+                    crate::metrics::render(
+                        &st,
+                        &throttler,
+                        &|k| reporter.in_flight(k),
+                        link.connected(),
+                        link.errors(),
+                    ),
+                );
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            } else {
+                text(hyper::StatusCode::NOT_FOUND, "not found")
+            };
+            std::future::ready(Ok(body))
+        }
+    };
+    // Metrics stay up through the drain and close with the rest.
+    tokio::spawn(serve(
+        lm,
+        metrics_handler,
+        stop_rx,
+        Arc::new(Conns::default()),
+    ));
+
+    terminated().await?;
+    app.draining
+        .store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(
+        drain_secs = cfg.drain_timeout.as_secs_f64(),
+        "received SIGTERM; failing health checks and draining"
+    );
+    tokio::time::sleep(cfg.drain_timeout).await;
+    let _ = stop_tx.send(true);
+    conns.wait_idle().await;
+    tracing::info!("drained; exiting");
+    drop(source);
+    Ok(())
+}
