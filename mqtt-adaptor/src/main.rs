@@ -1,5 +1,99 @@
-//! mqtt-adaptor: placeholder until its issue lands.
+//! mqtt-adaptor binary: parse configuration, start the parts, drain on SIGTERM.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("mqtt-adaptor is not built yet; see its issue")
+use std::sync::Arc;
+use std::time::Duration;
+
+use mqtt_adaptor::config::{Config, EXIT_CONFIG};
+use mqtt_adaptor::{embedded, metrics::Metrics, publisher, server, source};
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() {
+    spright_core::logging::init("mqtt-adaptor", "info");
+    let cfg = match Config::from_env_and_args() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid configuration");
+            eprintln!("mqtt-adaptor: invalid configuration: {e}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mqtt-adaptor: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cfg)) {
+        tracing::error!(error = %format!("{e:#}"), "mqtt-adaptor failed");
+        std::process::exit(1);
+    }
+}
+
+async fn run(mut cfg: Config) -> anyhow::Result<()> {
+    if cfg.broker.is_none() {
+        embedded::start(cfg.embedded_listen, cfg.protocol)?;
+        // Give the broker thread a moment to bind before the first connect attempt; the
+        // clients reconnect with backoff anyway.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if cfg.sink.is_some() && cfg.topics.is_empty() {
+        // The prototype's default topic.
+        cfg.topics.push("mqtt-topic".to_owned());
+    }
+    let metrics = Arc::new(Metrics::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let source_task = match (&cfg.sink, cfg.topics.is_empty()) {
+        (Some(sink), false) => Some(tokio::spawn(source::run(
+            cfg.clone(),
+            sink.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))),
+        _ => {
+            tracing::info!("no sink (K_SINK) configured: the MQTT source is disabled");
+            None
+        }
+    };
+    let (publisher, publisher_task) = match publisher::start(&cfg, metrics.clone(), stop_rx.clone())
+    {
+        Ok((p, t)) => (Some(p), Some(t)),
+        Err(e) => return Err(e.into()),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.http_addr))?;
+    tracing::info!(address = %cfg.http_addr, "HTTP listener ready (POST /, /healthz, /readyz, /metrics)");
+    let state = Arc::new(server::AppState {
+        cfg: cfg.clone(),
+        metrics: metrics.clone(),
+        publisher,
+        source_enabled: source_task.is_some(),
+    });
+    let server_task = tokio::spawn(server::serve(listener, state, stop_rx.clone()));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, draining"),
+        _ = int.recv() => tracing::info!("SIGINT received, draining"),
+    }
+    let _ = stop_tx.send(true);
+    if let Some(t) = source_task {
+        match tokio::time::timeout(cfg.drain_timeout + Duration::from_secs(2), t).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "source ended with an error"),
+            Err(_) => tracing::warn!("source drain timed out"),
+            _ => {}
+        }
+    }
+    if let Some(t) = publisher_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), server_task).await;
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -1,0 +1,264 @@
+//! MQTT to CloudEvents: subscribe, map, deliver to the sink with retries, then acknowledge.
+//!
+//! At-least-once: a QoS 1/2 message is acknowledged to the broker only after the sink (or the
+//! dead-letter sink) answered 2xx, or after it was given up on by policy (non-retryable answer
+//! without a dead-letter sink, or --retry exhausted). The session is persistent, so anything
+//! unacknowledged when the process stops is redelivered by the broker after restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::cloudevent::CloudEvent;
+use crate::config::Config;
+use crate::mapping::{self, Disposition, InboundMessage, WrapSettings};
+use crate::metrics::Metrics;
+use crate::mqtt::{self, AckToken, Client, ConnSettings, MqttEvent};
+use crate::sink::{Attempt, SinkClient, backoff};
+
+/// Shared state of the delivery tasks.
+#[derive(Debug)]
+struct Pipeline {
+    cfg: Config,
+    sink_url: String,
+    wrap: WrapSettings,
+    sink: SinkClient,
+    metrics: Arc<Metrics>,
+    window: Semaphore,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Runs the source until `shutdown` turns true, then drains in-flight deliveries.
+pub async fn run(
+    cfg: Config,
+    sink_url: String,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let sink = SinkClient::new(
+        cfg.sink_format,
+        cfg.sink_timeout,
+        cfg.ca_certs.as_deref(),
+        cfg.oidc_token_file.clone(),
+        usize::from(cfg.inflight),
+    )?;
+    let broker = cfg.effective_broker();
+    let wrap = WrapSettings {
+        client_id: cfg.client_id.clone(),
+        broker_url: broker.url(),
+        event_source: cfg.event_source.clone(),
+        event_type: cfg.event_type.clone(),
+        data_content_type: cfg.data_content_type.clone(),
+    };
+    let settings = ConnSettings::from_config(&cfg, cfg.client_id.clone(), true);
+    let (client, mut eventloop) = mqtt::connect(&settings)?;
+    let p = Arc::new(Pipeline {
+        window: Semaphore::new(usize::from(cfg.inflight)),
+        cfg,
+        sink_url,
+        wrap,
+        sink,
+        metrics,
+        active: AtomicUsize::new(0),
+        idle: Notify::new(),
+    });
+    tracing::info!(
+        broker = %broker.url(),
+        client_id = %p.cfg.client_id,
+        topics = ?p.cfg.topics,
+        qos = p.cfg.qos,
+        sink = %p.sink_url,
+        "MQTT source starting"
+    );
+
+    let mut reconnect_delay = Duration::from_millis(100);
+    let mut draining_since: Option<Instant> = None;
+    let mut last_error = String::new();
+    loop {
+        if draining_since.is_none() && *shutdown.borrow() {
+            draining_since = Some(Instant::now());
+            tracing::info!(
+                inflight = p.active.load(Ordering::Relaxed),
+                "draining in-flight deliveries"
+            );
+        }
+        if let Some(since) = draining_since
+            && (p.active.load(Ordering::Acquire) == 0 || since.elapsed() > p.cfg.drain_timeout)
+        {
+            break;
+        }
+        let event = tokio::select! {
+            ev = eventloop.poll() => ev,
+            _ = shutdown.changed(), if draining_since.is_none() => continue,
+            _ = p.idle.notified(), if draining_since.is_some() => continue,
+            _ = tokio::time::sleep(p.cfg.drain_timeout), if draining_since.is_some() => continue,
+        };
+        match event {
+            Ok(MqttEvent::Connected { session_present }) => {
+                reconnect_delay = Duration::from_millis(100);
+                last_error.clear();
+                tracing::info!(session_present, "connected to the MQTT broker");
+                if let Err(e) = client.try_subscribe(&p.cfg.topics, p.cfg.qos) {
+                    tracing::error!(error = %e, "cannot queue the subscription");
+                }
+                p.metrics.set_source_ready(true);
+            }
+            Ok(MqttEvent::Message(boxed)) => {
+                let (msg, token) = *boxed;
+                p.metrics.received.inc();
+                if draining_since.is_some() {
+                    // Not acknowledged: the broker redelivers it to the next session.
+                    continue;
+                }
+                p.active.fetch_add(1, Ordering::AcqRel);
+                let p2 = p.clone();
+                let c2 = client.clone();
+                tokio::spawn(async move {
+                    deliver_and_ack(&p2, &c2, msg, token).await;
+                    if p2.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        p2.idle.notify_one();
+                    }
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                p.metrics.set_source_ready(false);
+                let text = e.to_string();
+                if text != last_error {
+                    if e.is_auth() {
+                        tracing::error!(error = %text, "MQTT credentials rejected; not ready until the broker accepts them");
+                    } else {
+                        tracing::warn!(error = %text, retry_in_ms = reconnect_delay.as_millis() as u64, "MQTT connection down, reconnecting");
+                    }
+                    last_error = text;
+                }
+                if draining_since.is_some() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(reconnect_delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    p.metrics.set_source_ready(false);
+    client.disconnect().await;
+    // Let the DISCONNECT go out.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if eventloop.poll().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    tracing::info!("MQTT source stopped");
+    Ok(())
+}
+
+async fn deliver_and_ack(p: &Pipeline, client: &Client, msg: InboundMessage, token: AckToken) {
+    let Ok(_permit) = p.window.acquire().await else {
+        return;
+    };
+    p.metrics.inflight.inc();
+    let disposition =
+        mapping::dispose(&msg, &p.wrap, p.cfg.invalid_policy, p.cfg.max_message_bytes);
+    let done = match disposition {
+        Disposition::Sink(mut ev) => {
+            mapping::apply_overrides(&mut ev, &p.cfg.ce_overrides);
+            deliver(p, ev, &msg.topic).await
+        }
+        Disposition::DeadLetter(mut ev, reason) => {
+            p.metrics.invalid.inc();
+            mapping::apply_overrides(&mut ev, &p.cfg.ce_overrides);
+            tracing::warn!(topic = %msg.topic, id = %ev.id(), reason = %reason, policy = "dead-letter", "MQTT message not delivered to the sink");
+            dead_letter(p, ev, &reason).await
+        }
+    };
+    if done
+        && msg.qos > 0
+        && let Err(e) = client.ack(&token).await
+    {
+        tracing::warn!(error = %e, "cannot acknowledge; the broker will redeliver");
+    }
+    p.metrics.inflight.dec();
+}
+
+/// Delivers with retries; returns true when the message may be acknowledged.
+async fn deliver(p: &Pipeline, ev: CloudEvent, topic: &str) -> bool {
+    let mut attempt: u32 = 0;
+    loop {
+        let start = Instant::now();
+        let result = p.sink.post(&p.sink_url, &ev).await;
+        p.metrics
+            .sink_latency
+            .observe(start.elapsed().as_secs_f64());
+        match result {
+            Attempt::Accepted(_) => {
+                p.metrics.delivered.inc();
+                return true;
+            }
+            Attempt::Retry(reason) => {
+                if p.cfg.retry > 0 && attempt >= p.cfg.retry {
+                    tracing::error!(id = %ev.id(), topic, reason = %reason, attempts = attempt + 1, "retries exhausted");
+                    return dead_letter(p, ev, &reason).await;
+                }
+                let delay = backoff(p.cfg.retry_backoff, p.cfg.retry_backoff_max, attempt);
+                if attempt == 0 || attempt.is_power_of_two() {
+                    tracing::warn!(id = %ev.id(), topic, reason = %reason, attempt = attempt + 1, retry_in_ms = delay.as_millis() as u64, "sink delivery failed, retrying");
+                }
+                p.metrics.retried.inc();
+                tokio::time::sleep(delay).await;
+                attempt = attempt.saturating_add(1);
+            }
+            Attempt::Reject(status, body) => {
+                tracing::error!(id = %ev.id(), topic, status = status.as_u16(), body = %body, "sink rejected the event (not retryable)");
+                let mut ev = ev;
+                ev.set("knativeerrorcode", status.as_u16().to_string());
+                return dead_letter(p, ev, &format!("sink answered {status}")).await;
+            }
+        }
+    }
+}
+
+/// Sends to the dead-letter sink with retries, or gives up (counted and logged) without one.
+async fn dead_letter(p: &Pipeline, mut ev: CloudEvent, reason: &str) -> bool {
+    let Some(dls) = p.cfg.dead_letter_sink.as_deref() else {
+        p.metrics.failed.inc();
+        tracing::error!(id = %ev.id(), reason, "event dropped: no dead-letter sink configured");
+        return true;
+    };
+    ev.set("knativeerrordest", p.sink_url.clone());
+    let mut attempt: u32 = 0;
+    loop {
+        match p.sink.post(dls, &ev).await {
+            Attempt::Accepted(_) => {
+                p.metrics.dead_lettered.inc();
+                return true;
+            }
+            Attempt::Retry(r) if p.cfg.retry == 0 || attempt < p.cfg.retry => {
+                if attempt == 0 {
+                    tracing::warn!(id = %ev.id(), reason = %r, "dead-letter sink failed, retrying");
+                }
+                p.metrics.retried.inc();
+                tokio::time::sleep(backoff(
+                    p.cfg.retry_backoff,
+                    p.cfg.retry_backoff_max,
+                    attempt,
+                ))
+                .await;
+                attempt = attempt.saturating_add(1);
+            }
+            other => {
+                p.metrics.failed.inc();
+                tracing::error!(id = %ev.id(), result = ?other, "dead-letter sink refused the event; dropped");
+                return true;
+            }
+        }
+    }
+}
