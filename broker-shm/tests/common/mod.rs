@@ -1,0 +1,432 @@
+//! Black-box harness: runs the real `broker-shm` binary with temp dirs and free ports, a
+//! recording HTTP subscriber, and a raw-HTTP CloudEvents client.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A running broker-shm process.
+pub struct BrokerProc {
+    pub child: Child,
+    pub port: u16,
+    pub manifests: PathBuf,
+    pub data: PathBuf,
+    pub log_path: PathBuf,
+    pub _tmp: Option<tempfile::TempDir>,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl BrokerProc {
+    /// Starts the broker with manifest files (name, yaml) and extra args.
+    pub async fn start(
+        files: &[(&str, String)],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> BrokerProc {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let manifests = tmp.path().join("manifests");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        for (name, yaml) in files {
+            std::fs::write(manifests.join(name), yaml).expect("write manifest");
+        }
+        let mut p = BrokerProc {
+            child: Command::new("true").spawn().expect("spawn true"),
+            port: free_port(),
+            log_path: tmp.path().join("broker.log"),
+            manifests,
+            data,
+            _tmp: Some(tmp),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let _ = p.child.wait();
+        p.spawn().await;
+        p
+    }
+
+    pub fn mode_args(&self) -> Vec<String> {
+        self.extra_args.clone()
+    }
+
+    /// (Re)starts the process on the same dirs and port.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_broker-shm"));
+        cmd.args(self.mode_args())
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env("INGRESS_PORT", self.port.to_string())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = cmd.spawn().expect("spawn broker-shm");
+        let url = format!("http://127.0.0.1:{}/healthz", self.port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("broker-shm exited early with {status}: {}", self.logs());
+            }
+            if let Ok(r) = raw(http::Method::GET, &url, HeaderMap::new(), Bytes::new()).await
+                && r.0 == StatusCode::OK
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker-shm did not come up: {}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn write_manifest(&self, name: &str, yaml: &str) {
+        let tmp = self.manifests.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(&tmp, self.manifests.join(name)).expect("rename");
+    }
+
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.child.try_wait().expect("try_wait").is_none(),
+            "broker-shm died: {}",
+            self.logs()
+        );
+    }
+}
+
+impl Drop for BrokerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// One raw HTTP request: (status, headers, body).
+pub async fn raw(
+    method: http::Method,
+    url: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(h) = req.headers_mut() {
+        *h = headers;
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((parts.status, parts.headers, body))
+}
+
+pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            http::HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    h
+}
+
+/// Sends a binary-mode 1.0 event; returns the status.
+pub async fn send_binary(url: &str, id: &str, ty: &str, extra: &[(&str, &str)]) -> StatusCode {
+    let mut pairs = vec![
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-source", "/test/source"),
+        ("ce-type", ty),
+        ("content-type", "application/json"),
+    ];
+    pairs.extend_from_slice(extra);
+    raw(
+        http::Method::POST,
+        url,
+        headers(&pairs),
+        Bytes::from_static(b"{\"hello\":\"world\"}"),
+    )
+    .await
+    .map(|r| r.0)
+    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// A request the recording subscriber received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn ce(&self, attr: &str) -> Option<String> {
+        if let Some(v) = self.headers.get(format!("ce-{attr}")) {
+            return v.to_str().ok().map(str::to_string);
+        }
+        let ct = self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if ct.starts_with("application/cloudevents") {
+            let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+            return v.get(attr).map(|x| match x {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        }
+        None
+    }
+}
+
+/// A scripted reply of the subscriber.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn status(s: u16) -> Reply {
+        Reply {
+            status: s,
+            headers: vec![],
+            body: Bytes::new(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn event(id: &str, ty: &str) -> Reply {
+        Reply {
+            status: 200,
+            headers: vec![
+                ("ce-specversion".into(), "1.0".into()),
+                ("ce-id".into(), id.into()),
+                ("ce-source".into(), "/reply".into()),
+                ("ce-type".into(), ty.into()),
+                ("content-type".into(), "text/plain".into()),
+            ],
+            body: Bytes::from_static(b"reply"),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type Script = Box<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
+
+/// A recording HTTP subscriber.
+pub struct Recorder {
+    pub addr: SocketAddr,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    notify: Arc<Notify>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    /// Answers 200 with an empty body.
+    pub async fn start() -> Recorder {
+        Self::scripted(|_, _| Reply::status(200)).await
+    }
+
+    /// `script(request, index of this request among those on the same path)`.
+    pub async fn scripted(
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Recorder {
+        Self::scripted_on(0, script).await
+    }
+
+    pub async fn scripted_on(
+        port: u16,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Recorder {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind recorder");
+        let addr = listener.local_addr().expect("addr");
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let notify = Arc::new(Notify::new());
+        let script: Arc<Script> = Arc::new(Box::new(script));
+        let (g, n) = (got.clone(), notify.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    break;
+                };
+                let (g, n, script) = (g.clone(), n.clone(), script.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (g, n, script) = (g.clone(), n.clone(), script.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let rec = Received {
+                                path: parts.uri.path().to_string(),
+                                headers: parts.headers,
+                                body,
+                                at: Instant::now(),
+                            };
+                            let idx = {
+                                let mut v = g.lock().expect("lock");
+                                let idx = v.iter().filter(|r| r.path == rec.path).count();
+                                v.push(rec.clone());
+                                idx
+                            };
+                            n.notify_waiters();
+                            let reply = script(&rec, idx);
+                            if !reply.delay.is_zero() {
+                                tokio::time::sleep(reply.delay).await;
+                            }
+                            let mut resp = Response::new(Full::new(reply.body));
+                            *resp.status_mut() =
+                                StatusCode::from_u16(reply.status).expect("status");
+                            for (k, v) in reply.headers {
+                                resp.headers_mut().insert(
+                                    http::HeaderName::from_bytes(k.as_bytes()).expect("h"),
+                                    http::HeaderValue::from_str(&v).expect("v"),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Recorder {
+            addr,
+            got,
+            notify,
+            _task: task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn on(&self, path: &str) -> Vec<Received> {
+        self.got
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `pred` holds over everything received, or the timeout passes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            {
+                let v = self.got.lock().expect("lock").clone();
+                if pred(&v) || Instant::now() >= deadline {
+                    return v;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+
+    /// Waits for at least `n` requests on `path`.
+    pub async fn wait_n(&self, path: &str, n: usize, timeout: Duration) -> Vec<Received> {
+        self.wait_for(timeout, |v| {
+            v.iter().filter(|r| r.path == path).count() >= n
+        })
+        .await;
+        self.on(path)
+    }
+}
+
+pub fn broker_yaml(ns: &str, name: &str, delivery: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations:\n    eventing.knative.dev/broker.class: SprightBroker\nspec:\n{delivery}\n"
+    )
+}
+
+/// A trigger; `spec_extra` is indented YAML (filters, delivery) under spec.
+pub fn trigger_yaml(ns: &str, name: &str, broker: &str, uri: &str, spec_extra: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{name}\nspec:\n  broker: {broker}\n  subscriber:\n    uri: {uri}\n{spec_extra}\n"
+    )
+}
+
+pub fn dir_bytes(p: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                total += dir_bytes(&path);
+            } else if let Ok(m) = e.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
