@@ -1,0 +1,384 @@
+//! Black-box tests against the activator-lite binary: test pods answer queue-proxy
+//! probes, a websocket server stands in for the autoscaler and decodes the frames, and
+//! Revisions/Endpoints come from a manifest directory.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const REV: &str = "hello-00001";
+
+async fn ready_activator(m: &Manifests, asc: &FakeAutoscaler, extra: &[&str]) -> Activator {
+    let act = Activator::spawn(&m.dir, asc.port, extra);
+    act.wait_health(StatusCode::OK).await;
+    act
+}
+
+/// Lets the activator apply a manifest change (inotify → reload takes milliseconds).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_from_zero_holds_pokes_and_completes_in_arrival_order() {
+    let m = Manifests::new();
+    m.revision(REV, 1, "");
+    m.endpoints(REV, &[], &[]);
+    let mut asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+
+    let mut held = Vec::new();
+    for i in 0..5 {
+        let port = act.port;
+        held.push(tokio::spawn(async move {
+            get(port, REV, &format!("/seq/{i}"), &[]).await
+        }));
+        // Arrival order must be unambiguous.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+
+    // The scale-from-zero poke reaches the autoscaler.
+    let poke = asc.next(Duration::from_secs(5)).await.expect("no poke");
+    let msg = &poke.messages[0];
+    assert_eq!((msg.namespace.as_str(), msg.name.as_str()), (NS, REV));
+    let stat = msg.stat.clone().expect("stat");
+    assert_eq!(stat.pod_name, POD_NAME);
+    assert_eq!(stat.average_concurrent_requests, 1.0);
+    assert_eq!(stat.request_count, 1.0);
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "requests must be held"
+    );
+    let metrics = act.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "kn_revision_request_queued{{k8s_namespace_name=\"{NS}\",kn_service_name=\"svc\",kn_configuration_name=\"svc\",kn_revision_name=\"{REV}\"}} 5"
+        )),
+        "{metrics}"
+    );
+
+    // The following 1 s report carries the remaining demand.
+    let report = asc.next(Duration::from_secs(3)).await.expect("no report");
+    let stat = report.messages[0].stat.clone().expect("stat");
+    assert_eq!(stat.request_count, 4.0, "first report subtracts the poke");
+    assert!(stat.average_concurrent_requests > 3.0, "{stat:?}");
+
+    // An endpoint appears; the pod becomes ready; held requests complete in order.
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[], &[pod.addr]);
+    for h in held {
+        let r = h.await.expect("join");
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    }
+    let paths: Vec<String> = pod.served().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/seq/0", "/seq/1", "/seq/2", "/seq/3", "/seq/4"]);
+    assert!(pod.state.probes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+    // Proxy headers as Knative sets them.
+    let h = &pod.served()[0].headers;
+    assert_eq!(h.get("k-proxy-request").unwrap(), "activator");
+    assert_eq!(
+        h.get("k-original-host").unwrap(),
+        &format!("{REV}.{NS}.example.com")
+    );
+    assert!(h.get("knative-serving-namespace").is_none());
+    assert!(h.get("knative-serving-revision").is_none());
+    assert_eq!(h.get("host").unwrap(), &pod.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_concurrency_enforced_across_pods() {
+    let m = Manifests::new();
+    m.revision(REV, 2, "");
+    let a = Pod::start("pod-a", true).await;
+    let b = Pod::start("pod-b", true).await;
+    m.endpoints(REV, &[a.addr, b.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let port = act.port;
+    let replies = futures::future::join_all(
+        (0..12).map(|_| async move { get(port, REV, "/sleep/150", &[]).await }),
+    )
+    .await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    let t = tally(&replies);
+    assert_eq!(t.values().sum::<usize>(), 12);
+    assert_eq!(t.len(), 2, "both pods serve: {t:?}");
+    for p in [&a, &b] {
+        let max = p
+            .state
+            .max_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert!(max <= 2, "{} saw {max} concurrent requests", p.state.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_overflow_is_503_and_held_requests_survive() {
+    let m = Manifests::new();
+    m.revision(REV, 1, "");
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &["--queue-depth", "3"]).await;
+    let port = act.port;
+    let held: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { get(port, REV, "/", &[]).await }))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !act
+        .metrics()
+        .await
+        .contains(&format!("kn_revision_name=\"{REV}\"}} 3"))
+    {
+        assert!(Instant::now() < deadline, "requests never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let over = act.get(REV, "/", &[]).await;
+    assert_eq!(over.status, StatusCode::SERVICE_UNAVAILABLE);
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    for h in held {
+        assert_eq!(h.await.expect("join").status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revision_timeouts_give_504() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "  timeoutSeconds: 1\n");
+    m.revision("held-00001", 0, "  timeoutSeconds: 1\n");
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    assert_eq!(act.get(REV, "/sleep/10", &[]).await.status, StatusCode::OK);
+    let slow = act.get(REV, "/sleep/3000", &[]).await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(slow.body, "activator request timeout");
+    // Held without any pod: the same timeout applies.
+    let held = act.get("held-00001", "/", &[]).await;
+    assert_eq!(held.status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_failing_its_probe_gets_no_traffic_until_it_passes() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let bad = Pod::start("pod-bad", false).await;
+    let good = Pod::start("pod-good", true).await;
+    // Both listed as ready by Kubernetes; only the probe decides.
+    m.endpoints(REV, &[bad.addr, good.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let port = act.port;
+    let replies =
+        futures::future::join_all((0..10).map(|_| async move { get(port, REV, "/", &[]).await }))
+            .await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    assert_eq!(tally(&replies).get("pod-good"), Some(&10));
+    assert!(bad.served().is_empty());
+    assert!(bad.state.probes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+    // Once it passes its probe it gets traffic.
+    bad.state
+        .healthy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bad.served().is_empty() {
+        assert!(Instant::now() < deadline, "recovered pod never got traffic");
+        let _ = act.get(REV, "/", &[]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_removed_mid_request() {
+    let m = Manifests::new();
+    m.revision(REV, 1, "");
+    let a = Pod::start("pod-a", true).await;
+    let b = Pod::start("pod-b", true).await;
+    m.endpoints(REV, &[a.addr, b.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    // First-available (CC 1) sends the first request to the first pod in address order.
+    let (first, second) = if a.addr.to_string() < b.addr.to_string() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let port = act.port;
+    let in_flight = tokio::spawn(async move { get(port, REV, "/hold", &[]).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while first.served().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "held request never reached the first pod"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    m.endpoints(REV, &[second.addr], &[]);
+    settle().await;
+    first.state.release.notify_one();
+    let r = in_flight.await.expect("join");
+    assert_eq!(r.status, StatusCode::OK, "the in-flight request completes");
+    assert_eq!(r.body, first.state.name);
+    for _ in 0..4 {
+        let r = act.get(REV, "/", &[]).await;
+        assert_eq!(r.body, second.state.name, "removed pod gets no new traffic");
+    }
+    assert_eq!(first.served().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscaler_connection_lost_not_ready_then_ready_again() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let asc = FakeAutoscaler::start(0).await;
+    let port = asc.port;
+    let act = ready_activator(&m, &asc, &[]).await;
+    assert!(
+        act.metrics()
+            .await
+            .contains("kn_activator_stats_conn_reachable 1")
+    );
+    drop(asc);
+    act.wait_health(StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert!(
+        act.metrics()
+            .await
+            .contains("kn_activator_stats_conn_reachable 0")
+    );
+    let mut asc = FakeAutoscaler::start(port).await;
+    act.wait_health(StatusCode::OK).await;
+    // Stats flow on the new connection: the first request of the revision pokes.
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    assert_eq!(act.get(REV, "/", &[]).await.status, StatusCode::OK);
+    let poke = asc
+        .next(Duration::from_secs(5))
+        .await
+        .expect("poke after reconnect");
+    assert_eq!(poke.messages[0].name, REV);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_unknown_revisions_and_upstream_failure() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let probe = |hdrs: Vec<(&'static str, &'static str)>| {
+        let mut b = Request::get(format!("http://127.0.0.1:{}/", act.port));
+        for (k, v) in hdrs {
+            b = b.header(k, v);
+        }
+        send(b.body(Full::new(Bytes::new())).unwrap())
+    };
+    let r = probe(vec![
+        ("k-network-probe", "activator"),
+        ("user-agent", "Knative-Autoscaling-Probe"),
+    ])
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "activator"));
+    let r = probe(vec![
+        ("k-network-probe", "probe"),
+        ("k-network-hash", "abc123"),
+    ])
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers.get("k-network-hash").unwrap(), "abc123");
+    let r = probe(vec![("k-network-probe", "probe")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = probe(vec![("k-network-probe", "queue")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        act.get("nope-00001", "/", &[]).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = probe(vec![("host", "localhost")]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Revision from the Host alone.
+    let r = probe(vec![("host", "hello-00001.default.svc.cluster.local")]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+
+    // Streaming: the first chunk arrives while the pod still holds the second.
+    let req = Request::get(format!("http://127.0.0.1:{}/stream", act.port))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", REV)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first\n");
+    pod.state.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second\n");
+
+    // Websocket upgrade passes through.
+    let mut wreq = format!("ws://127.0.0.1:{}/ws", act.port)
+        .into_client_request()
+        .unwrap();
+    wreq.headers_mut()
+        .insert("knative-serving-namespace", NS.parse().unwrap());
+    wreq.headers_mut()
+        .insert("knative-serving-revision", REV.parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(wreq).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("hello")).await.unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "hello");
+    drop(ws);
+
+    // h2c on the second port.
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = Request::get(format!("http://127.0.0.1:{}/", act.h2c_port))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", REV)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // The pod dies without leaving the endpoints: 502.
+    drop(pod);
+    settle().await;
+    assert_eq!(act.get(REV, "/", &[]).await.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_health_keeps_serving_then_exits() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let mut act = ready_activator(&m, &asc, &["--drain-timeout-secs", "2"]).await;
+    act.sigterm();
+    act.wait_health(StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert_eq!(act.get(REV, "/", &[]).await.status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = act.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "activator did not exit after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

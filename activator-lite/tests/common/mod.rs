@@ -1,0 +1,492 @@
+//! Harness for black-box tests: the activator-lite binary, test pods that answer
+//! queue-proxy probes, a websocket autoscaler stand-in that decodes the protobuf frames,
+//! and a manifest directory.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use activator_lite::proto::WireStatMessages;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message as _;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_activator-lite");
+pub const POD_NAME: &str = "activator-test-pod";
+pub const NS: &str = "default";
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A temporary manifest directory, removed on drop.
+pub struct Manifests {
+    pub dir: PathBuf,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Manifests {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "activator-lite-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self { dir }
+    }
+
+    /// Writes `name` atomically (temp file + rename, as kubectl-like tools do).
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.dir.join(name)).expect("rename manifest");
+    }
+
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.dir.join(name));
+    }
+
+    pub fn revision(&self, name: &str, cc: u32, extra_spec: &str) {
+        self.write(
+            &format!("rev-{name}.yaml"),
+            &revision_yaml(name, cc, extra_spec),
+        );
+    }
+
+    pub fn endpoints(&self, rev: &str, ready: &[SocketAddr], not_ready: &[SocketAddr]) {
+        self.write(
+            &format!("ep-{rev}.yaml"),
+            &endpoints_yaml(rev, ready, not_ready),
+        );
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn revision_yaml(name: &str, cc: u32, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: serving.knative.dev/v1\nkind: Revision\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels:\n    serving.knative.dev/service: svc\n    serving.knative.dev/configuration: svc\nspec:\n  containerConcurrency: {cc}\n{extra_spec}  containers:\n  - image: example\n    ports:\n    - containerPort: 8080\n"
+    )
+}
+
+/// Private Endpoints in Knative's shape: one subset per pod (each test pod has its own port).
+pub fn endpoints_yaml(rev: &str, ready: &[SocketAddr], not_ready: &[SocketAddr]) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {rev}-private\n  namespace: {NS}\n  labels:\n    serving.knative.dev/revision: {rev}\n    serving.knative.dev/revisionUID: 6c0e4f0a-uid\n    networking.internal.knative.dev/serviceType: Private\n"
+    );
+    s.push_str(if ready.is_empty() && not_ready.is_empty() {
+        "subsets: []\n"
+    } else {
+        "subsets:\n"
+    });
+    for (addr, is_ready) in ready
+        .iter()
+        .map(|a| (a, true))
+        .chain(not_ready.iter().map(|a| (a, false)))
+    {
+        let key = if is_ready {
+            "addresses"
+        } else {
+            "notReadyAddresses"
+        };
+        s.push_str(&format!(
+            "- {key}:\n  - ip: {}\n  ports:\n  - name: http\n    port: {}\n    protocol: TCP\n  - name: http-queueadm\n    port: 8022\n",
+            addr.ip(),
+            addr.port()
+        ));
+    }
+    s
+}
+
+/// The activator-lite process, killed on drop.
+pub struct Activator {
+    pub child: Child,
+    pub port: u16,
+    pub h2c_port: u16,
+    pub metrics_port: u16,
+}
+
+impl Drop for Activator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Activator {
+    pub fn spawn(manifests: &Path, autoscaler_port: u16, extra: &[&str]) -> Self {
+        let port = free_port();
+        let h2c_port = free_port();
+        let metrics_port = free_port();
+        let child = Command::new(BIN)
+            .env_clear()
+            .env("POD_NAME", POD_NAME)
+            .env("POD_IP", "127.0.0.1")
+            .env("SYSTEM_NAMESPACE", "knative-serving")
+            .env("CONFIG_LOGGING_NAME", "config-logging")
+            .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
+            .env("GOGC", "500")
+            .env("RUST_LOG", "warn")
+            .arg("--manifests")
+            .arg(manifests)
+            .args([
+                "--autoscaler",
+                &format!("ws://127.0.0.1:{autoscaler_port}/"),
+            ])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--http1-port", &port.to_string()])
+            .args(["--h2c-port", &h2c_port.to_string()])
+            .args(["--metrics-port", &metrics_port.to_string()])
+            .args(if extra.contains(&"--drain-timeout-secs") {
+                &[][..]
+            } else {
+                &["--drain-timeout-secs", "0.5"][..]
+            })
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn activator-lite");
+        Self {
+            child,
+            port,
+            h2c_port,
+            metrics_port,
+        }
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Kubelet-style health status.
+    pub async fn health(&self) -> Option<StatusCode> {
+        let req = Request::get(format!("http://127.0.0.1:{}/", self.port))
+            .header("user-agent", "kube-probe/1.31")
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let r = tokio::time::timeout(Duration::from_secs(2), client().request(req)).await;
+        r.ok()?.ok().map(|r| r.status())
+    }
+
+    /// Waits until the health check answers `want` (10 s at most).
+    pub async fn wait_health(&self, want: StatusCode) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.health().await == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "health never became {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let req = Request::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let r = client().request(req).await.expect("metrics");
+        let b = r.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// A request for revision `rev` through the activator.
+    pub async fn get(&self, rev: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        get(self.port, rev, path, headers).await
+    }
+}
+
+/// A request for revision `rev` through the activator on `port`.
+pub async fn get(port: u16, rev: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", format!("{rev}.{NS}.example.com"))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", rev);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(b.body(Full::new(Bytes::new())).expect("request")).await
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(req: Request<Full<Bytes>>) -> Reply {
+    let r = client().request(req).await.expect("request to activator");
+    let status = r.status();
+    let headers = r.headers().clone();
+    let body = r.into_body().collect().await.expect("body").to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// What a test pod saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub headers: http::HeaderMap,
+}
+
+#[derive(Default)]
+pub struct PodState {
+    pub name: String,
+    pub healthy: AtomicBool,
+    pub probes: AtomicUsize,
+    pub seen: Mutex<Vec<Seen>>,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+    pub release: Notify,
+}
+
+/// A test pod: answers `K-Network-Probe: queue` like a queue-proxy would (200 `queue`
+/// while healthy, 503 otherwise) and serves a few behaviours by path.
+pub struct Pod {
+    pub addr: SocketAddr,
+    pub state: Arc<PodState>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type PodBody = BoxBody<Bytes, std::io::Error>;
+
+fn full(s: impl Into<Bytes>) -> PodBody {
+    Full::new(s.into()).map_err(|e| match e {}).boxed()
+}
+
+async fn pod_handle(st: Arc<PodState>, mut req: Request<Incoming>) -> Response<PodBody> {
+    let probe = req
+        .headers()
+        .get("k-network-probe")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if probe == "queue" {
+        st.probes.fetch_add(1, Ordering::SeqCst);
+        let ua_ok = req
+            .headers()
+            .get("user-agent")
+            .is_some_and(|v| v == "Knative-Activator-Probe");
+        return if st.healthy.load(Ordering::SeqCst) && ua_ok {
+            Response::new(full("queue"))
+        } else {
+            let mut r = Response::new(full("not ready"));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        };
+    }
+    let path = req.uri().path().to_owned();
+    st.seen.lock().expect("lock").push(Seen {
+        path: path.clone(),
+        headers: req.headers().clone(),
+    });
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let resp = if let Some(ms) = path.strip_prefix("/sleep/") {
+        let ms: u64 = ms.parse().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Response::new(full(st.name.clone()))
+    } else if path == "/hold" {
+        st.release.notified().await;
+        Response::new(full(st.name.clone()))
+    } else if path == "/stream" {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let st2 = st.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Frame::data(Bytes::from("first\n")))).await;
+            st2.release.notified().await;
+            let _ = tx.send(Ok(Frame::data(Bytes::from("second\n")))).await;
+        });
+        let stream = tokio_stream_from(rx);
+        Response::new(BodyExt::boxed(StreamBody::new(stream)))
+    } else if path == "/ws" {
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .cloned()
+            .unwrap_or_else(|| http::HeaderValue::from_static(""));
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on_upgrade.await {
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        let _ = ws.send(m).await;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", http::HeaderValue::from_static("websocket"));
+        r.headers_mut()
+            .insert("connection", http::HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = http::HeaderValue::from_str(&accept) {
+            r.headers_mut().insert("sec-websocket-accept", v);
+        }
+        r
+    } else {
+        Response::new(full(st.name.clone()))
+    };
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    resp
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+impl Pod {
+    pub async fn start(name: &str, healthy: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind pod");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(PodState {
+            name: name.to_owned(),
+            healthy: AtomicBool::new(healthy),
+            ..Default::default()
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, std::convert::Infallible>(pod_handle(st, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Self { addr, state, task }
+    }
+
+    /// Requests other than probes this pod served, by path.
+    pub fn served(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("lock").clone()
+    }
+}
+
+/// The autoscaler stand-in: accepts websockets on any path, decodes binary frames as
+/// `WireStatMessages`.
+pub struct FakeAutoscaler {
+    pub port: u16,
+    pub rx: mpsc::UnboundedReceiver<WireStatMessages>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeAutoscaler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeAutoscaler {
+    pub async fn start(port: u16) -> Self {
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let tx = tx.clone();
+                conns.spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(m)) = ws.next().await {
+                        if let Message::Binary(b) = m
+                            && let Ok(msgs) = WireStatMessages::decode(b.as_ref())
+                        {
+                            let _ = tx.send(msgs);
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, rx, task }
+    }
+
+    /// The next frame, at most `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<WireStatMessages> {
+        tokio::time::timeout(within, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Counts requests per pod name in replies.
+pub fn tally(replies: &[Reply]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in replies {
+        *m.entry(r.body.clone()).or_insert(0) += 1;
+    }
+    m
+}
