@@ -1,0 +1,269 @@
+//! Black-box tests of the source direction (MQTT -> sink) against a real mosquitto.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+
+fn broker_arg(m: &Mosquitto) -> String {
+    format!("mqtt://127.0.0.1:{}", m.port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_qos1_messages_arrive_exactly_as_sent() {
+    let broker = Mosquitto::start("");
+    let sink = Sink::start().await;
+    let dir = TempDir::new("thousand");
+    let b = broker_arg(&broker);
+    let mut adaptor = Adaptor::start(
+        &[
+            "--broker",
+            &b,
+            "--topic",
+            "devices/+/telemetry,ce/#",
+            "--client-id",
+            "thousand",
+        ],
+        &[
+            ("K_SINK", &sink.url()),
+            ("K_CE_OVERRIDES", r#"{"extensions":{"cluster":"edge1"}}"#),
+        ],
+        &dir.path("adaptor.log"),
+    );
+    assert!(
+        adaptor.wait_ready(Duration::from_secs(20)),
+        "not ready: {}",
+        adaptor.logs()
+    );
+
+    let pubc = TestClient::connect(broker.port, "thousand-pub").await;
+    let mut msgs = Vec::new();
+    for i in 0..1000 {
+        msgs.push((
+            format!("devices/d{}/telemetry", i % 10),
+            format!("reading-{i}").into_bytes(),
+        ));
+    }
+    // One structured CloudEvent too: its attributes must be kept.
+    let ce = br#"{"specversion":"1.0","id":"ce-1","source":"/sensors/x","type":"com.example.temp","subject":"s1","datacontenttype":"application/json","data":{"c":21.5}}"#;
+    msgs.push(("ce/x".into(), ce.to_vec()));
+    pubc.publish_all(&msgs).await;
+
+    assert!(
+        sink.wait_for(Duration::from_secs(60), |r| body_counts(r).len() >= 1001)
+            .await,
+        "only {} of 1001 arrived: {}",
+        body_counts(&sink.snapshot()).len(),
+        adaptor.logs()
+    );
+    let got = sink.snapshot();
+    let by_body: HashMap<Vec<u8>, &Received> = got.iter().map(|r| (r.body.to_vec(), r)).collect();
+    for (topic, payload) in &msgs[..1000] {
+        let r = by_body.get(payload).expect("message missing");
+        assert_eq!(r.header("ce-subject").as_deref(), Some(topic.as_str()));
+        assert_eq!(
+            r.header("ce-type").as_deref(),
+            Some("dev.spright.mqtt.message")
+        );
+        assert_eq!(
+            r.header("ce-source"),
+            Some(format!("mqtt://127.0.0.1:{}/{topic}", broker.port))
+        );
+        assert_eq!(r.header("ce-specversion").as_deref(), Some("1.0"));
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/octet-stream")
+        );
+        assert_eq!(r.header("ce-cluster").as_deref(), Some("edge1"));
+        assert!(r.header("ce-id").is_some_and(|id| id.starts_with("mqtt-")));
+        assert!(r.header("ce-time").is_some());
+    }
+    let ids: HashSet<String> = got.iter().filter_map(|r| r.header("ce-id")).collect();
+    assert_eq!(ids.len(), 1001, "ids are unique per message");
+    let r = by_body
+        .get(&br#"{"c":21.5}"#.to_vec())
+        .expect("structured CE missing");
+    assert_eq!(r.header("ce-id").as_deref(), Some("ce-1"));
+    assert_eq!(r.header("ce-source").as_deref(), Some("/sensors/x"));
+    assert_eq!(r.header("ce-type").as_deref(), Some("com.example.temp"));
+    assert_eq!(r.header("ce-subject").as_deref(), Some("s1"));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(r.header("ce-cluster").as_deref(), Some("edge1"));
+    let dups = got.len() - 1001;
+    eprintln!("1001 distinct events, {dups} duplicates");
+
+    let (status, metrics) = adaptor.get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("mqtt_adaptor_events_delivered_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mqtt_adaptor_sink_latency_seconds_bucket"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_outage_loses_nothing() {
+    let broker = Mosquitto::start("");
+    let sink = Sink::start().await;
+    sink.status.store(503, std::sync::atomic::Ordering::Relaxed);
+    let dir = TempDir::new("outage");
+    let b = broker_arg(&broker);
+    let mut adaptor = Adaptor::start(
+        &[
+            "--broker",
+            &b,
+            "--topic",
+            "outage/#",
+            "--client-id",
+            "outage",
+            "--protocol-version",
+            "3.1.1",
+            "--retry-backoff-ms",
+            "20",
+            "--retry-backoff-max-ms",
+            "300",
+        ],
+        &[("K_SINK", &sink.url())],
+        &dir.path("adaptor.log"),
+    );
+    assert!(
+        adaptor.wait_ready(Duration::from_secs(20)),
+        "{}",
+        adaptor.logs()
+    );
+    let pubc = TestClient::connect(broker.port, "outage-pub").await;
+    let msgs: Vec<_> = (0..300)
+        .map(|i| (format!("outage/{}", i % 3), format!("o-{i}").into_bytes()))
+        .collect();
+    pubc.publish_all(&msgs).await;
+    // The sink keeps failing for a while: attempts happen, nothing is accepted.
+    let attempts_seen = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sink.attempts.load(std::sync::atomic::Ordering::Relaxed) < 200
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sink.attempts.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.count(), 0);
+    sink.status.store(202, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sink.wait_for(Duration::from_secs(60), |r| body_counts(r).len() >= 300)
+            .await,
+        "only {} of 300 after recovery: {}",
+        body_counts(&sink.snapshot()).len(),
+        adaptor.logs()
+    );
+    let (_, metrics) = adaptor.get("/metrics").expect("metrics");
+    let retried = metrics
+        .lines()
+        .find(|l| l.starts_with("mqtt_adaptor_events_retried_total"))
+        .unwrap_or("")
+        .to_owned();
+    eprintln!("sink attempts during outage: {attempts_seen}; {retried}");
+    assert!(!retried.ends_with(" 0"), "{retried}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_mid_stream_loses_nothing() {
+    for version in ["5", "3.1.1"] {
+        let broker = Mosquitto::start("");
+        let sink = Sink::start().await;
+        // A slow sink keeps messages in flight when the adaptor is killed.
+        sink.delay_ms.store(5, std::sync::atomic::Ordering::Relaxed);
+        let dir = TempDir::new("restart");
+        let b = broker_arg(&broker);
+        let client_id = format!("restart-{}", version.replace('.', ""));
+        let mut adaptor = Adaptor::start(
+            &[
+                "--broker",
+                &b,
+                "--topic",
+                "r/#",
+                "--client-id",
+                &client_id,
+                "--protocol-version",
+                version,
+                "--inflight",
+                "20",
+            ],
+            &[("K_SINK", &sink.url())],
+            &dir.path("adaptor.log"),
+        );
+        assert!(
+            adaptor.wait_ready(Duration::from_secs(20)),
+            "{}",
+            adaptor.logs()
+        );
+        let pubc = TestClient::connect(broker.port, &format!("{client_id}-pub")).await;
+        let msgs: Vec<_> = (0..600)
+            .map(|i| (format!("r/{}", i % 4), format!("r-{i}").into_bytes()))
+            .collect();
+        pubc.publish_all(&msgs[..300]).await;
+        assert!(
+            sink.wait_for(Duration::from_secs(30), |r| r.len() >= 100)
+                .await,
+            "{}",
+            adaptor.logs()
+        );
+        adaptor.kill();
+        let before_restart = sink.count();
+        // Published while the adaptor is down: the persistent session keeps them.
+        pubc.publish_all(&msgs[300..]).await;
+        adaptor.restart();
+        assert!(
+            sink.wait_for(Duration::from_secs(60), |r| body_counts(r).len() >= 600)
+                .await,
+            "v{version}: only {} of 600 after restart: {}",
+            body_counts(&sink.snapshot()).len(),
+            adaptor.logs()
+        );
+        let got = sink.snapshot();
+        let mut ids: HashMap<Vec<u8>, HashSet<String>> = HashMap::new();
+        for r in &got {
+            ids.entry(r.body.to_vec())
+                .or_default()
+                .insert(r.header("ce-id").unwrap_or_default());
+        }
+        for (topic, payload) in &msgs {
+            assert!(ids.contains_key(payload), "lost {topic} {payload:?}");
+        }
+        assert!(
+            ids.values().all(|s| s.len() == 1),
+            "a redelivered message changed its id"
+        );
+        let dups = got.len() - 600;
+        eprintln!(
+            "MQTT v{version}: {} delivered before the kill, 600 distinct after restart, {dups} duplicates (same ids)",
+            before_restart
+        );
+    }
+}
+
+#[test]
+fn bad_configuration_exits_64() {
+    let bin = env!("CARGO_BIN_EXE_mqtt-adaptor");
+    for (args, envs) in [
+        (vec!["--qos", "3"], vec![]),
+        (vec!["--broker", "http://x:1"], vec![]),
+        (vec![], vec![("K_CE_OVERRIDES", "{not json")]),
+        (vec![], vec![("K_SINK", "not a url")]),
+        (vec!["-source", "h:notaport"], vec![]),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .envs(envs.iter().copied())
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(64), "{args:?} {envs:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid configuration"), "{err}");
+    }
+}
