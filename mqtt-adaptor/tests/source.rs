@@ -83,7 +83,7 @@ async fn thousand_qos1_messages_arrive_exactly_as_sent() {
     let ids: HashSet<String> = got.iter().filter_map(|r| r.header("ce-id")).collect();
     assert_eq!(ids.len(), 1001, "ids are unique per message");
     let r = by_body
-        .get(&br#"{"c":21.5}"#.to_vec())
+        .get(br#"{"c":21.5}"#.as_slice())
         .expect("structured CE missing");
     assert_eq!(r.header("ce-id").as_deref(), Some("ce-1"));
     assert_eq!(r.header("ce-source").as_deref(), Some("/sensors/x"));
