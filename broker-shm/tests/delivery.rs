@@ -1,0 +1,267 @@
+//! Retries with backoff, dead-letter sink extensions, timeouts, replies and TTL exhaustion.
+
+mod common;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_subscriber_retries_with_backoff_then_dls() {
+    // /flaky fails twice with 503 then accepts; /down always answers 500 with a body;
+    // /bad answers 400 (not retried); /junk answers 200 with a non-event body (502).
+    let sink = Recorder::scripted(|r, n| match r.path.as_str() {
+        "/flaky" if n < 2 => Reply::status(503),
+        "/down" => Reply {
+            body: Bytes::from_static(b"subscriber exploded"),
+            ..Reply::status(500)
+        },
+        "/bad" => Reply::status(400),
+        "/junk" => Reply {
+            body: Bytes::from_static(b"<html>not an event</html>"),
+            headers: vec![("content-type".into(), "text/html".into())],
+            ..Reply::status(200)
+        },
+        _ => Reply::status(202),
+    })
+    .await;
+    let dls = sink.url("/dls");
+    let delivery = |retry: u32, policy: &str| {
+        format!(
+            "  delivery:\n    retry: {retry}\n    backoffPolicy: {policy}\n    backoffDelay: PT0.1S\n    deadLetterSink:\n      uri: {dls}"
+        )
+    };
+    let files = [
+        (
+            "b.yaml",
+            broker_yaml("dlv", "default", "  delivery: {retry: 0}"),
+        ),
+        (
+            "flaky.yaml",
+            trigger_yaml(
+                "dlv",
+                "flaky",
+                "default",
+                &sink.url("/flaky"),
+                &format!(
+                    "  filters:\n    - exact: {{type: to.flaky}}\n{}",
+                    delivery(3, "exponential")
+                ),
+            ),
+        ),
+        (
+            "down.yaml",
+            trigger_yaml(
+                "dlv",
+                "down",
+                "default",
+                &sink.url("/down"),
+                &format!(
+                    "  filters:\n    - exact: {{type: to.down}}\n{}",
+                    delivery(2, "linear")
+                ),
+            ),
+        ),
+        (
+            "bad.yaml",
+            trigger_yaml(
+                "dlv",
+                "bad",
+                "default",
+                &sink.url("/bad"),
+                &format!(
+                    "  filters:\n    - exact: {{type: to.bad}}\n{}",
+                    delivery(5, "linear")
+                ),
+            ),
+        ),
+        (
+            "junk.yaml",
+            trigger_yaml(
+                "dlv",
+                "junk",
+                "default",
+                &sink.url("/junk"),
+                &format!(
+                    "  filters:\n    - exact: {{type: to.junk}}\n{}",
+                    delivery(1, "linear")
+                ),
+            ),
+        ),
+    ];
+    let mut b = BrokerProc::start(&files, &[], &[]).await;
+    let url = b.url("/dlv/default");
+    for (id, ty) in [
+        ("f", "to.flaky"),
+        ("d", "to.down"),
+        ("x", "to.bad"),
+        ("j", "to.junk"),
+    ] {
+        assert_eq!(send_binary(&url, id, ty, &[]).await, StatusCode::ACCEPTED);
+    }
+    let flaky = sink.wait_n("/flaky", 3, WAIT).await;
+    assert_eq!(flaky.len(), 3, "{}", b.logs());
+    // Exponential PT0.1S: 200 ms then 400 ms between attempts (no upper timing assertion).
+    assert!(flaky[1].at - flaky[0].at >= Duration::from_millis(190));
+    assert!(flaky[2].at - flaky[1].at >= Duration::from_millis(390));
+    let dead = sink.wait_n("/dls", 3, WAIT).await;
+    assert_eq!(dead.len(), 3, "{}", b.logs());
+    let down = sink.on("/down");
+    assert_eq!(down.len(), 3, "1 attempt + 2 retries");
+    // Linear PT0.1S: 100 ms then 200 ms.
+    assert!(down[1].at - down[0].at >= Duration::from_millis(90));
+    assert!(down[2].at - down[1].at >= Duration::from_millis(190));
+    assert_eq!(sink.on("/bad").len(), 1, "400 is not retried");
+    assert_eq!(
+        sink.on("/junk").len(),
+        2,
+        "a non-event 2xx body is a 502, retried"
+    );
+    let by = |id: &str| {
+        dead.iter()
+            .find(|r| r.ce("id").as_deref() == Some(id))
+            .cloned()
+            .unwrap()
+    };
+    let d = by("d");
+    assert_eq!(d.ce("knativeerrordest"), Some(sink.url("/down")));
+    assert_eq!(d.ce("knativeerrorcode").as_deref(), Some("500"));
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(d.ce("knativeerrordata").unwrap())
+        .unwrap();
+    assert_eq!(data, b"subscriber exploded");
+    assert_eq!(
+        d.body,
+        Bytes::from_static(b"{\"hello\":\"world\"}"),
+        "original event data"
+    );
+    assert_eq!(by("x").ce("knativeerrorcode").as_deref(), Some("400"));
+    assert_eq!(by("j").ce("knativeerrorcode").as_deref(), Some("502"));
+    assert!(dead.iter().all(|r| r.ce("id").as_deref() != Some("f")));
+    b.assert_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_and_unreachable_subscriber_go_to_dls() {
+    let sink = Recorder::scripted(|r, _| match r.path.as_str() {
+        "/slow" => Reply {
+            delay: Duration::from_secs(3),
+            ..Reply::status(200)
+        },
+        _ => Reply::status(200),
+    })
+    .await;
+    let dead_port = free_port();
+    let files = [
+        (
+            "b.yaml",
+            broker_yaml("tmo", "default", "  delivery: {retry: 0}"),
+        ),
+        (
+            "slow.yaml",
+            trigger_yaml(
+                "tmo",
+                "slow",
+                "default",
+                &sink.url("/slow"),
+                &format!(
+                    "  filters:\n    - exact: {{type: slow}}\n  delivery:\n    timeout: PT0.3S\n    deadLetterSink:\n      uri: {}",
+                    sink.url("/dls")
+                ),
+            ),
+        ),
+        (
+            "gone.yaml",
+            trigger_yaml(
+                "tmo",
+                "gone",
+                "default",
+                &format!("http://127.0.0.1:{dead_port}/nothing"),
+                &format!(
+                    "  filters:\n    - exact: {{type: gone}}\n  delivery:\n    retry: 1\n    backoffDelay: PT0.05S\n    deadLetterSink:\n      uri: {}",
+                    sink.url("/dls")
+                ),
+            ),
+        ),
+    ];
+    let mut b = BrokerProc::start(&files, &[], &[]).await;
+    let url = b.url("/tmo/default");
+    assert_eq!(
+        send_binary(&url, "s", "slow", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        send_binary(&url, "g", "gone", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    let dead = sink.wait_n("/dls", 2, WAIT).await;
+    assert_eq!(dead.len(), 2, "{}", b.logs());
+    for r in &dead {
+        assert!(r.ce("knativeerrordest").is_some());
+        assert!(r.ce("knativeerrorcode").is_none(), "no response, no code");
+    }
+    b.assert_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_chain_and_ttl_exhaustion() {
+    // step1 replies with chain.step2; step2 replies with chain.done; /loop always replies
+    // with the same type, so only the TTL stops it.
+    let sink = Recorder::scripted(|r, n| match r.path.as_str() {
+        "/step1" => Reply::event(
+            &format!("s2-{}", r.ce("id").unwrap_or_default()),
+            "chain.step2",
+        ),
+        "/step2" => Reply::event(
+            &format!("done-{}", r.ce("id").unwrap_or_default()),
+            "chain.done",
+        ),
+        "/loop" => Reply::event(&format!("loop-{n}"), "loop.again"),
+        _ => Reply::status(202),
+    })
+    .await;
+    let t = |name: &str, ty: &str| {
+        trigger_yaml(
+            "rpl",
+            name,
+            "default",
+            &sink.url(&format!("/{name}")),
+            &format!("  filters:\n    - exact: {{type: {ty}}}\n  delivery: {{retry: 0}}"),
+        )
+    };
+    let files = [
+        (
+            "b.yaml",
+            broker_yaml("rpl", "default", "  delivery: {retry: 0}"),
+        ),
+        ("step1.yaml", t("step1", "chain.step1")),
+        ("step2.yaml", t("step2", "chain.step2")),
+        ("done.yaml", t("done", "chain.done")),
+        ("loop.yaml", t("loop", "loop.again")),
+    ];
+    let mut b = BrokerProc::start(&files, &[], &[("MAX_TTL", "5")]).await;
+    let url = b.url("/rpl/default");
+    assert_eq!(
+        send_binary(&url, "c1", "chain.step1", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    let done = sink.wait_n("/done", 1, WAIT).await;
+    assert_eq!(done.len(), 1, "{}", b.logs());
+    assert_eq!(done[0].ce("id").as_deref(), Some("done-s2-c1"));
+    assert_eq!(done[0].ce("source").as_deref(), Some("/reply"));
+    assert!(done[0].ce("knativebrokerttl").is_none());
+    // TTL: ingress sets 5; each reply re-enters with TTL-1; at 0 it is dropped.
+    assert_eq!(
+        send_binary(&url, "l0", "loop.again", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    sink.wait_n("/loop", 5, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loops = sink.on("/loop").len();
+    assert_eq!(loops, 5, "TTL 5 allows exactly 5 deliveries\n{}", b.logs());
+    b.assert_alive();
+}
