@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
-use http::{Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header, response::Parts};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -23,6 +23,7 @@ use crate::metrics::RequestMetrics;
 use crate::proxy::{self, Proxy};
 use crate::readiness::Prober;
 use crate::reqlog::RequestLog;
+use crate::sniff::{self, Prepended};
 use crate::timeout::{self, TimedBody, Timeouts};
 
 pub struct Chain {
@@ -117,15 +118,71 @@ impl Chain {
         let total_deadline = start + self.timeouts.total;
         forwarded::apply(req.headers_mut());
         let inner = self.proxy_layer(req, client);
-        tokio::select! {
+        let (res, guard) = tokio::select! {
             res = inner => match res {
-                Ok((res, guard)) => res.map(|b| {
-                    TimedBody::new(b, total_deadline, self.timeouts.idle, guard).boxed()
-                }),
-                Err(res) => res,
+                Ok(r) => r,
+                Err(res) => return res,
             },
-            () = tokio::time::sleep_until(self.timeouts.before_start(start)) => timeout::gateway_timeout(),
+            () = tokio::time::sleep_until(self.timeouts.before_start(start)) => return timeout::gateway_timeout(),
+        };
+        let (mut parts, body) = res.into_parts();
+        if !needs_sniffing(&parts) {
+            return Response::from_parts(
+                parts,
+                TimedBody::new(
+                    Prepended::new(None, body),
+                    total_deadline,
+                    self.timeouts.idle,
+                    guard,
+                )
+                .boxed(),
+            );
         }
+        // Like Go's server, hold the head until the first bytes show the content type.
+        let mut body = body;
+        let deadline = match self.timeouts.idle {
+            Some(idle) => total_deadline.min(Instant::now() + idle),
+            None => total_deadline,
+        };
+        let first = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => Some(frame),
+            Ok(Some(Err(e))) => {
+                tracing::error!(error = %e, "error reading the user container's response");
+                return proxy::error_response(&proxy::ProxyError::Upstream(e.to_string()));
+            }
+            Ok(None) => None,
+            Err(_) => {
+                // The head was already "written" with the upstream status; Knative's
+                // timeout message becomes the body.
+                drop(guard);
+                parts.headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(body::TEXT_PLAIN),
+                );
+                parts.headers.remove(header::CONTENT_LENGTH);
+                return Response::from_parts(parts, body::full(timeout::MESSAGE));
+            }
+        };
+        if let Some(data) = first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .filter(|d| !d.is_empty())
+        {
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(sniff::detect(data)),
+            );
+        }
+        Response::from_parts(
+            parts,
+            TimedBody::new(
+                Prepended::new(first, body),
+                total_deadline,
+                self.timeouts.idle,
+                guard,
+            )
+            .boxed(),
+        )
     }
 
     /// Accounting, host rewrite, breaker, metrics and the proxy itself.
@@ -133,9 +190,17 @@ impl Chain {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<(Response<Incoming>, Guard), Response<Body>> {
-        let proxied = health::is_proxied(req.headers());
+    ) -> Result<(Response<Incoming>, Option<Guard>), Response<Body>> {
         let probe = health::is_probe(req.headers());
+        if health::is_kubelet_probe(req.headers()) {
+            // Kubelet probes that got past the drainer (only `K-Kubelet-Probe` marks them)
+            // skip accounting and the breaker.
+            return match self.proxy.forward(req, client).await {
+                Ok(res) => Ok((res, None)),
+                Err(e) => Err(proxy::error_response(&e)),
+            };
+        }
+        let proxied = health::is_proxied(req.headers());
         self.accounting.arrival(proxied, StdInstant::now());
         let mut guard = Guard {
             accounting: Arc::clone(&self.accounting),
@@ -168,7 +233,7 @@ impl Chain {
                 if let Some(m) = guard.metrics.as_mut() {
                     m.2 = res.status().as_u16();
                 }
-                Ok((res, guard))
+                Ok((res, Some(guard)))
             }
             Err(e) => {
                 tracing::error!(error = %e, "error reverse proxying request");
@@ -179,4 +244,13 @@ impl Chain {
             }
         }
     }
+}
+
+/// Go's server sniffs a `Content-Type` for bodies that come without one.
+fn needs_sniffing(parts: &Parts) -> bool {
+    let s = parts.status.as_u16();
+    !parts.headers.contains_key(header::CONTENT_TYPE)
+        && !(100..200).contains(&s)
+        && s != 204
+        && s != 304
 }

@@ -24,6 +24,8 @@ fn user_agent(h: &HeaderMap) -> &str {
     get(h, USER_AGENT.as_str())
 }
 
+/// networking's `IsKubeletProbe`: the kubelet's user agent or the (deprecated)
+/// `K-Kubelet-Probe` header. The drainer only looks at the user agent.
 pub fn is_kubelet_probe(h: &HeaderMap) -> bool {
     user_agent(h).starts_with(KUBE_PROBE_UA_PREFIX) || !get(h, K_KUBELET_PROBE).is_empty()
 }
@@ -41,7 +43,10 @@ pub enum Kind {
 
 pub fn classify(h: &HeaderMap) -> Kind {
     let ua = user_agent(h);
-    if is_kubelet_probe(h) || ua.starts_with(ACTIVATOR_UA) || ua.starts_with(AUTOSCALING_UA) {
+    if ua.starts_with(KUBE_PROBE_UA_PREFIX)
+        || ua.starts_with(ACTIVATOR_UA)
+        || ua.starts_with(AUTOSCALING_UA)
+    {
         Kind::HealthCheck
     } else if get(h, K_NETWORK_PROBE) == "probe" {
         Kind::NetworkProbe
@@ -118,7 +123,8 @@ mod tests {
         use Kind::*;
         for (pairs, kind) in [
             (vec![("user-agent", "kube-probe/1.30")], HealthCheck),
-            (vec![("k-kubelet-probe", "x")], HealthCheck),
+            // knative/pkg's drainer only checks the user agent.
+            (vec![("k-kubelet-probe", "x")], Request),
             (vec![("user-agent", "Knative-Activator-Probe")], HealthCheck),
             (
                 vec![

@@ -17,6 +17,7 @@ mod proxy;
 mod readiness;
 mod reqlog;
 mod server;
+mod sniff;
 mod stat;
 mod timeout;
 

@@ -201,7 +201,7 @@ impl Proxy {
                 h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
                 h.insert(header::UPGRADE, u.clone());
             }
-            let ip = client.ip().to_string();
+            let ip = client.ip().to_canonical().to_string();
             let prior: Vec<&str> = h
                 .get_all("x-forwarded-for")
                 .iter()

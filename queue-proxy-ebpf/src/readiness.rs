@@ -244,7 +244,11 @@ async fn connect(host: &str, port: &str) -> Result<TcpStream, ProbeError> {
 }
 
 async fn http_probe(h: &HttpAction, auto_h2: bool) -> Result<(), ProbeError> {
-    if !h.scheme.is_empty() && !h.scheme.eq_ignore_ascii_case("http") {
+    // The controller always defaults the scheme; like Knative, a probe without one fails.
+    if h.scheme.is_empty() {
+        return Err("error constructing probe url: missing protocol scheme".into());
+    }
+    if !h.scheme.eq_ignore_ascii_case("http") {
         return Err(format!("unsupported probe scheme {:?}", h.scheme));
     }
     let host = if h.host.is_empty() {
