@@ -77,11 +77,11 @@ impl BrokerProc {
             .open(&self.log_path)
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_broker-shm"));
-        cmd.args(self.mode_args())
-            .arg("--manifests")
+        cmd.arg("--manifests")
             .arg(&self.manifests)
             .arg("--data-dir")
             .arg(&self.data)
+            .args(self.mode_args())
             .env("INGRESS_PORT", self.port.to_string())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
