@@ -17,6 +17,14 @@ fn main() {
             std::process::exit(EXIT_CONFIG);
         }
     };
+    // TLS material is configuration too: refuse to start on unusable files.
+    if let Some(tls) = &cfg.tls
+        && let Err(e) = mqtt_adaptor::mqtt::rustls_config(tls)
+    {
+        tracing::error!(error = %e, "invalid configuration");
+        eprintln!("mqtt-adaptor: invalid configuration: {e}");
+        std::process::exit(EXIT_CONFIG);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

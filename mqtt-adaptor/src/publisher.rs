@@ -91,7 +91,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(Publisher, tokio::task::JoinHandle<()>), MqttError> {
-    let settings = ConnSettings::from_config(cfg, format!("{}-pub", cfg.client_id), false);
+    let settings = ConnSettings::from_config(cfg, format!("{}-publisher", cfg.client_id), false);
     let (client, mut eventloop) = mqtt::connect(&settings)?;
     let waiters = Arc::new(Mutex::new(Waiters::default()));
     let publisher = Publisher {

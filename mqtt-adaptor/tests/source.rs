@@ -38,7 +38,7 @@ async fn thousand_qos1_messages_arrive_exactly_as_sent() {
         adaptor.logs()
     );
 
-    let pubc = TestClient::connect(broker.port, "thousand-pub").await;
+    let pubc = TestClient::connect(broker.port, "thousand-testpub").await;
     let mut msgs = Vec::new();
     for i in 0..1000 {
         msgs.push((
@@ -136,7 +136,7 @@ async fn sink_outage_loses_nothing() {
         "{}",
         adaptor.logs()
     );
-    let pubc = TestClient::connect(broker.port, "outage-pub").await;
+    let pubc = TestClient::connect(broker.port, "outage-testpub").await;
     let msgs: Vec<_> = (0..300)
         .map(|i| (format!("outage/{}", i % 3), format!("o-{i}").into_bytes()))
         .collect();
@@ -202,7 +202,7 @@ async fn killed_and_restarted_mid_stream_loses_nothing() {
             "{}",
             adaptor.logs()
         );
-        let pubc = TestClient::connect(broker.port, &format!("{client_id}-pub")).await;
+        let pubc = TestClient::connect(broker.port, &format!("{client_id}-testpub")).await;
         let msgs: Vec<_> = (0..600)
             .map(|i| (format!("r/{}", i % 4), format!("r-{i}").into_bytes()))
             .collect();
