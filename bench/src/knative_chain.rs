@@ -90,6 +90,8 @@ pub struct KnativeChain {
 struct PodProcess {
     /// e.g. `pod 2 (detect) queue-proxy`.
     label: String,
+    /// Index of the pod in the chain.
+    pod: usize,
     child: Child,
     log: PathBuf,
 }
@@ -99,6 +101,7 @@ impl KnativeChain {
     /// step, and waits (at most 20 s) until the entry URL answers a real chain request.
     pub fn start(cfg: &KnativeChainConfig) -> anyhow::Result<Self> {
         check_config(cfg)?;
+        check_capabilities()?;
         reclaim_stale();
         let pid = std::process::id();
         let instance = INSTANCES.fetch_add(1, Ordering::Relaxed);
@@ -218,7 +221,7 @@ impl KnativeChain {
                 .env("K_SERVICE", step)
                 .env("K_CONFIGURATION", step)
                 .env("K_REVISION", revision_name(step));
-            self.spawn(format!("pod {i} ({step}) function"), function)?;
+            self.spawn(i, format!("pod {i} ({step}) function"), function)?;
 
             let mut queue = Command::new("ip");
             queue
@@ -232,12 +235,12 @@ impl KnativeChain {
             for (k, v) in queue_proxy_env(step, i, pod_ip, host_ip, cfg.container_concurrency) {
                 queue.env(k, v);
             }
-            self.spawn(format!("pod {i} ({step}) queue-proxy"), queue)?;
+            self.spawn(i, format!("pod {i} ({step}) queue-proxy"), queue)?;
         }
         Ok(())
     }
 
-    fn spawn(&mut self, label: String, mut cmd: Command) -> anyhow::Result<()> {
+    fn spawn(&mut self, pod: usize, label: String, mut cmd: Command) -> anyhow::Result<()> {
         let file_name: String = label
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -253,7 +256,12 @@ impl KnativeChain {
             .stderr(err)
             .spawn()
             .with_context(|| format!("starting {label}: {cmd:?}"))?;
-        self.procs.push(PodProcess { label, child, log });
+        self.procs.push(PodProcess {
+            label,
+            pod,
+            child,
+            log,
+        });
         Ok(())
     }
 
@@ -273,7 +281,7 @@ impl KnativeChain {
                 b"",
             );
             let what = format!("pod {i} ({}) readiness probe", cfg.steps[i]);
-            self.poll(deadline, &what, addr, &probe, |status, body| {
+            self.poll(deadline, &what, Some(i), addr, &probe, |status, body| {
                 status == 200 && body == b"queue"
             })?;
         }
@@ -284,17 +292,24 @@ impl KnativeChain {
             &[("Content-Type", "text/plain")],
             PROBE_BODY.as_bytes(),
         );
-        self.poll(deadline, "chain request", entry, &post, |status, body| {
-            status == 200 && contains(body, b"\"motion\"")
-        })
+        self.poll(
+            deadline,
+            "chain request",
+            None,
+            entry,
+            &post,
+            |status, body| status == 200 && contains(body, b"\"motion\""),
+        )
     }
 
     /// Sends `req` to `addr` every 50 ms until `ok` accepts the answer, a process of the
-    /// topology exits, or the deadline passes.
+    /// topology exits, or the deadline passes. A timeout error carries the log tails of `pod`'s
+    /// processes, or of all processes when `pod` is `None`.
     fn poll(
         &mut self,
         deadline: Instant,
         what: &str,
+        pod: Option<usize>,
         addr: SocketAddr,
         req: &[u8],
         ok: impl Fn(u16, &[u8]) -> bool,
@@ -314,7 +329,7 @@ impl KnativeChain {
                 bail!(
                     "{what} at http://{addr}/ did not succeed within {}s (last answer: {last}){}",
                     READY_DEADLINE.as_secs(),
-                    self.log_tails()
+                    self.log_tails(pod)
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -327,25 +342,20 @@ impl KnativeChain {
             .iter_mut()
             .find_map(|p| match p.child.try_wait() {
                 Ok(Some(status)) => Some(format!(
-                    "{} exited during start-up ({status}); log {}:\n{}",
+                    "{} exited during start-up ({status}); its log ends with:\n{}",
                     p.label,
-                    p.log.display(),
                     tail(&p.log)
                 )),
                 _ => None,
             })
     }
 
-    fn log_tails(&self) -> String {
+    fn log_tails(&self, pod: Option<usize>) -> String {
         let mut out = String::new();
         for p in &self.procs {
-            let _ = write!(
-                out,
-                "\n--- {} ({}):\n{}",
-                p.label,
-                p.log.display(),
-                tail(&p.log)
-            );
+            if pod.is_none_or(|i| i == p.pod) {
+                let _ = write!(out, "\n--- {} log ends with:\n{}", p.label, tail(&p.log));
+            }
         }
         out
     }
@@ -426,17 +436,53 @@ fn check_config(cfg: &KnativeChainConfig) -> anyhow::Result<()> {
     if cfg.steps.is_empty() {
         bail!("the Knative chain needs at least one step");
     }
-    for (what, path) in [
-        ("spright-sample-chain", &cfg.sample_chain_bin),
-        ("queue-proxy", &cfg.queue_bin),
+    for (what, path, how) in [
+        (
+            "spright-sample-chain",
+            &cfg.sample_chain_bin,
+            "cargo build --release -p spright-sample-chain",
+        ),
+        (
+            "queue-proxy",
+            &cfg.queue_bin,
+            "go install knative.dev/serving/cmd/queue@v0.50.0",
+        ),
     ] {
         if !path.is_file() {
             bail!(
-                "{what} binary not found at {} (build it with `cargo build --release -p \
-                 spright-sample-chain`; queue-proxy: `go install knative.dev/serving/cmd/queue@v0.50.0`)",
+                "{what} binary not found at {} (install it with `{how}`)",
                 path.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Namespaces, veths and bridges need CAP_SYS_ADMIN and CAP_NET_ADMIN: say so up front instead
+/// of failing half-way through with a bare `Operation not permitted`.
+fn check_capabilities() -> anyhow::Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .context("no CapEff line in /proc/self/status")?;
+    let missing: Vec<&str> = [
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| effective & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the Knative chain creates network namespaces, veths and a bridge (`ip netns add`, \
+             `ip link add`): run it as root; this process lacks {}",
+            missing.join(" and ")
+        );
     }
     Ok(())
 }
@@ -490,7 +536,7 @@ fn iface_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-/// Removes namespaces and bridges of runs whose process no longer exists (a run killed before
+/// Removes namespaces, bridges and log directories of runs whose process no longer exists (a run killed before
 /// it could drop its chain). Best effort: errors are ignored.
 fn reclaim_stale() {
     let alive = |pid: &str| Path::new("/proc").join(pid).exists();
@@ -511,6 +557,20 @@ fn reclaim_stale() {
                 }
             }
             let _ = ip(&["netns", "del", name]);
+        }
+    }
+    if let Ok(dir) = fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(NETNS_PREFIX)
+                .and_then(|rest| rest.split('-').next())
+            else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !alive(pid) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
         }
     }
     if let Ok(list) = ip_text(&["-o", "link", "show", "type", "bridge"]) {
@@ -542,6 +602,9 @@ fn tail(path: &Path) -> String {
             let start = bytes.len().saturating_sub(3 * 1024);
             let text = String::from_utf8_lossy(&bytes[start..]);
             let lines: Vec<&str> = text.lines().collect();
+            if lines.is_empty() {
+                return "(empty)".to_owned();
+            }
             lines[lines.len().saturating_sub(20)..].join("\n")
         }
         Err(e) => format!("(log unreadable: {e})"),
