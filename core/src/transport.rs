@@ -151,11 +151,18 @@ impl Transport for SkMsgEndpoint {
     fn recv(&self) -> Result<Descriptor, TransportError> {
         let mut buf = [0u8; DESCRIPTOR_LEN];
         let mut rx = self.rx.lock().map_err(|_| TransportError::Closed)?;
-        match rx.read_exact(&mut buf) {
-            Ok(()) => Ok(Descriptor::decode(&buf)?),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(TransportError::Closed),
-            Err(e) => Err(e.into()),
+        let mut filled = 0;
+        while filled < DESCRIPTOR_LEN {
+            match rx.read(&mut buf[filled..]) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => filled += n,
+                // A blocking sk_msg read returns EAGAIN when a signal (even SIGSTOP/SIGCONT)
+                // interrupts its wait for redirected data: wait again.
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(Descriptor::decode(&buf)?)
     }
 
     fn kind(&self) -> TransportKind {
@@ -247,7 +254,13 @@ impl Transport for UnixEndpoint {
 
     fn recv(&self) -> Result<Descriptor, TransportError> {
         let mut buf = [0u8; DESCRIPTOR_LEN + 1];
-        let n = self.rx.recv(&mut buf)?;
+        let n = loop {
+            match self.rx.recv(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        };
         if n == 0 {
             return Err(TransportError::Closed);
         }

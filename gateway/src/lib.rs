@@ -402,6 +402,20 @@ impl Gateway {
                     (text(503, "waiting for functions to attach\n"), None)
                 };
             }
+            (&Method::GET, "/functions") => {
+                let list: Vec<_> = self
+                    .host
+                    .attached()
+                    .into_iter()
+                    .map(|(name, id, pid)| serde_json::json!({"name": name, "id": id, "pid": pid}))
+                    .collect();
+                let mut r = text(200, serde_json::Value::Array(list).to_string());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                return (r, None);
+            }
             (&Method::GET, "/metrics") => {
                 let mut r = text(200, self.metrics_text());
                 r.headers_mut().insert(

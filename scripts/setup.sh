@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs everything spright-rs needs on a fresh Debian machine (run as root):
+# the eBPF toolchain, the real peers the tests and benchmarks run against, and Knative's own
+# binaries as the oracle. Safe to run again: it skips what is already there.
+set -euo pipefail
+
+APT_PACKAGES=(
+  clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool   # eBPF programs, built from source by ebpf/build.rs
+  iproute2 util-linux                                   # network namespaces, setpriv (capability tests)
+  wrk nginx-light                                       # load generator and the reverse-proxy peer
+  mosquitto mosquitto-clients                           # the real MQTT broker in tests
+  openssl curl ca-certificates                          # test certificates, the run script
+  protobuf-compiler                                     # protoc for prost builds
+)
+# Knative's binaries, the oracle the differential tests and benchmarks compare against.
+GO_BINARIES=(
+  "knative.dev/serving/cmd/queue@v0.50.0"         # queue-proxy of Knative v1.23.0
+  "knative.dev/eventing/cmd/mqttsource@v0.49.2"   # the MQTT source prototype of Knative eventing v1.22.2
+)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  [[ "$p" == \#* ]] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    log "missing Debian packages: ${missing[*]}; run this script as root"
+    exit 1
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian starts packaged daemons on install where it can; the tests start their own on loopback.
+for svc in mosquitto nginx; do
+  if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
+done
+
+export GOBIN="${GOBIN:-$HOME/go/bin}"
+mkdir -p "$GOBIN"
+for mod in "${GO_BINARIES[@]}"; do
+  bin="$GOBIN/$(basename "${mod%@*}")"
+  if [[ ! -x "$bin" ]]; then
+    log "go install $mod"
+    (cd /tmp && GOFLAGS=-mod=mod go install "$mod")
+  fi
+done
+
+# bpffs for pinned maps (the loader mounts it too, this makes it visible to bpftool early).
+if ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
+  mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf 2>/dev/null || log "could not mount bpffs at /sys/fs/bpf (needs root)"
+fi
+log "ready"

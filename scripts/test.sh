@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is needed, checks formatting and lints, builds every
+# binary, and runs every test (unit, kernel eBPF, end-to-end against the real peers).
+# Needs root (the eBPF and network-namespace tests load real programs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export PATH="$HOME/go/bin:$PATH"
+if [[ $(id -u) -ne 0 ]]; then
+  echo "test.sh: the eBPF tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run as root" >&2
+  exit 1
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# Binaries first: the end-to-end tests start the real executables from target/debug.
+cargo build --workspace --bins --locked
+set +e
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee /tmp/spright-test.log
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' /tmp/spright-test.log | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' /tmp/spright-test.log | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed"
+if [[ "$passed" -eq 0 ]]; then
+  echo "test.sh: no test ran" >&2
+  exit 1
+fi
+exit "$status"
