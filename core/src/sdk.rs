@@ -309,15 +309,22 @@ impl Function {
         slot.set_route(chain, hop);
         let sent = slot.send_to(dst)?;
         if let Err(e) = self.transport.send(&sent) {
-            // Take the slot back (it is in flight to `dst`) and tell the gateway.
-            let mut back = self.pool.claim(&sent, dst)?;
-            fail(
-                &mut back,
-                503,
-                &format!("function {dst} is not attached: {e}"),
-            );
-            let d = back.send_to(GATEWAY_ID)?;
-            self.transport.send(&d)?;
+            // Take the slot back (it is in flight to `dst`) and tell the gateway. If the host
+            // reclaimed it first (`dst` died), the request has been answered already.
+            match self.pool.claim(&sent, dst) {
+                Ok(mut back) => {
+                    fail(
+                        &mut back,
+                        503,
+                        &format!("function {dst} is not attached: {e}"),
+                    );
+                    let d = back.send_to(GATEWAY_ID)?;
+                    self.transport.send(&d)?;
+                }
+                Err(reclaimed) => {
+                    warn!(function = %self.name, dst, error = %reclaimed, "send failed; slot already reclaimed");
+                }
+            }
         }
         Ok(())
     }
