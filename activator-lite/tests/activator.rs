@@ -382,3 +382,117 @@ async fn sigterm_fails_health_keeps_serving_then_exits() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Knative's real queue-proxy (`/root/go/bin/queue`, v1.23.0) in front of the test app.
+/// It binds 8022 and 9090 whatever its environment says, so this is the only case that
+/// runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_from_zero_through_knatives_queue_proxy() {
+    const QUEUE: &str = "/root/go/bin/queue";
+    assert!(
+        std::path::Path::new(QUEUE).exists(),
+        "{QUEUE} missing: go install knative.dev/serving/cmd/queue@v0.50.0 (scripts/setup.sh)"
+    );
+    let m = Manifests::new();
+    m.revision(REV, 1, "");
+    let mut asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let port = act.port;
+    let held = tokio::spawn(async move { get(port, REV, "/via-queue", &[]).await });
+    let poke = asc.next(Duration::from_secs(5)).await.expect("no poke");
+    assert_eq!(poke.messages[0].name, REV);
+
+    let app = Pod::start("app", true).await;
+    let qp_port = free_port();
+    let mut qp = QueueProxy::start(qp_port, app.addr.port());
+    // Kubernetes lists the pod as not ready until its own probe passes; the activator
+    // probes it directly and uses it as soon as queue-proxy answers "queue".
+    m.endpoints(REV, &[], &[format!("127.0.0.1:{qp_port}").parse().unwrap()]);
+    let r = held.await.expect("join");
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "app"));
+    let seen = app.served();
+    assert_eq!(seen.len(), 1);
+    // queue-proxy put K-Original-Host back into Host.
+    assert_eq!(
+        seen[0].headers.get("host").unwrap(),
+        &format!("{REV}.{NS}.example.com")
+    );
+    // queue-proxy counted the request as proxied by the activator (K-Proxy-Request).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(stat) = qp.stat().await
+            && stat.proxied_request_count > 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue-proxy never saw a proxied request"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    qp.stop();
+}
+
+struct QueueProxy {
+    child: std::process::Child,
+}
+
+impl Drop for QueueProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl QueueProxy {
+    fn start(port: u16, user_port: u16) -> Self {
+        let child = std::process::Command::new("/root/go/bin/queue")
+            .env_clear()
+            .envs([
+                ("SERVING_NAMESPACE", NS),
+                ("SERVING_SERVICE", "svc"),
+                ("SERVING_CONFIGURATION", "svc"),
+                ("SERVING_REVISION", REV),
+                ("SERVING_POD", "hello-00001-deployment-abc"),
+                ("SERVING_POD_IP", "127.0.0.1"),
+                ("QUEUE_SERVING_PORT", &port.to_string()),
+                ("QUEUE_SERVING_TLS_PORT", &free_port().to_string()),
+                ("USER_PORT", &user_port.to_string()),
+                ("CONTAINER_CONCURRENCY", "1"),
+                ("REVISION_TIMEOUT_SECONDS", "300"),
+                ("SERVING_LOGGING_CONFIG", ""),
+                ("SERVING_LOGGING_LEVEL", "error"),
+                ("SYSTEM_NAMESPACE", "knative-serving"),
+                (
+                    "SERVING_READINESS_PROBE",
+                    &format!(r#"{{"tcpSocket":{{"port":{user_port},"host":"127.0.0.1"}}}}"#),
+                ),
+                (
+                    "OBSERVABILITY_CONFIG",
+                    r#"{"requestMetrics":{"protocol":"none"}}"#,
+                ),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn queue-proxy");
+        Self { child }
+    }
+
+    /// queue-proxy's latest autoscaler stat from :9090.
+    async fn stat(&mut self) -> Option<activator_lite::proto::Stat> {
+        use prost::Message as _;
+        let req = Request::get("http://127.0.0.1:9090/metrics")
+            .header("accept", "application/protobuf")
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let r = client().request(req).await.ok()?;
+        let b = r.into_body().collect().await.ok()?.to_bytes();
+        activator_lite::proto::Stat::decode(b.as_ref()).ok()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
