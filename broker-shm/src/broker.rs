@@ -104,7 +104,16 @@ impl BrokerState {
     /// append (and msync, per durability), i.e. when a 202 may be sent.
     pub fn append(&self, ev: &CloudEvent) -> Result<u64, IngestError> {
         let rec = ev.to_record();
-        let tail = lock(&self.log).append(&rec)?;
+        let appended = lock(&self.log).append(&rec);
+        let tail = match appended {
+            Err(LogError::Full(_)) => {
+                // Segments every trigger has passed (all of them when there is no trigger)
+                // may still be on disk: drop them and try once more.
+                self.truncate();
+                lock(&self.log).append(&rec)?
+            }
+            other => other?,
+        };
         self.tail.send_replace(tail);
         Ok(tail)
     }

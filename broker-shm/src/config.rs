@@ -65,6 +65,26 @@ pub struct BrokerArgs {
     /// `MAX_TTL` (Knative default 255).
     #[arg(long = "max-ttl", env = "MAX_TTL", default_value_t = 255)]
     pub max_ttl: i32,
+    /// Dataplane-SDK functions that may join the shared-memory fast path (comma separated);
+    /// Triggers reach them with `subscriber.ref.kind: SprightFunction`. Empty: no dataplane.
+    #[arg(long, env = "BROKER_SHM_FUNCTIONS", value_delimiter = ',')]
+    pub shm_functions: Vec<String>,
+    /// Directory of the dataplane control socket (`control.sock`).
+    #[arg(
+        long,
+        env = "BROKER_SHM_RUN_DIR",
+        default_value = "/run/spright-broker"
+    )]
+    pub shm_run_dir: PathBuf,
+    /// Dataplane transport: auto (sk_msg when permitted, else unix), sk_msg or unix.
+    #[arg(long, env = "BROKER_SHM_TRANSPORT", default_value = "auto")]
+    pub shm_transport: spright_core::transport::TransportChoice,
+    /// Pool slot size in bytes (the largest event on the fast path; multiple of 64).
+    #[arg(long, env = "BROKER_SHM_SLOT_SIZE", default_value_t = 64 * 1024)]
+    pub shm_slot_size: u32,
+    /// Pool slot count.
+    #[arg(long, env = "BROKER_SHM_SLOTS", default_value_t = 4096)]
+    pub shm_slots: u32,
 }
 
 /// A configuration error (exit code 64).
@@ -95,6 +115,25 @@ impl BrokerArgs {
             segment_bytes: self.segment_bytes,
             retention_bytes: self.retention_bytes,
             durability: self.durability,
+        })
+    }
+
+    /// The shared-memory dataplane settings, when functions are declared.
+    pub fn shm_config(&self) -> Option<crate::shm::ShmConfig> {
+        let functions: Vec<String> = self
+            .shm_functions
+            .iter()
+            .map(|f| f.trim().to_string())
+            .filter(|f| !f.is_empty())
+            .collect();
+        (!functions.is_empty()).then(|| crate::shm::ShmConfig {
+            run_dir: self.shm_run_dir.clone(),
+            functions,
+            transport: self.shm_transport,
+            pool: spright_core::pool::PoolConfig {
+                slot_size: self.shm_slot_size,
+                slot_count: self.shm_slots,
+            },
         })
     }
 

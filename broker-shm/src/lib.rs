@@ -10,3 +10,4 @@ pub mod filter;
 pub mod ingress;
 pub mod log;
 pub mod manifests;
+pub mod shm;

@@ -66,6 +66,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(%addr, mode = ?cli.mode, "listening");
     match cli.mode {
         None => {
+            let mut sinks = Sinks::default();
+            if let Some(shm) = args.shm_config() {
+                let dp = broker_shm::shm::ShmDataplane::start(shm)?;
+                sinks.shm = Some(dp);
+            }
             let runtime = Runtime::new(
                 RuntimeConfig {
                     data_dir: args.data_dir.clone(),
@@ -74,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     max_inflight: args.max_inflight,
                     default_delivery: args.default_delivery()?,
                 },
-                Sinks::default(),
+                sinks,
             );
             runtime.reconcile(&source.load());
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
