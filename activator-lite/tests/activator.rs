@@ -394,7 +394,7 @@ async fn scale_from_zero_through_knatives_queue_proxy() {
         "{QUEUE} missing: go install knative.dev/serving/cmd/queue@v0.50.0 (scripts/setup.sh)"
     );
     let m = Manifests::new();
-    m.revision(REV, 1, "");
+    m.revision(REV, 1, "  timeoutSeconds: 60\n");
     let mut asc = FakeAutoscaler::start(0).await;
     let act = ready_activator(&m, &asc, &[]).await;
     let port = act.port;
@@ -403,8 +403,7 @@ async fn scale_from_zero_through_knatives_queue_proxy() {
     assert_eq!(poke.messages[0].name, REV);
 
     let app = Pod::start("app", true).await;
-    let qp_port = free_port();
-    let mut qp = QueueProxy::start(qp_port, app.addr.port());
+    let (mut qp, qp_port) = QueueProxy::start_serving(app.addr.port()).await;
     // Kubernetes lists the pod as not ready until its own probe passes; the activator
     // probes it directly and uses it as soon as queue-proxy answers "queue".
     m.endpoints(REV, &[], &[format!("127.0.0.1:{qp_port}").parse().unwrap()]);
@@ -477,6 +476,35 @@ impl QueueProxy {
             .spawn()
             .expect("spawn queue-proxy");
         Self { child }
+    }
+
+    /// Starts queue-proxy and waits until it answers its probe. Retries when it exits
+    /// at once (its fixed ports 8022/9090 may be held by another queue-proxy for a moment).
+    async fn start_serving(user_port: u16) -> (Self, u16) {
+        for _ in 0..20 {
+            let port = free_port();
+            let mut qp = Self::start(port, user_port);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if qp.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                let req = Request::get(format!("http://127.0.0.1:{port}/"))
+                    .header("k-network-probe", "queue")
+                    .header("user-agent", "Knative-Activator-Probe")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                if let Ok(r) = client().request(req).await
+                    && r.status() == StatusCode::OK
+                {
+                    return (qp, port);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            qp.stop();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("Knative's queue-proxy never became ready (ports 8022/9090 busy?)");
     }
 
     /// queue-proxy's latest autoscaler stat from :9090.
