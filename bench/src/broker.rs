@@ -1,0 +1,693 @@
+//! `spright-bench broker`: events per second and p50/p99 ingress-to-subscriber latency of
+//! broker-shm, side by side with the stock MT channel-based broker's topology, in one run.
+//!
+//! Paths (all in this process, on loopback; the brokers are broker-shm's own library):
+//! - `http`: broker-shm ingress → mmap log → trigger → HTTP subscriber;
+//! - `shm`: broker-shm ingress → log → trigger → dataplane-SDK function by descriptor;
+//! - `chain-shm`: 3 functions chained by triggers over shared memory (each reply re-enters
+//!   the broker without HTTP); latency measured when the third function receives the event;
+//! - `chain-http`: the same 3-step reply chain with HTTP subscribers;
+//! - `chain-stock`: the same 3-step chain in the stock broker's topology: drop-in ingress →
+//!   HTTP → an in-memory channel (IMC-like: 202, then fan-out to every subscription and
+//!   replies back to the ingress) → HTTP → drop-in filter → HTTP → subscriber.
+//!
+//! Each path runs two phases. Throughput: `--concurrency` closed-loop senders POST binary-mode
+//! events to the ingress, each waiting for the 202; events/s is what reaches the last step.
+//! Latency: events paced at `--latency-rate` per second (open loop, below saturation, so the
+//! figures are not queueing delay); p50/p99 from send to the last step. The send time rides in
+//! the extension `benchsent`.
+
+use crate::report::{Row, table, write_json};
+use broker_shm::broker::{Runtime, RuntimeConfig};
+use broker_shm::config::Mode;
+use broker_shm::delivery::Sinks;
+use broker_shm::event::CloudEvent;
+use broker_shm::log::{Durability, LogConfig};
+use broker_shm::manifests::{ConfigSource, Delivery, Snapshot};
+use broker_shm::shm::{ShmConfig, ShmDataplane};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use spright_core::sdk::{Function, Next};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// Arguments of `spright-bench broker`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerBenchArgs {
+    /// Seconds of load per path (after a short warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Concurrent closed-loop senders.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Paths to run (http, shm, chain-shm, chain-http, chain-stock).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "http,shm,chain-shm,chain-http,chain-stock"
+    )]
+    pub paths: Vec<String>,
+    /// Events per second of the paced (open-loop) phase that measures latency.
+    #[arg(long, default_value_t = 500.0)]
+    pub latency_rate: f64,
+    /// Dataplane transport for the shared-memory paths: auto, sk_msg or unix.
+    #[arg(long, default_value = "auto")]
+    pub transport: String,
+    /// Log durability of broker-shm: append or msync.
+    #[arg(long, default_value = "append")]
+    pub durability: String,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+const WARMUP: Duration = Duration::from_millis(500);
+
+fn start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    u64::try_from(start().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Latencies and counts seen at the final step of a path.
+struct Stats {
+    hist: Mutex<Histogram<u64>>,
+    count: AtomicU64,
+    recording: AtomicBool,
+}
+
+impl Stats {
+    fn new() -> Arc<Stats> {
+        Arc::new(Stats {
+            hist: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
+                    Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sigfigs is valid"))
+                }),
+            ),
+            count: AtomicU64::new(0),
+            recording: AtomicBool::new(false),
+        })
+    }
+
+    fn record_sent(&self, sent: Option<&str>) {
+        if !self.recording.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(sent) = sent.and_then(|s| s.parse::<u64>().ok()) else {
+            return;
+        };
+        let us = now_ns().saturating_sub(sent) / 1000;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut h) = self.hist.lock() {
+            let _ = h.record(us.max(1));
+        }
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(c)
+}
+
+async fn bind() -> anyhow::Result<(TcpListener, u16)> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    Ok((l, port))
+}
+
+/// Serves `f` on a fresh port; returns the port.
+async fn serve_fn<F, Fut>(f: F) -> anyhow::Result<u16>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let (listener, port) = bind().await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            let _ = stream.set_nodelay(true);
+            let f = f.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let f = f.clone();
+                    async move { Ok::<_, std::convert::Infallible>(f(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn resp(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+fn reply_event(ev: &CloudEvent, next_type: &str) -> CloudEvent {
+    let mut r = CloudEvent::new(
+        &format!("{}-r", ev.get("id").unwrap_or("x")),
+        "/bench/step",
+        next_type,
+    );
+    if let Some(s) = ev.get("benchsent") {
+        r.set("benchsent", s);
+    }
+    r.set("datacontenttype", "application/json");
+    r.data = ev.data.clone();
+    r
+}
+
+/// An HTTP subscriber: records at the final step, or replies with `next_type`.
+async fn http_subscriber(
+    next_type: Option<&'static str>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<u16> {
+    serve_fn(move |req: Request<Incoming>| {
+        let stats = stats.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let Ok(ev) = CloudEvent::from_http(&parts.headers, body) else {
+                return resp(StatusCode::BAD_REQUEST);
+            };
+            match next_type {
+                None => {
+                    stats.record_sent(ev.get("benchsent"));
+                    resp(StatusCode::ACCEPTED)
+                }
+                Some(t) => {
+                    let r = reply_event(&ev, t);
+                    let mut out = Response::new(Full::new(r.data.clone().unwrap_or_default()));
+                    *out.headers_mut() = r.binary_headers();
+                    out
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A dataplane-SDK function thread: records at the final step, or replies with `next_type`.
+fn shm_function(
+    control: PathBuf,
+    name: &'static str,
+    next_type: Option<&'static str>,
+    stats: Arc<Stats>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("fn-{name}"))
+        .spawn(move || {
+            let f = match Function::join(&control, name) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("function {name} could not join: {e}");
+                    return;
+                }
+            };
+            let _ = f.run(|event| {
+                let ev = CloudEvent::from_structured(event.payload())
+                    .map_err(|e| spright_core::sdk::Reject::bad_request(e.to_string()))?;
+                match next_type {
+                    None => {
+                        stats.record_sent(ev.get("benchsent"));
+                        event.set_len(0)?;
+                    }
+                    Some(t) => event.replace(&reply_event(&ev, t).to_structured())?,
+                }
+                Ok(Next::Chain)
+            });
+        });
+    if let Err(e) = spawned {
+        eprintln!("cannot spawn function thread {name}: {e}");
+    }
+}
+
+fn trigger(name: &str, ty: &str, subscriber: &str) -> String {
+    format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata: {{name: {name}, namespace: bench, uid: uid-{name}}}\nspec:\n  broker: default\n  filters:\n    - exact: {{type: {ty}}}\n  subscriber:\n{subscriber}\n  delivery: {{retry: 3, backoffPolicy: linear, backoffDelay: PT0.01S}}\n"
+    )
+}
+
+fn uri(port: u16) -> String {
+    format!("    uri: http://127.0.0.1:{port}/")
+}
+
+fn function_ref(name: &str) -> String {
+    format!("    ref: {{apiVersion: spright.dev/v1, kind: SprightFunction, name: {name}}}")
+}
+
+const BROKER: &str = "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata: {name: default, namespace: bench}\n";
+
+/// A fixed snapshot as a [`ConfigSource`] (no watching needed).
+struct Static(Snapshot);
+
+impl ConfigSource for Static {
+    fn load(&self) -> Snapshot {
+        self.0.clone()
+    }
+    fn watch(&self, _changed: Box<dyn Fn() + Send + Sync>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+fn snapshot(yaml: &str) -> anyhow::Result<Snapshot> {
+    let mut s = Snapshot::default();
+    s.add_yaml("bench", yaml);
+    if let Some(r) = s.rejected.first() {
+        anyhow::bail!(
+            "bench manifest rejected: {} {}: {}",
+            r.kind,
+            r.name,
+            r.reason
+        );
+    }
+    Ok(s)
+}
+
+/// Starts a broker-shm runtime for `yaml`; returns its ingress URL.
+async fn broker_shm(
+    yaml: &str,
+    data: &std::path::Path,
+    durability: Durability,
+    sinks: Sinks,
+) -> anyhow::Result<(String, Arc<Runtime>)> {
+    let rt = Runtime::new(
+        RuntimeConfig {
+            data_dir: data.to_path_buf(),
+            log: LogConfig {
+                segment_bytes: 8 << 20,
+                retention_bytes: 1 << 30,
+                durability,
+            },
+            max_ttl: 255,
+            max_inflight: 256,
+            default_delivery: Delivery::default(),
+        },
+        sinks,
+    );
+    rt.reconcile(&snapshot(yaml)?);
+    let (listener, port) = bind().await?;
+    let handler_rt = rt.clone();
+    tokio::spawn(broker_shm::ingress::serve(
+        listener,
+        move |req| broker_shm::ingress::handle(handler_rt.clone(), req),
+        std::future::pending::<()>(),
+    ));
+    Ok((format!("http://127.0.0.1:{port}/bench/default"), rt))
+}
+
+/// The stock topology: drop-in ingress and filter plus an IMC-like channel.
+async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
+    let (ing_l, ing_port) = bind().await?;
+    let (fil_l, fil_port) = bind().await?;
+    let ingress_url = format!("http://127.0.0.1:{ing_port}/bench/default");
+    let subs: Vec<String> = ["t1", "t2", "t3"]
+        .iter()
+        .map(|t| format!("http://127.0.0.1:{fil_port}/triggers/bench/{t}/uid-{t}"))
+        .collect();
+    let c = client();
+    let reply_to = ingress_url.clone();
+    // The channel: answers 202, then delivers to every subscription and posts replies back.
+    let channel_port = serve_fn(move |req: Request<Incoming>| {
+        let (c, subs, reply_to) = (c.clone(), subs.clone(), reply_to.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            tokio::spawn(async move {
+                for sub in subs {
+                    let mut rb = Request::post(&sub);
+                    if let Some(h) = rb.headers_mut() {
+                        *h = parts.headers.clone();
+                    }
+                    let Ok(req) = rb.body(Full::new(body.clone())) else {
+                        continue;
+                    };
+                    let Ok(resp) = c.request(req).await else {
+                        continue;
+                    };
+                    let (rp, rbody) = resp.into_parts();
+                    let rbody = rbody
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    if rp.status.is_success() && rp.headers.contains_key("ce-specversion") {
+                        let mut rb = Request::post(&reply_to);
+                        if let Some(h) = rb.headers_mut() {
+                            *h = rp.headers.clone();
+                        }
+                        if let Ok(req) = rb.body(Full::new(rbody)) {
+                            let _ = c.request(req).await;
+                        }
+                    }
+                }
+            });
+            resp(StatusCode::ACCEPTED)
+        }
+    })
+    .await?;
+    let broker = format!(
+        "{BROKER}status:\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{channel_port}/\n"
+    );
+    let source: Arc<dyn ConfigSource> =
+        Arc::new(Static(snapshot(&format!("{broker}---\n{yaml_triggers}"))?));
+    tokio::spawn(broker_shm::dropin::run(
+        Some(Mode::Ingress),
+        source.clone(),
+        255,
+        ing_l,
+        std::future::pending::<()>(),
+    ));
+    tokio::spawn(broker_shm::dropin::run(
+        Some(Mode::Filter),
+        source,
+        255,
+        fil_l,
+        std::future::pending::<()>(),
+    ));
+    Ok(ingress_url)
+}
+
+/// Closed-loop load against `url`; returns the row measured at `stats`.
+async fn load(
+    name: &str,
+    url: &str,
+    first_type: &str,
+    stats: Arc<Stats>,
+    args: &BrokerBenchArgs,
+) -> Row {
+    let stop = Arc::new(AtomicBool::new(false));
+    let seq = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut senders = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (stop, seq, errors) = (stop.clone(), seq.clone(), errors.clone());
+        let (url, ty, c) = (url.to_string(), first_type.to_string(), client());
+        senders.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                if send_one(&c, &url, &format!("b{n}"), &ty).await != Some(StatusCode::ACCEPTED) {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(WARMUP).await;
+    stats.recording.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds.max(0.1))).await;
+    stats.recording.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for s in senders {
+        let _ = s.await;
+    }
+    let count = stats.count.load(Ordering::Relaxed);
+    let mut row = Row::named(name);
+    row.connections = Some(args.concurrency);
+    row.rps = Some(count as f64 / elapsed);
+    // Let the backlog of the throughput phase drain, then measure latency paced.
+    let drained = Instant::now();
+    let mut last = u64::MAX;
+    while drained.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let c = stats.count.load(Ordering::Relaxed);
+        if c == last {
+            break;
+        }
+        last = c;
+    }
+    if let Ok(mut h) = stats.hist.lock() {
+        h.reset();
+    }
+    stats.count.store(0, Ordering::Relaxed);
+    stats.recording.store(true, Ordering::Relaxed);
+    let c = client();
+    let period = Duration::from_secs_f64(1.0 / args.latency_rate.max(1.0));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let paced_end = Instant::now() + Duration::from_secs_f64(args.seconds.max(0.1));
+    let mut n = 0u64;
+    while Instant::now() < paced_end {
+        tick.tick().await;
+        n += 1;
+        let (c, url, ty) = (c.clone(), url.to_string(), first_type.to_string());
+        tokio::spawn(async move {
+            let _ = send_one(&c, &url, &format!("p{n}"), &ty).await;
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stats.recording.store(false, Ordering::Relaxed);
+    if let Ok(h) = stats.hist.lock()
+        && !h.is_empty()
+    {
+        row.p50_us = Some(h.value_at_quantile(0.5) as f64);
+        row.p99_us = Some(h.value_at_quantile(0.99) as f64);
+    }
+    let errs = errors.load(Ordering::Relaxed);
+    if errs > 0 {
+        eprintln!("{name}: {errs} sends not accepted");
+    }
+    row
+}
+
+async fn send_one(
+    c: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    id: &str,
+    ty: &str,
+) -> Option<StatusCode> {
+    let mut ev = CloudEvent::new(id, "/bench/load", ty);
+    ev.set("benchsent", now_ns().to_string());
+    ev.set("datacontenttype", "application/json");
+    ev.data = Some(Bytes::from_static(b"{\"reading\":21.5,\"unit\":\"C\"}"));
+    let mut rb = Request::post(url);
+    if let Some(h) = rb.headers_mut() {
+        *h = ev.binary_headers();
+    }
+    let req = rb
+        .body(Full::new(ev.data.clone().unwrap_or_default()))
+        .ok()?;
+    c.request(req).await.ok().map(|r| r.status())
+}
+
+/// Runs `spright-bench broker`.
+pub fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
+    start();
+    let tmp = std::env::temp_dir().join(format!("spright-bench-broker-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let durability: Durability = args.durability.parse().map_err(anyhow::Error::msg)?;
+    let want = |p: &str| args.paths.iter().any(|x| x == p);
+    let mut rows = Vec::new();
+
+    // One dataplane for the shared-memory paths.
+    let stats_fn = Stats::new();
+    let stats_chain_shm = Stats::new();
+    let dp = if want("shm") || want("chain-shm") {
+        let dp = ShmDataplane::start(ShmConfig {
+            run_dir: tmp.join("run"),
+            functions: ["fb", "f1", "f2", "f3"].map(String::from).to_vec(),
+            transport: args.transport.parse().map_err(anyhow::Error::msg)?,
+            pool: spright_core::pool::PoolConfig {
+                slot_size: 64 * 1024,
+                slot_count: 4096,
+            },
+        })?;
+        let control = dp.control_path();
+        shm_function(control.clone(), "fb", None, stats_fn.clone());
+        shm_function(
+            control.clone(),
+            "f1",
+            Some("chain.s2"),
+            stats_chain_shm.clone(),
+        );
+        shm_function(
+            control.clone(),
+            "f2",
+            Some("chain.s3"),
+            stats_chain_shm.clone(),
+        );
+        shm_function(control, "f3", None, stats_chain_shm.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Some(dp)
+    } else {
+        None
+    };
+    let shm_sinks = || Sinks {
+        shm: dp.clone().map(|d| d as Arc<dyn broker_shm::delivery::Sink>),
+        ..Sinks::default()
+    };
+
+    if want("http") {
+        let stats = Stats::new();
+        let port = http_subscriber(None, stats.clone()).await?;
+        let yaml = format!("{BROKER}---\n{}", trigger("t", "bench.in", &uri(port)));
+        let (url, _rt) = broker_shm(&yaml, &tmp.join("http"), durability, Sinks::default()).await?;
+        rows.push(
+            load(
+                "broker-shm -> HTTP subscriber",
+                &url,
+                "bench.in",
+                stats,
+                &args,
+            )
+            .await,
+        );
+    }
+    if want("shm") {
+        let yaml = format!(
+            "{BROKER}---\n{}",
+            trigger("t", "bench.in", &function_ref("fb"))
+        );
+        let (url, _rt) = broker_shm(&yaml, &tmp.join("shm"), durability, shm_sinks()).await?;
+        rows.push(
+            load(
+                "broker-shm -> shm function",
+                &url,
+                "bench.in",
+                stats_fn.clone(),
+                &args,
+            )
+            .await,
+        );
+    }
+    if want("chain-shm") {
+        let yaml = format!(
+            "{BROKER}---\n{}---\n{}---\n{}",
+            trigger("t1", "chain.s1", &function_ref("f1")),
+            trigger("t2", "chain.s2", &function_ref("f2")),
+            trigger("t3", "chain.s3", &function_ref("f3")),
+        );
+        let (url, _rt) = broker_shm(&yaml, &tmp.join("chain-shm"), durability, shm_sinks()).await?;
+        rows.push(
+            load(
+                "3-step chain, broker-shm + shm",
+                &url,
+                "chain.s1",
+                stats_chain_shm.clone(),
+                &args,
+            )
+            .await,
+        );
+    }
+    if want("chain-http") {
+        let stats = Stats::new();
+        let p1 = http_subscriber(Some("chain.s2"), stats.clone()).await?;
+        let p2 = http_subscriber(Some("chain.s3"), stats.clone()).await?;
+        let p3 = http_subscriber(None, stats.clone()).await?;
+        let yaml = format!(
+            "{BROKER}---\n{}---\n{}---\n{}",
+            trigger("t1", "chain.s1", &uri(p1)),
+            trigger("t2", "chain.s2", &uri(p2)),
+            trigger("t3", "chain.s3", &uri(p3)),
+        );
+        let (url, _rt) =
+            broker_shm(&yaml, &tmp.join("chain-http"), durability, Sinks::default()).await?;
+        rows.push(
+            load(
+                "3-step chain, broker-shm + HTTP",
+                &url,
+                "chain.s1",
+                stats,
+                &args,
+            )
+            .await,
+        );
+    }
+    if want("chain-stock") {
+        let stats = Stats::new();
+        let p1 = http_subscriber(Some("chain.s2"), stats.clone()).await?;
+        let p2 = http_subscriber(Some("chain.s3"), stats.clone()).await?;
+        let p3 = http_subscriber(None, stats.clone()).await?;
+        let triggers = format!(
+            "{}---\n{}---\n{}",
+            trigger("t1", "chain.s1", &uri(p1)),
+            trigger("t2", "chain.s2", &uri(p2)),
+            trigger("t3", "chain.s3", &uri(p3)),
+        );
+        let url = stock_topology(&triggers).await?;
+        rows.push(
+            load(
+                "3-step chain, stock topology",
+                &url,
+                "chain.s1",
+                stats,
+                &args,
+            )
+            .await,
+        );
+    }
+
+    print!("{}", table(&rows));
+    let find = |n: &str| rows.iter().find(|r| r.name.starts_with(n));
+    if let (Some(shm), Some(stock)) = (
+        find("3-step chain, broker-shm + shm"),
+        find("3-step chain, stock"),
+    ) {
+        if let (Some(a), Some(b)) = (shm.rps, stock.rps) {
+            println!(
+                "chain events/s, shm vs stock topology: {:.1}x",
+                a / b.max(1e-9)
+            );
+        }
+        if let (Some(a), Some(b)) = (shm.p50_us, stock.p50_us) {
+            println!(
+                "chain p50 latency, shm / stock topology: {:.3}",
+                a / b.max(1e-9)
+            );
+        }
+    }
+    if let (Some(shm), Some(http)) = (
+        find("3-step chain, broker-shm + shm"),
+        find("3-step chain, broker-shm + HTTP"),
+    ) && let (Some(a), Some(b)) = (shm.rps, http.rps)
+    {
+        println!(
+            "chain events/s, shm vs HTTP subscribers: {:.1}x",
+            a / b.max(1e-9)
+        );
+    }
+    if let Some(p) = &args.json {
+        write_json(p, &rows)?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
