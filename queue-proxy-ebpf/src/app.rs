@@ -19,6 +19,7 @@ use crate::readiness::{self, Prober};
 use crate::reqlog::RequestLog;
 use crate::server::{self, Plain};
 use crate::timeout::Timeouts;
+use crate::tls;
 
 /// Knative's `hijackDrainDuration`.
 const HIJACK_DRAIN: Duration = Duration::from_secs(60);
@@ -29,6 +30,8 @@ pub enum AppError {
     Config(String),
     #[error("cannot listen on port {port}: {source}")]
     Bind { port: u16, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
 }
@@ -67,15 +70,22 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     };
     let metrics =
         (cfg.observability.request_metrics == RequestMetricsProtocol::Prometheus).then(|| {
-            Arc::new(RequestMetrics::new(&[
-                ("k8s_container_name", "queue-proxy"),
-                ("k8s_namespace_name", &cfg.namespace),
-                ("k8s_pod_name", &cfg.pod),
+            let mut resource = vec![
+                ("container_name", "queue-proxy"),
+                ("k8s_namespace_name", cfg.namespace.as_str()),
+                ("k8s_pod_name", cfg.otel_pod_name.as_str()),
+                ("kn_configuration_name", cfg.configuration.as_str()),
+                ("kn_revision_name", cfg.revision.as_str()),
+                ("service_instance_id", ""),
                 ("service_name", cfg.service_name()),
-                ("kn_service_name", &cfg.service),
-                ("kn_configuration_name", &cfg.configuration),
-                ("kn_revision_name", &cfg.revision),
-            ]))
+                ("service_version", "unknown"),
+                ("telemetry_sdk_language", "rust"),
+                ("telemetry_sdk_name", "spright-rs"),
+            ];
+            if !cfg.service.is_empty() {
+                resource.push(("kn_service_name", cfg.service.as_str()));
+            }
+            Arc::new(RequestMetrics::new(&resource))
         });
     let request_log = cfg.observability.enable_request_log.then(|| {
         Arc::new(RequestLog::new(
@@ -112,6 +122,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let main_l = bind(cfg.serving_port).await?;
     let admin_l = bind(cfg.admin_port).await?;
     let stats_l = bind(cfg.autoscaling_metrics_port).await?;
+    let tls = if tls::enabled(&cfg.cert_dir) {
+        let watcher = Arc::new(tls::CertWatcher::new(&cfg.cert_dir)?);
+        let sc = tls::server_config(&cfg.tls, watcher).map_err(|e| match e {
+            e @ (tls::TlsError::CipherSuite(_)
+            | tls::TlsError::Curve(_)
+            | tls::TlsError::Config(_)) => AppError::Config(e.to_string()),
+            e => AppError::Tls(e),
+        })?;
+        Some((
+            bind(cfg.serving_tls_port).await?,
+            tls::Tls(tokio_rustls::TlsAcceptor::from(Arc::new(sc))),
+        ))
+    } else {
+        None
+    };
     let user_l = match &metrics {
         Some(_) => Some(bind(cfg.user_metrics_port).await?),
         None => None,
@@ -128,6 +153,16 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         stop_rx.clone(),
         Plain,
     ));
+    if let Some((l, wrap)) = tls {
+        let c = Arc::clone(&chain);
+        tracing::info!(port = cfg.serving_tls_port, "Starting tls server main");
+        servers.spawn(server::serve(
+            l,
+            move |req, peer| Arc::clone(&c).handle(req, peer),
+            stop_rx.clone(),
+            wrap,
+        ));
+    }
     let d = Arc::clone(&drainer);
     servers.spawn(server::serve(
         admin_l,

@@ -30,6 +30,13 @@ pub const SERVING_POD: &str = "SERVING_POD";
 pub const SERVING_POD_IP: &str = "SERVING_POD_IP";
 pub const OBSERVABILITY_CONFIG: &str = "OBSERVABILITY_CONFIG";
 pub const OTEL_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+/// knative/pkg `system.PodName()`: the pod in OTel resource attributes (not `SERVING_POD`).
+pub const POD_NAME: &str = "POD_NAME";
+// v1.22+: TLS server settings (knative/pkg `network/tls/config.go`, prefix `QUEUE_PROXY_`).
+pub const QUEUE_PROXY_TLS_MIN_VERSION: &str = "QUEUE_PROXY_TLS_MIN_VERSION";
+pub const QUEUE_PROXY_TLS_MAX_VERSION: &str = "QUEUE_PROXY_TLS_MAX_VERSION";
+pub const QUEUE_PROXY_TLS_CIPHER_SUITES: &str = "QUEUE_PROXY_TLS_CIPHER_SUITES";
+pub const QUEUE_PROXY_TLS_CURVE_PREFERENCES: &str = "QUEUE_PROXY_TLS_CURVE_PREFERENCES";
 // Up to v1.18 (OpenCensus era).
 pub const SERVING_ENABLE_REQUEST_LOG: &str = "SERVING_ENABLE_REQUEST_LOG";
 pub const SERVING_REQUEST_LOG_TEMPLATE: &str = "SERVING_REQUEST_LOG_TEMPLATE";
@@ -107,6 +114,27 @@ pub struct Config {
     pub user_metrics_port: u16,
     pub cert_dir: String,
     pub otel_service_name: Option<String>,
+    pub otel_pod_name: String,
+    pub tls: TlsSettings,
+}
+
+/// A TLS protocol version as Knative names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// The TLS server settings of the serving port's TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Knative's default minimum is TLS 1.3.
+    pub min_version: TlsVersion,
+    pub max_version: Option<TlsVersion>,
+    /// Go cipher suite names; empty means the library's defaults.
+    pub cipher_suites: Vec<String>,
+    /// Go curve names (`X25519`, `CurveP256`, ...); empty means defaults.
+    pub curve_preferences: Vec<String>,
 }
 
 /// The parts of `OBSERVABILITY_CONFIG` (or its v1.18 predecessors) the queue-proxy acts on.
@@ -202,6 +230,29 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
             (None, None) => Err(EnvError::Missing(name)),
         }
     }
+    fn tls_version(&self, name: &'static str) -> Result<Option<TlsVersion>, EnvError> {
+        match self.opt(name).as_deref() {
+            None | Some("") => Ok(None),
+            Some("1.2") => Ok(Some(TlsVersion::V1_2)),
+            Some("1.3") => Ok(Some(TlsVersion::V1_3)),
+            Some(other) => Err(EnvError::Invalid {
+                var: name,
+                value: other.to_owned(),
+                kind: "a TLS version (\"1.2\" or \"1.3\")",
+            }),
+        }
+    }
+    fn list(&self, name: &'static str) -> Vec<String> {
+        self.opt(name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
     fn bool(&self, name: &'static str) -> Result<bool, EnvError> {
         match self.opt(name) {
             None => Ok(false),
@@ -295,6 +346,15 @@ impl Config {
                 .opt(QUEUE_CERT_DIR)
                 .unwrap_or_else(|| DEFAULT_CERT_DIR.to_owned()),
             otel_service_name: v.opt(OTEL_SERVICE_NAME).filter(|s| !s.is_empty()),
+            otel_pod_name: v.opt(POD_NAME).unwrap_or_default(),
+            tls: TlsSettings {
+                min_version: v
+                    .tls_version(QUEUE_PROXY_TLS_MIN_VERSION)?
+                    .unwrap_or(TlsVersion::V1_3),
+                max_version: v.tls_version(QUEUE_PROXY_TLS_MAX_VERSION)?,
+                cipher_suites: v.list(QUEUE_PROXY_TLS_CIPHER_SUITES),
+                curve_preferences: v.list(QUEUE_PROXY_TLS_CURVE_PREFERENCES),
+            },
         })
     }
 
@@ -432,6 +492,7 @@ mod tests {
             (REVISION_IDLE_TIMEOUT_SECONDS, "x"),
             (ENABLE_HTTP2_AUTO_DETECTION, "yes"),
             (OBSERVABILITY_CONFIG, "{"),
+            (QUEUE_PROXY_TLS_MIN_VERSION, "1.1"),
         ] {
             let mut m = base();
             m.insert(k, v.to_owned());

@@ -20,6 +20,7 @@ mod server;
 mod sniff;
 mod stat;
 mod timeout;
+mod tls;
 
 use std::process::ExitCode;
 

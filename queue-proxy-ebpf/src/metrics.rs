@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
 
 /// Knative's `latencyBounds` (seconds).
 pub const BOUNDS: [f64; 14] = [
@@ -22,9 +21,16 @@ struct Histogram {
 #[derive(Debug)]
 pub struct RequestMetrics {
     durations: Mutex<BTreeMap<u16, Histogram>>,
-    queue_depth: AtomicI64,
-    labels: String,
+    /// Only recorded with a breaker (containerConcurrency > 0), like Knative.
+    queue_depth: Mutex<Option<i64>>,
+    target_info: String,
 }
+
+/// Labels the OTel Prometheus exporter puts on every series of the queue's meter.
+const SCOPE: &str = "otel_scope_name=\"knative.dev/serving/pkg/queue\",otel_scope_schema_url=\"\",otel_scope_version=\"\"";
+
+/// The exposition content type of Knative's exporter.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8; escaping=underscores";
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -33,17 +39,23 @@ fn escape(v: &str) -> String {
 }
 
 impl RequestMetrics {
-    /// `labels`: resource attributes as (name, value) pairs, attached to every series.
-    pub fn new(labels: &[(&str, &str)]) -> Self {
-        let labels = labels
+    /// `resource`: the OTel resource attributes (Prometheus-escaped names), shown as
+    /// `target_info`.
+    pub fn new(resource: &[(&str, &str)]) -> Self {
+        let mut attrs: Vec<(String, String)> = resource
             .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .map(|(k, v)| ((*k).to_owned(), escape(v)))
+            .collect();
+        attrs.sort();
+        let target_info = attrs
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{v}\""))
             .collect::<Vec<_>>()
             .join(",");
         Self {
             durations: Mutex::new(BTreeMap::new()),
-            queue_depth: AtomicI64::new(0),
-            labels,
+            queue_depth: Mutex::new(None),
+            target_info,
         }
     }
 
@@ -61,41 +73,56 @@ impl RequestMetrics {
     }
 
     pub fn set_queue_depth(&self, depth: usize) {
-        self.queue_depth
-            .store(i64::try_from(depth).unwrap_or(i64::MAX), Ordering::Relaxed);
+        *self
+            .queue_depth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let l = &self.labels;
-        let sep = if l.is_empty() { "" } else { "," };
-        let _ = writeln!(
-            out,
-            "# HELP kn_serving_invocation_duration_seconds The duration of task execution\n# TYPE kn_serving_invocation_duration_seconds histogram"
-        );
         let g = self
             .durations
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !g.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP kn_serving_invocation_duration_seconds The duration of task execution\n# TYPE kn_serving_invocation_duration_seconds histogram"
+            );
+        }
         for (status, h) in g.iter() {
+            let l = format!("http_response_status_code=\"{status}\",{SCOPE}");
             let mut cum = 0;
             for (b, n) in BOUNDS.iter().zip(h.buckets.iter()) {
                 cum += n;
                 let _ = writeln!(
                     out,
-                    "kn_serving_invocation_duration_seconds_bucket{{{l}{sep}http_response_status_code=\"{status}\",le=\"{b}\"}} {cum}"
+                    "kn_serving_invocation_duration_seconds_bucket{{{l},le=\"{b}\"}} {cum}"
                 );
             }
             let _ = writeln!(
                 out,
-                "kn_serving_invocation_duration_seconds_bucket{{{l}{sep}http_response_status_code=\"{status}\",le=\"+Inf\"}} {}\nkn_serving_invocation_duration_seconds_sum{{{l}{sep}http_response_status_code=\"{status}\"}} {}\nkn_serving_invocation_duration_seconds_count{{{l}{sep}http_response_status_code=\"{status}\"}} {}",
+                "kn_serving_invocation_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}\nkn_serving_invocation_duration_seconds_sum{{{l}}} {}\nkn_serving_invocation_duration_seconds_count{{{l}}} {}",
                 h.count, h.sum, h.count
+            );
+        }
+        drop(g);
+        if let Some(d) = *self
+            .queue_depth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            let _ = writeln!(
+                out,
+                "# HELP kn_serving_queue_depth Number of current requests in the queue\n# TYPE kn_serving_queue_depth gauge\nkn_serving_queue_depth{{{SCOPE}}} {d}"
             );
         }
         let _ = writeln!(
             out,
-            "# HELP kn_serving_queue_depth Number of current requests in the queue\n# TYPE kn_serving_queue_depth gauge\nkn_serving_queue_depth{{{l}}} {}",
-            self.queue_depth.load(Ordering::Relaxed)
+            "# HELP target_info Target metadata\n# TYPE target_info gauge\ntarget_info{{{}}} 1",
+            self.target_info
         );
         out
     }
@@ -107,15 +134,19 @@ mod tests {
 
     #[test]
     fn renders_cumulative_buckets() {
-        let m = RequestMetrics::new(&[("k8s_pod_name", "p\"1")]);
+        let m = RequestMetrics::new(&[("k8s_pod_name", "p\"1"), ("container_name", "queue-proxy")]);
+        assert!(!m.render().contains("kn_serving_queue_depth"));
         m.record(200, 0.02);
         m.record(200, 20.0);
         m.set_queue_depth(3);
         let t = m.render();
         assert!(t.contains(
-            "kn_serving_invocation_duration_seconds_bucket{k8s_pod_name=\"p\\\"1\",http_response_status_code=\"200\",le=\"0.025\"} 1"
+            "kn_serving_invocation_duration_seconds_bucket{http_response_status_code=\"200\",otel_scope_name=\"knative.dev/serving/pkg/queue\",otel_scope_schema_url=\"\",otel_scope_version=\"\",le=\"0.025\"} 1"
         ));
         assert!(t.contains("le=\"+Inf\"} 2"));
-        assert!(t.contains("kn_serving_queue_depth{k8s_pod_name=\"p\\\"1\"} 3"));
+        assert!(t.contains("kn_serving_queue_depth{otel_scope_name=\"knative.dev/serving/pkg/queue\",otel_scope_schema_url=\"\",otel_scope_version=\"\"} 3"));
+        assert!(
+            t.contains("target_info{container_name=\"queue-proxy\",k8s_pod_name=\"p\\\"1\"} 1")
+        );
     }
 }

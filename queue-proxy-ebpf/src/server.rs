@@ -156,7 +156,7 @@ pub fn user_metrics(req: &Request<Incoming>, m: &RequestMetrics) -> Response<Bod
     let mut r = Response::new(body::full(m.render()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     r
 }

@@ -646,3 +646,227 @@ fn configuration_errors() {
         "{oe}"
     );
 }
+
+#[test]
+fn readiness_variants() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let probe = [
+        ("user-agent", "kube-probe/1.30"),
+        ("k-network-probe", "queue"),
+    ];
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut cases: Vec<(&str, bool, String, (u16, u16))> = vec![
+        (
+            "grpc serving",
+            false,
+            format!(
+                r#"{{"grpc":{{"port":{}}},"periodSeconds":1,"timeoutSeconds":1}}"#,
+                up.port
+            ),
+            (200, 503),
+        ),
+        (
+            "multi-container, all pass",
+            true,
+            format!(
+                r#"[{{"tcpSocket":{{"port":{p},"host":"127.0.0.1"}},"periodSeconds":1,"timeoutSeconds":1}},{{"httpGet":{{"port":{p},"host":"127.0.0.1","path":"/healthz","scheme":"HTTP"}},"periodSeconds":1,"timeoutSeconds":1}}]"#,
+                p = up.port
+            ),
+            (200, 503),
+        ),
+        (
+            "multi-container, one fails",
+            true,
+            format!(
+                r#"[{{"tcpSocket":{{"port":{p},"host":"127.0.0.1"}},"periodSeconds":1,"timeoutSeconds":1}},{{"tcpSocket":{{"port":{closed},"host":"127.0.0.1"}},"periodSeconds":1,"timeoutSeconds":1}}]"#,
+                p = up.port
+            ),
+            (503, 503),
+        ),
+        (
+            "exec probe",
+            false,
+            r#"{"exec":{"command":["true"]},"periodSeconds":1}"#.to_owned(),
+            (503, 503),
+        ),
+    ];
+    for (what, multi, json, expect) in cases.drain(..) {
+        let mut env = knative_env(up.port);
+        env.insert("SERVING_READINESS_PROBE".into(), json);
+        env.insert("ENABLE_MULTI_CONTAINER_PROBES".into(), multi.to_string());
+        let (k, o) = both(&env, |p| {
+            let a = summary(&get(p.ports.serving, "/", &probe));
+            up.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+            let b = summary(&get(p.ports.serving, "/", &probe));
+            up.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+            (a, b)
+        });
+        assert_same(what, &k, &o);
+        assert_eq!((o.0.0, o.1.0), expect, "{what}");
+    }
+
+    // Aggressive mode (periodSeconds 0): the probe retries until the container listens, and
+    // concurrent probes share the one in flight.
+    let late = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut env = knative_env(up.port);
+    env.insert(
+        "SERVING_READINESS_PROBE".into(),
+        format!(r#"{{"tcpSocket":{{"port":{late},"host":"127.0.0.1"}},"successThreshold":1}}"#),
+    );
+    let (k, o) = both(&env, |p| {
+        let serving = p.ports.serving;
+        let probes: Vec<_> = (0..3)
+            .map(|_| std::thread::spawn(move || get(serving, "/", &probe).status))
+            .collect();
+        std::thread::sleep(Duration::from_millis(400));
+        let listener = std::net::TcpListener::bind(("127.0.0.1", late)).expect("bind late");
+        let statuses: Vec<u16> = probes
+            .into_iter()
+            .map(|h| h.join().expect("join"))
+            .collect();
+        drop(listener);
+        statuses
+    });
+    assert_same("aggressive probe waits for the container", &k, &o);
+    assert_eq!(o, vec![200, 200, 200]);
+}
+
+#[test]
+fn queued_request_times_out() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let mut env = knative_env(up.port);
+    env.insert("CONTAINER_CONCURRENCY".into(), "1".into());
+    env.insert("REVISION_TIMEOUT_SECONDS".into(), "1".into());
+    let (k, o) = both(&env, |p| {
+        let port = p.ports.serving;
+        runtime().block_on(async move {
+            let first = tokio::spawn(send(port, "GET", "/sleep?ms=700", &[], false));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Waits in the queue for the slot, then has too little time left.
+            let second = send(port, "GET", "/sleep?ms=700", &[], false)
+                .await
+                .expect("answer");
+            let first = first.await.expect("join").expect("answer");
+            (summary(&first), summary(&second))
+        })
+    });
+    assert_same("queued request and the revision timeout", &k, &o);
+    assert_eq!((o.0.0, o.1.0), (200, 504));
+}
+
+#[test]
+fn request_metrics_and_logs() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let mut env = knative_env(up.port);
+    env.insert("CONTAINER_CONCURRENCY".into(), "2".into());
+    env.insert(
+        "OBSERVABILITY_CONFIG".into(),
+        r#"{"requestMetrics":{"protocol":"prometheus"},"enableRequestLog":true}"#.into(),
+    );
+    let mut results = Vec::new();
+    for which in [Impl::Knative, Impl::Ours] {
+        let mut p = start_opts(which, &env, None, true);
+        // 9091 opens with the prometheus protocol.
+        let port_open = (0..50).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", 9091)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        });
+        get(p.ports.serving, "/a", &[("user-agent", "diff-test")]);
+        get(
+            p.ports.serving,
+            "/status?code=404",
+            &[("user-agent", "diff-test")],
+        );
+        get(
+            p.ports.serving,
+            "/",
+            &[
+                ("user-agent", "kube-probe/1.30"),
+                ("k-network-probe", "queue"),
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let m = get(9091, "/metrics", &[]);
+        let text = m.text();
+        // Knative also exports otelhttp and Go runtime series; the contract's two
+        // instruments and the resource's identity are compared.
+        let mut series: Vec<String> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("kn_serving_invocation_duration_seconds_count")
+                    || l.starts_with("kn_serving_queue_depth")
+                    || l.starts_with("# TYPE kn_serving")
+            })
+            .map(str::to_owned)
+            .collect();
+        series.sort();
+        let target: Vec<String> = text
+            .lines()
+            .find(|l| l.starts_with("target_info{"))
+            .map(|l| {
+                l.trim_start_matches("target_info{")
+                    .split(',')
+                    // The SDK's own identity differs by nature.
+                    .filter(|kv| !kv.starts_with("telemetry_sdk_"))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let logs: Vec<serde_json::Value> = p
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|mut v| {
+                // Per-request values.
+                for k in ["latency", "remoteIp"] {
+                    v["httpRequest"][k] = serde_json::Value::Null;
+                }
+                v
+            })
+            .collect();
+        results.push((
+            port_open,
+            m.headers.get("content-type").cloned(),
+            series,
+            target,
+            logs,
+        ));
+    }
+    let o = results.pop().expect("ours");
+    let k = results.pop().expect("knative");
+    assert_same("request metrics and logs", &k, &o);
+    assert!(o.0);
+    assert!(
+        o.2.iter()
+            .any(|l| l.contains("http_response_status_code=\"404\"")),
+        "{:?}",
+        o.2
+    );
+    assert!(
+        o.2.iter().any(|l| l.starts_with("kn_serving_queue_depth")),
+        "{:?}",
+        o.2
+    );
+    assert!(
+        o.3.iter()
+            .any(|kv| kv == "kn_revision_name=\"hello-00001\""),
+        "{:?}",
+        o.3
+    );
+    assert_eq!(o.4.len(), 2, "one log line per request, probes left out");
+}

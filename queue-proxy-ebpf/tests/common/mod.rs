@@ -111,6 +111,18 @@ impl Proc {
         }
     }
 
+    /// Kills the process and returns what it wrote to stdout (needs `capture`).
+    pub fn stdout(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut s = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            let _ = out.read_to_string(&mut s);
+        }
+        s
+    }
+
     /// Waits for exit, at most `limit`; returns the exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let end = Instant::now() + limit;
@@ -134,6 +146,16 @@ fn port_open(port: u16) -> bool {
 
 /// Starts `which` with `env`; ours may be moved to other admin/stats ports with `alt`.
 pub fn start(which: Impl, env: &BTreeMap<String, String>, alt: Option<(u16, u16)>) -> Proc {
+    start_opts(which, env, alt, false)
+}
+
+/// Like [`start`]; with `capture`, stdout (request logs) is piped for [`Proc::stdout`].
+pub fn start_opts(
+    which: Impl,
+    env: &BTreeMap<String, String>,
+    alt: Option<(u16, u16)>,
+    capture: bool,
+) -> Proc {
     let serving: u16 = env
         .get("QUEUE_SERVING_PORT")
         .and_then(|p| p.parse().ok())
@@ -155,7 +177,11 @@ pub fn start(which: Impl, env: &BTreeMap<String, String>, alt: Option<(u16, u16)
             .env("QUEUE_ADMIN_PORT", admin.to_string())
             .env("QUEUE_AUTOSCALING_METRICS_PORT", stats.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::null());
         let Ok(child) = cmd.spawn() else {
             panic!("cannot start {}", which.binary());
@@ -231,6 +257,20 @@ async fn upstream_handle(
             let mut r = Response::new(full(format!("status {code}")));
             *r.status_mut() =
                 StatusCode::from_u16(u16::try_from(code).unwrap_or(500)).unwrap_or(StatusCode::OK);
+            r
+        }
+        "/grpc.health.v1.Health/Check" => {
+            // SERVING (field 1 = 1) when ready, else NOT_SERVING (2), gRPC-framed, status in
+            // the trailers.
+            let status: u8 = if ready.load(Ordering::SeqCst) { 1 } else { 2 };
+            let msg = Bytes::from(vec![0u8, 0, 0, 0, 2, 0x08, status]);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().expect("static"));
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+                vec![Ok(Frame::data(msg)), Ok(Frame::trailers(trailers))];
+            let mut r = Response::new(StreamBody::new(futures::stream::iter(frames)).boxed());
+            r.headers_mut()
+                .insert("content-type", "application/grpc".parse().expect("static"));
             r
         }
         "/healthz" => {

@@ -1,0 +1,141 @@
+//! Black-box cases for ours alone, where Knative's queue-proxy cannot be run the same way.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// The serving port over TLS when the certificate files exist. Not differential: Knative
+/// reads them from the fixed /var/lib/knative/certs, which a test must not write; ours takes
+/// the directory from `QUEUE_CERT_DIR` (default the same path).
+#[test]
+fn tls_serving_port() {
+    let _g = port_lock();
+    let up = Upstream::start();
+    let dir = std::env::temp_dir().join(format!("qp-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let keygen = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(dir.join("tls.key"))
+        .arg("-out")
+        .arg(dir.join("tls.crt"))
+        .output()
+        .expect("openssl (Debian package openssl) generates a test certificate");
+    assert!(
+        keygen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keygen.stderr)
+    );
+    let mut env = knative_env(up.port);
+    env.insert("QUEUE_CERT_DIR".into(), dir.display().to_string());
+    env.insert("QUEUE_SERVING_TLS_PORT".into(), "28112".into());
+    let _p = start(Impl::Ours, &env, Some((28022, 29090)));
+    let mut answered = None;
+    for _ in 0..50 {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "5",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code} %{http_version}",
+                "https://127.0.0.1:28112/echo",
+            ])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            answered = Some(text);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = answered.expect("TLS answer");
+    assert!(text.ends_with("200 2"), "{text}");
+    assert!(text.contains("\"uri\""), "{text}");
+    // The plain serving port stays open as well.
+    assert_eq!(get(SERVING_PORT, "/echo", &[]).status, 200);
+}
+
+/// Idle means idle: with nothing to do, the process uses no CPU (no polling timers).
+#[test]
+fn idle_process_sleeps() {
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let p = start(Impl::Ours, &env, Some((28022, 29090)));
+    get(SERVING_PORT, "/echo", &[]);
+    let pid = p.child.id();
+    let ticks = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let rest = s
+            .rsplit_once(')')
+            .map(|(_, r)| r.to_owned())
+            .unwrap_or_default();
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        f.iter().sum::<u64>()
+    };
+    let ctx = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        s.lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches")
+                    || l.starts_with("nonvoluntary_ctxt_switches")
+            })
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .sum::<u64>()
+    };
+    // Threads other than the main one, summed through /proc/<pid>/task.
+    let task_switches = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+                    .map(|s| {
+                        s.lines()
+                            .filter(|l| l.starts_with("voluntary_ctxt_switches"))
+                            .filter_map(|l| {
+                                l.split_whitespace()
+                                    .nth(1)
+                                    .and_then(|v| v.parse::<u64>().ok())
+                            })
+                            .sum::<u64>()
+                    })
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
+    };
+    let (t0, c0, s0) = (ticks(), ctx(), task_switches());
+    std::thread::sleep(Duration::from_secs(2));
+    let (t1, c1, s1) = (ticks(), ctx(), task_switches());
+    // No wake-ups at all while idle (a 1 s stats ticker would show 2 here).
+    assert_eq!(s1 - s0, 0, "threads woke up while idle");
+    assert_eq!(c1 - c0, 0);
+    assert_eq!(t1 - t0, 0);
+}
