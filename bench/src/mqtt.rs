@@ -1,0 +1,543 @@
+//! `spright-bench mqtt`: MQTT to sink throughput and publish-to-sink latency of our
+//! `mqtt-adaptor` against Knative's prototype `mqttsource`
+//! (`go install knative.dev/eventing/cmd/mqttsource@v0.49.2`), side by side in one run.
+//!
+//! For each contender: a fresh mosquitto on a free loopback port, an in-process HTTP sink that
+//! answers 202 and records when each event id arrived, the contender process, then a burst of
+//! `--messages` MQTT v5 publishes (QoS 1 to the broker) of structured CloudEvents carrying the
+//! `Content-Type: application/cloudevents+json` user property the prototype requires. Both keep
+//! the event `id`, so publish and arrival are matched per id inside this process (one
+//! monotonic clock). The adaptor subscribes at `--qos` (default 1, manual acks after the sink's
+//! 2xx); the prototype always subscribes at QoS 0.
+//!
+//! Two phases per contender:
+//! - burst: `--messages` published as fast as the broker takes them; gives messages/s (arrived /
+//!   time from the first publish to the last arrival), CPU seconds of the contender process per
+//!   10,000 messages (utime + stime from /proc), peak RSS (VmHWM) and how many arrived;
+//! - paced: `--latency-messages` at `--latency-rate` per second; gives p50/p99
+//!   publish-to-sink latency without the queueing of a burst.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rumqttc::v5 as r5;
+
+/// Arguments of `spright-bench mqtt`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MqttBenchArgs {
+    /// Messages in the measured burst.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: usize,
+    /// Subscription QoS of our adaptor (the prototype always uses 0).
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// In-flight window of our adaptor.
+    #[arg(long, default_value_t = 100)]
+    pub inflight: u16,
+    /// Our adaptor binary (default: `mqtt-adaptor` next to this executable).
+    #[arg(long)]
+    pub adaptor_bin: Option<PathBuf>,
+    /// Knative's prototype binary.
+    #[arg(long, default_value = "/root/go/bin/mqttsource")]
+    pub prototype_bin: PathBuf,
+    /// Skip the prototype (e.g. when it is not installed).
+    #[arg(long)]
+    pub skip_prototype: bool,
+    /// The mosquitto binary.
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    pub mosquitto: PathBuf,
+    /// Write result rows (name ours / prototype) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Messages of the paced latency phase.
+    #[arg(long, default_value_t = 2_000)]
+    pub latency_messages: usize,
+    /// Publish rate (messages/s) of the latency phase.
+    #[arg(long, default_value_t = 1_000)]
+    pub latency_rate: u32,
+    /// Seconds to wait for a burst to arrive.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+/// One contender's figures.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub name: String,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub rps: Option<f64>,
+    pub cpu_s_per_1k: Option<f64>,
+    pub cpu_s_per_10k: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    pub sent: usize,
+    pub arrived: usize,
+    pub subscribe_qos: u8,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A temp directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let d = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&d)?;
+        Ok(TempDir(d))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// utime + stime of a process in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / CLK_TCK)
+}
+
+/// Clock ticks per second of /proc times (`sysconf(_SC_CLK_TCK)`, 100 on Linux's ABIs).
+const CLK_TCK: f64 = 100.0;
+
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Arrival times by event id.
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<HashMap<u64, Instant>>>);
+
+async fn start_sink(arrivals: Arrivals) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let arrivals = arrivals.clone();
+                        async move {
+                            let now = Instant::now();
+                            let id = req
+                                .headers()
+                                .get("ce-id")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<u64>().ok());
+                            let _ = req.into_body().collect().await;
+                            if let Some(id) = id {
+                                arrivals
+                                    .0
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .entry(id)
+                                    .or_insert(now);
+                            }
+                            let mut r = http::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = http::StatusCode::ACCEPTED;
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn start_mosquitto(bin: &PathBuf, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port()?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest none\n"
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let p = Proc(child);
+    if !wait_port(port, Duration::from_secs(10)) {
+        bail!("mosquitto did not listen on {port}");
+    }
+    Ok((p, port))
+}
+
+/// A structured CloudEvent as the prototype requires it.
+fn event(id: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"/bench/device","type":"bench.reading","datacontenttype":"application/json","data":{{"seq":{id},"value":21.5}}}}"#
+    ))
+}
+
+struct Publisher {
+    client: r5::AsyncClient,
+}
+
+async fn publisher(port: u16) -> Publisher {
+    let mut o = r5::MqttOptions::new(format!("bench-pub-{port}"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_outgoing_inflight_upper_limit(1000);
+    let (client, mut el) = r5::AsyncClient::new(o, 10_000);
+    tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    Publisher { client }
+}
+
+async fn publish(p: &Publisher, topic: &str, id: u64) -> anyhow::Result<()> {
+    let props = r5::mqttbytes::v5::PublishProperties {
+        user_properties: vec![(
+            "Content-Type".to_owned(),
+            "application/cloudevents+json".to_owned(),
+        )],
+        ..Default::default()
+    };
+    p.client
+        .publish_with_properties(
+            topic,
+            r5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            event(id),
+            props,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("publish: {e}"))
+}
+
+async fn wait_arrivals(a: &Arrivals, ids: std::ops::Range<u64>, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let want = (ids.end - ids.start) as usize;
+    let mut last = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let n = {
+            let m = a.0.lock().unwrap_or_else(|p| p.into_inner());
+            ids.clone().filter(|i| m.contains_key(i)).count()
+        };
+        if n >= want || Instant::now() > deadline {
+            return n;
+        }
+        if n != last {
+            last = n;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_secs(10) {
+            // Nothing arrived for 10 s: the rest is lost (e.g. QoS 0 under overload).
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes at a fixed rate and returns sorted publish-to-sink latencies in microseconds.
+async fn paced_latencies(
+    args: &MqttBenchArgs,
+    pubc: &Publisher,
+    arrivals: &Arrivals,
+    topic: &str,
+) -> anyhow::Result<Vec<f64>> {
+    let base = 2_000_000_000u64;
+    let n = args.latency_messages as u64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(
+        1.0 / f64::from(args.latency_rate.max(1)),
+    ));
+    let mut sent_at = Vec::with_capacity(args.latency_messages);
+    for i in 0..n {
+        tick.tick().await;
+        sent_at.push(Instant::now());
+        publish(pubc, topic, base + i).await?;
+    }
+    wait_arrivals(arrivals, base..base + n, Duration::from_secs(args.timeout)).await;
+    let m = arrivals.0.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lat: Vec<f64> = (0..n)
+        .filter_map(|i| {
+            m.get(&(base + i))
+                .map(|t| t.duration_since(sent_at[i as usize]).as_secs_f64() * 1e6)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    Ok(lat)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    Ours,
+    Prototype,
+}
+
+async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Row> {
+    let tmp = TempDir::new(&format!(
+        "spright-bench-mqtt-{}-{who:?}",
+        std::process::id()
+    ))?;
+    let dir = tmp.0.clone();
+    let (_broker, port) = start_mosquitto(&args.mosquitto, &dir)?;
+    let arrivals = Arrivals::default();
+    let sink = start_sink(arrivals.clone()).await?;
+    let sink_url = format!("http://{sink}/");
+    let topic = "bench/readings";
+    let log = std::fs::File::create(dir.join(format!("{who:?}.log")))?;
+    let proc = match who {
+        Contender::Ours => {
+            let bin = match &args.adaptor_bin {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("no exe dir")?
+                    .join("mqtt-adaptor"),
+            };
+            let http_port = free_port()?;
+            let p = Proc(
+                Command::new(&bin)
+                    .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+                    .args(["--topic", topic, "--client-id", "bench-ours"])
+                    .args(["--qos", &args.qos.to_string()])
+                    .args(["--inflight", &args.inflight.to_string()])
+                    .args([
+                        "--http-port",
+                        &http_port.to_string(),
+                        "--http-address",
+                        "127.0.0.1",
+                    ])
+                    .env("K_SINK", &sink_url)
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .with_context(|| {
+                        format!(
+                            "starting {} (cargo build --release -p mqtt-adaptor)",
+                            bin.display()
+                        )
+                    })?,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let ready = TcpStream::connect(("127.0.0.1", http_port))
+                    .ok()
+                    .and_then(|mut s| {
+                        use std::io::{Read, Write};
+                        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+                        let mut out = String::new();
+                        s.read_to_string(&mut out).ok()?;
+                        Some(out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"))
+                    })
+                    .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("our adaptor did not become ready");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            p
+        }
+        Contender::Prototype => Proc(
+            Command::new(&args.prototype_bin)
+                .args(["-source", &format!("127.0.0.1:{port}")])
+                .args(["-topic", topic, "-clientid", "bench-prototype"])
+                .args(["-eventSource", "http://bench.example/mqtt"])
+                .args(["-sink", &sink_url])
+                .env("K_SINK", &sink_url)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "starting {} (go install knative.dev/eventing/cmd/mqttsource@v0.49.2)",
+                        args.prototype_bin.display()
+                    )
+                })?,
+        ),
+    };
+    let pid = proc.pid();
+    let pubc = publisher(port).await;
+    // Warm-up until events flow (the prototype has no readiness signal).
+    let warm = 100u64;
+    let warm_base = 1_000_000_000u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut warmed = false;
+    while Instant::now() < deadline && !warmed {
+        for i in 0..warm {
+            publish(&pubc, topic, warm_base + i).await?;
+        }
+        warmed = wait_arrivals(
+            &arrivals,
+            warm_base..warm_base + warm,
+            Duration::from_secs(2),
+        )
+        .await
+            > 0;
+    }
+    if !warmed {
+        bail!(
+            "{who:?}: no event reached the sink during warm-up (see {})",
+            dir.display()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let n = args.messages as u64;
+    let start = Instant::now();
+    for id in 0..n {
+        publish(&pubc, topic, id).await?;
+    }
+    let arrived = wait_arrivals(&arrivals, 0..n, Duration::from_secs(args.timeout)).await;
+    let cpu1 = cpu_seconds(pid).unwrap_or(cpu0);
+
+    let m = arrivals.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut last = start;
+    for id in 0..n {
+        if let Some(t) = m.get(&id) {
+            last = last.max(*t);
+        }
+    }
+    let lat = paced_latencies(args, &pubc, &arrivals, topic).await?;
+    let pct = |p: f64| -> Option<f64> {
+        if lat.is_empty() {
+            None
+        } else {
+            let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+            Some(lat[i.min(lat.len() - 1)])
+        }
+    };
+    let rss = peak_rss_mib(pid);
+    drop(proc);
+    let elapsed = last.duration_since(start).as_secs_f64();
+    let cpu = cpu1 - cpu0;
+    Ok(Row {
+        name: match who {
+            Contender::Ours => "ours".into(),
+            Contender::Prototype => "prototype".into(),
+        },
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        rps: (arrived > 0 && elapsed > 0.0).then(|| arrived as f64 / elapsed),
+        cpu_s_per_1k: (arrived > 0).then(|| cpu * 1000.0 / arrived as f64),
+        cpu_s_per_10k: (arrived > 0).then(|| cpu * 10_000.0 / arrived as f64),
+        peak_rss_mib: rss,
+        sent: args.messages,
+        arrived,
+        subscribe_qos: if who == Contender::Ours { args.qos } else { 0 },
+    })
+}
+
+fn fmt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.prec$}"))
+}
+
+/// Runs the benchmark and prints the side-by-side table.
+pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rows = vec![rt.block_on(measure(&args, Contender::Ours))?];
+    if !args.skip_prototype {
+        rows.push(rt.block_on(measure(&args, Contender::Prototype))?);
+    }
+    println!(
+        "{:<10} {:>4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>14} {:>10}",
+        "name", "qos", "sent", "arrived", "msgs/s", "p50 us", "p99 us", "cpu s/10k msg", "peak MiB"
+    );
+    for r in &rows {
+        println!(
+            "{:<10} {:>4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>14} {:>10}",
+            r.name,
+            r.subscribe_qos,
+            r.sent,
+            r.arrived,
+            fmt(r.rps, 0),
+            fmt(r.p50_us, 0),
+            fmt(r.p99_us, 0),
+            fmt(r.cpu_s_per_10k, 3),
+            fmt(r.peak_rss_mib, 1)
+        );
+    }
+    if let [ours, proto] = &rows[..] {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        println!(
+            "ours/prototype: throughput {}, p50 latency {}, p99 latency {}, CPU per message {}, peak RSS {}",
+            ratio(ours.rps, proto.rps),
+            ratio(ours.p50_us, proto.p50_us),
+            ratio(ours.p99_us, proto.p99_us),
+            ratio(ours.cpu_s_per_10k, proto.cpu_s_per_10k),
+            ratio(ours.peak_rss_mib, proto.peak_rss_mib),
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
