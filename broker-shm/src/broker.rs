@@ -6,6 +6,7 @@ use crate::event::{ARRIVAL_EXT, CloudEvent, TTL_EXT};
 use crate::filter::Filter;
 use crate::log::{BrokerLog, Cursor, LogConfig, LogError};
 use crate::manifests::{Delivery, DeliverySpec, Snapshot, Trigger};
+use crate::metrics::Metrics;
 use http::StatusCode;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -147,6 +148,8 @@ impl BrokerState {
 pub struct Runtime {
     cfg: RuntimeConfig,
     sinks: Sinks,
+    /// Counters served on the metrics port.
+    pub metrics: Arc<Metrics>,
     brokers: RwLock<HashMap<(String, String), Arc<BrokerState>>>,
 }
 
@@ -161,6 +164,7 @@ impl Runtime {
         Arc::new(Runtime {
             cfg,
             sinks,
+            metrics: Arc::default(),
             brokers: RwLock::new(HashMap::new()),
         })
     }
@@ -177,6 +181,42 @@ impl Runtime {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&(ns.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// Prometheus exposition: counters plus log and lag gauges.
+    pub fn metrics_text(&self) -> String {
+        let brokers: Vec<Arc<BrokerState>> = self
+            .brokers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let (mut disk, mut lag) = (Vec::new(), Vec::new());
+        for b in &brokers {
+            let (_, tail, bytes) = b.log_stats();
+            let label = format!("broker=\"{}/{}\"", b.namespace, b.name);
+            disk.push((label, bytes as f64));
+            for (k, run) in lock(&b.triggers).iter() {
+                let pos = run.position.load(Ordering::Acquire);
+                lag.push((
+                    format!("broker=\"{}/{}\",trigger=\"{k}\"", b.namespace, b.name),
+                    tail.saturating_sub(pos) as f64,
+                ));
+            }
+        }
+        self.metrics.render(&[
+            (
+                "broker_shm_log_disk_bytes",
+                "Bytes of log segments on disk.",
+                disk,
+            ),
+            (
+                "broker_shm_trigger_lag_bytes",
+                "Log bytes not yet dispatched by each trigger.",
+                lag,
+            ),
+        ])
     }
 
     /// Ingress for `POST /<ns>/<broker>` once the event is decoded and valid.
@@ -315,6 +355,7 @@ impl Runtime {
         };
         let (stop, stop_rx) = watch::channel(false);
         let d = Dispatcher {
+            metrics: self.metrics.clone(),
             broker: state.clone(),
             filter: Arc::new(Filter::for_trigger(t.spec.filter.as_ref(), &t.spec.filters)),
             trigger: Arc::new(t.clone()),
@@ -350,6 +391,7 @@ fn sanitize(key: &str) -> String {
 }
 
 struct Dispatcher {
+    metrics: Arc<Metrics>,
     broker: Arc<BrokerState>,
     trigger: Arc<Trigger>,
     filter: Arc<Filter>,
@@ -413,6 +455,7 @@ impl Dispatcher {
 
     fn job(&self) -> Job {
         Job {
+            metrics: self.metrics.clone(),
             broker: self.broker.clone(),
             trigger: self.trigger.clone(),
             filter: self.filter.clone(),
@@ -423,6 +466,7 @@ impl Dispatcher {
 }
 
 struct Job {
+    metrics: Arc<Metrics>,
     broker: Arc<BrokerState>,
     trigger: Arc<Trigger>,
     filter: Arc<Filter>,
@@ -439,7 +483,15 @@ impl Job {
                 return;
             }
         };
+        let key = self.trigger.key();
+        let outcome = |what: &str| {
+            self.metrics.inc(
+                "broker_shm_deliveries_total",
+                &[("trigger", key.as_str()), ("outcome", what)],
+            );
+        };
         if !self.filter.passes(&ev) {
+            outcome("filtered");
             return;
         }
         // The filter strips the TTL before delivery and re-attaches it to a reply.
@@ -457,20 +509,30 @@ impl Job {
             .send_with_retries(&t.subscriber, &ev, &opts, &self.delivery)
             .await;
         if attempt.is_success() {
+            outcome("delivered");
             if let Some(mut reply) = reply {
                 if let Some(ttl) = &ttl {
                     reply.set(TTL_EXT, ttl.clone());
                 }
-                match self.broker.ingest(reply) {
-                    Ok(_) => {}
+                let result = match self.broker.ingest(reply) {
+                    Ok(_) => "stored",
                     Err(IngestError::TtlExhausted) => {
                         tracing::info!(trigger = %t.key(), "reply dropped: TTL exhausted");
+                        "ttl_exhausted"
                     }
-                    Err(e) => tracing::error!(trigger = %t.key(), error = %e, "reply not stored"),
-                }
+                    Err(e) => {
+                        tracing::error!(trigger = %t.key(), error = %e, "reply not stored");
+                        "refused"
+                    }
+                };
+                self.metrics.inc(
+                    "broker_shm_replies_total",
+                    &[("trigger", key.as_str()), ("outcome", result)],
+                );
             }
             return;
         }
+        outcome("failed");
         tracing::warn!(
             trigger = %t.key(),
             subscriber = %t.subscriber.display(),
@@ -494,7 +556,9 @@ impl Job {
             .sinks
             .send_with_retries(dls, &dead, &dls_opts, &self.delivery)
             .await;
-        if !res.is_success() {
+        if res.is_success() {
+            outcome("dead_lettered");
+        } else {
             tracing::error!(trigger = %t.key(), dls = %dls.display(), status = res.status, "dead-letter delivery failed; event dropped");
         }
     }

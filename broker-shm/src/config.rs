@@ -62,6 +62,9 @@ pub struct BrokerArgs {
     /// Listening port (`INGRESS_PORT`).
     #[arg(long, env = "INGRESS_PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Prometheus metrics port (`METRICS_PORT`; Knative's broker uses 9092). 0 disables.
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9092)]
+    pub metrics_port: u16,
     /// `MAX_TTL` (Knative default 255).
     #[arg(long = "max-ttl", env = "MAX_TTL", default_value_t = 255)]
     pub max_ttl: i32,

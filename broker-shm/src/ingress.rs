@@ -108,6 +108,17 @@ pub async fn handle(rt: Arc<Runtime>, req: Request<Incoming>) -> Resp {
         Ok(p) => p,
         Err(r) => return *r,
     };
+    let broker = format!("{ns}/{name}");
+    let resp = handle_event(&rt, &ns, &name, req).await;
+    let code = resp.status();
+    rt.metrics.inc(
+        "broker_shm_ingress_requests_total",
+        &[("broker", broker.as_str()), ("code", code.as_str())],
+    );
+    resp
+}
+
+async fn handle_event(rt: &Arc<Runtime>, ns: &str, name: &str, req: Request<Incoming>) -> Resp {
     let (parts, body) = req.into_parts();
     let body = match read_body(body, rt.config().log.segment_bytes).await {
         BodyRead::Ok(b) => b,
@@ -121,7 +132,7 @@ pub async fn handle(rt: Arc<Runtime>, req: Request<Incoming>) -> Resp {
             return respond(StatusCode::BAD_REQUEST, format!("{e}\n"));
         }
     };
-    match rt.ingest(&ns, &name, ev) {
+    match rt.ingest(ns, name, ev) {
         Ok(_) => respond(StatusCode::ACCEPTED, Bytes::new()),
         Err(e) => {
             let status = e.status();

@@ -10,4 +10,5 @@ pub mod filter;
 pub mod ingress;
 pub mod log;
 pub mod manifests;
+pub mod metrics;
 pub mod shm;

@@ -96,6 +96,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 })
             };
+            if args.metrics_port != 0 {
+                let maddr = SocketAddr::from(([0, 0, 0, 0], args.metrics_port));
+                match tokio::net::TcpListener::bind(maddr).await {
+                    Ok(l) => {
+                        let rt = runtime.clone();
+                        tokio::spawn(broker_shm::ingress::serve(
+                            l,
+                            move |_req| {
+                                let text = rt.metrics_text();
+                                async move { broker_shm::ingress::respond(http::StatusCode::OK, text) }
+                            },
+                            std::future::pending::<()>(),
+                        ));
+                        tracing::info!(addr = %maddr, "metrics listening");
+                    }
+                    Err(e) => {
+                        tracing::error!(addr = %maddr, error = %e, "metrics port unavailable; continuing without metrics")
+                    }
+                }
+            }
             let handler = move |req| broker_shm::ingress::handle(runtime.clone(), req);
             broker_shm::ingress::serve(listener, handler, shutdown_signal()).await;
             watcher.abort();

@@ -142,6 +142,27 @@ async fn flaky_subscriber_retries_with_backoff_then_dls() {
     assert_eq!(by("x").ce("knativeerrorcode").as_deref(), Some("400"));
     assert_eq!(by("j").ce("knativeerrorcode").as_deref(), Some("502"));
     assert!(dead.iter().all(|r| r.ce("id").as_deref() != Some("f")));
+    let m = b.metrics().await;
+    assert!(
+        m.contains(
+            r#"broker_shm_deliveries_total{trigger="dlv.down.uid-down",outcome="dead_lettered"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            r#"broker_shm_deliveries_total{trigger="dlv.flaky.uid-flaky",outcome="delivered"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"broker_shm_ingress_requests_total{broker="dlv/default",code="202"} 4"#),
+        "{m}"
+    );
+    assert!(
+        m.contains("broker_shm_log_disk_bytes{broker=\"dlv/default\"}"),
+        "{m}"
+    );
     b.assert_alive();
 }
 

@@ -25,6 +25,7 @@ pub fn free_port() -> u16 {
 pub struct BrokerProc {
     pub child: Child,
     pub port: u16,
+    pub metrics_port: u16,
     pub manifests: PathBuf,
     pub data: PathBuf,
     pub log_path: PathBuf,
@@ -50,6 +51,7 @@ impl BrokerProc {
         let mut p = BrokerProc {
             child: Command::new("true").spawn().expect("spawn true"),
             port: free_port(),
+            metrics_port: free_port(),
             log_path: tmp.path().join("broker.log"),
             manifests,
             data,
@@ -83,6 +85,7 @@ impl BrokerProc {
             .arg(&self.data)
             .args(self.mode_args())
             .env("INGRESS_PORT", self.port.to_string())
+            .env("METRICS_PORT", self.metrics_port.to_string())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
@@ -112,6 +115,14 @@ impl BrokerProc {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        raw(http::Method::GET, &url, HeaderMap::new(), Bytes::new())
+            .await
+            .map(|r| String::from_utf8_lossy(&r.2).into_owned())
+            .unwrap_or_default()
     }
 
     pub fn logs(&self) -> String {
