@@ -12,6 +12,7 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
 };
 use hyper::body::Incoming;
+use hyper::client::conn::http2;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -96,7 +97,8 @@ impl HijackTracker {
 pub struct Proxy {
     user_port: u16,
     h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    /// One multiplexed h2c connection to the user container, opened on first use.
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
     pub hijacks: Arc<HijackTracker>,
 }
 
@@ -153,13 +155,10 @@ impl Proxy {
             .pool_max_idle_per_host(max_idle)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(conn);
         Self {
             user_port,
             h1,
-            h2,
+            h2: tokio::sync::Mutex::new(None),
             hijacks: Arc::new(HijackTracker::default()),
         }
     }
@@ -181,8 +180,15 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let uri: Uri = format!("http://127.0.0.1:{}{}", self.user_port, pq)
+        // HTTP/2 carries the Host as :authority (Go sets it from the request's Host).
+        let authority = match (&host, is_h2) {
+            (Some(h), true) => h.to_str().ok().map(str::to_owned),
+            _ => None,
+        }
+        .unwrap_or_else(|| format!("127.0.0.1:{}", self.user_port));
+        let uri: Uri = format!("http://{authority}{pq}")
             .parse()
+            .or_else(|_| format!("http://127.0.0.1:{}{}", self.user_port, pq).parse())
             .map_err(|e| ProxyError::Upstream(format!("bad request target: {e}")))?;
         *req.uri_mut() = uri;
         let upgrade = if is_h2 {
@@ -227,8 +233,21 @@ impl Proxy {
         } else {
             Version::HTTP_11
         };
-        let client_ref = if is_h2 { &self.h2 } else { &self.h1 };
-        let mut res = client_ref.request(req).await.map_err(|e| {
+        if is_h2 {
+            req.headers_mut().remove(header::HOST);
+            let mut sender = self.h2_sender().await?;
+            sender
+                .ready()
+                .await
+                .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+            let mut res = sender
+                .send_request(req)
+                .await
+                .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+            strip_hop_by_hop(res.headers_mut());
+            return Ok(res);
+        }
+        let mut res = self.h1.request(req).await.map_err(|e| {
             if e.is_connect() {
                 ProxyError::Upstream(format!(
                     "dial tcp 127.0.0.1:{}: connect: connection refused",
@@ -258,6 +277,36 @@ impl Proxy {
         }
         strip_hop_by_hop(res.headers_mut());
         Ok(res)
+    }
+}
+
+impl Proxy {
+    async fn h2_sender(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+        let mut g = self.h2.lock().await;
+        if let Some(s) = g.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.user_port))
+            .await
+            .map_err(|_| {
+                ProxyError::Upstream(format!(
+                    "dial tcp 127.0.0.1:{}: connect: connection refused",
+                    self.user_port
+                ))
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "h2c connection to the user container ended");
+            }
+        });
+        *g = Some(sender.clone());
+        Ok(sender)
     }
 }
 

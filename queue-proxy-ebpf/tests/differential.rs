@@ -238,7 +238,32 @@ fn proxied_request_headers() {
         )
     });
     assert_same("K-Original-Host", &k, &o);
+
     assert_eq!(o.0, serde_json::json!(["original.example.com"]));
+    // Request bodies pass through, over HTTP/1.1 and h2c.
+    let (k, o) = both(&env, |p| {
+        let port = p.ports.serving;
+        runtime().block_on(async move {
+            let mut out = Vec::new();
+            for h2 in [false, true] {
+                let a = send_body(
+                    port,
+                    "POST",
+                    "/echo",
+                    &[("content-type", "text/plain")],
+                    h2,
+                    bytes::Bytes::from_static(b"payload"),
+                )
+                .await
+                .expect("answer");
+                let v: serde_json::Value = serde_json::from_slice(&a.body).expect("json");
+                out.push((a.status, v["body"].clone(), v["method"].clone()));
+            }
+            out
+        })
+    });
+    assert_same("request bodies", &k, &o);
+    assert_eq!(o[0].1, serde_json::json!("payload"));
 }
 
 #[test]
@@ -447,9 +472,9 @@ fn h2c_streaming_and_websocket() {
         let release = release.clone();
         rt.block_on(async move {
             // h2c with prior knowledge on the serving port, proxied as h2c.
-            let h2 = send(port, "GET", "/echo", &[], true).await.expect("h2c answer");
+            let h2 = send(port, "GET", "/echo?q=1", &[("x-test", "1")], true).await.expect("h2c answer");
             let v: serde_json::Value = serde_json::from_slice(&h2.body).expect("json");
-            let h2_seen = (h2.status, v["version"].clone(), v["method"].clone());
+            let h2_seen = (h2.status, h2.key_headers(), v);
 
             // Streaming: the first chunk must arrive while the upstream still holds the rest.
             use http_body_util::BodyExt;

@@ -343,7 +343,15 @@ async fn upstream_handle(
                     .or_insert_with(Vec::new)
                     .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
             }
+            let (parts, incoming) = req.into_parts();
+            let req = Request::from_parts(parts, ());
+            let received = incoming
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
             let body = serde_json::json!({
+                "body": String::from_utf8_lossy(&received),
                 "method": req.method().as_str(),
                 "uri": req.uri().to_string(),
                 "version": format!("{:?}", req.version()),
@@ -446,6 +454,18 @@ pub async fn send(
     headers: &[(&str, &str)],
     h2: bool,
 ) -> Result<Answer, String> {
+    send_body(port, method, path, headers, h2, Bytes::new()).await
+}
+
+/// [`send`] with a request body.
+pub async fn send_body(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    h2: bool,
+    body: Bytes,
+) -> Result<Answer, String> {
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
@@ -460,7 +480,7 @@ pub async fn send(
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
     let io = TokioIo::new(stream);
     let res = if h2 {
         let (mut s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
