@@ -532,3 +532,110 @@ async fn embedded_broker_when_none_configured() {
         adaptor.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_sink_format_and_oidc_bearer() {
+    let broker = Mosquitto::start("");
+    let sink = Sink::start().await;
+    let dir = TempDir::new("structured");
+    std::fs::write(dir.path("token"), "header.payload.sig\n").unwrap();
+    let b = format!("mqtt://127.0.0.1:{}", broker.port);
+    let token = dir.path("token").display().to_string();
+    let mut adaptor = Adaptor::start(
+        &[
+            "--broker",
+            &b,
+            "--topic",
+            "s/#",
+            "--client-id",
+            "structured",
+            "--sink-format",
+            "structured",
+            "--data-content-type",
+            "text/plain",
+        ],
+        &[("K_SINK", &sink.url()), ("MQTT_OIDC_TOKEN_FILE", &token)],
+        &dir.path("adaptor.log"),
+    );
+    assert!(
+        adaptor.wait_ready(Duration::from_secs(20)),
+        "{}",
+        adaptor.logs()
+    );
+    let pubc = TestClient::connect(broker.port, "structured-testpub").await;
+    pubc.publish_all(&[("s/1".into(), b"hello".to_vec())]).await;
+    assert!(
+        sink.wait_for(Duration::from_secs(20), |r| !r.is_empty())
+            .await,
+        "{}",
+        adaptor.logs()
+    );
+    let r = &sink.snapshot()[0];
+    assert_eq!(
+        r.header("authorization").as_deref(),
+        Some("Bearer header.payload.sig")
+    );
+    assert!(
+        r.header("content-type")
+            .unwrap_or_default()
+            .starts_with("application/cloudevents+json")
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("structured JSON");
+    assert_eq!(v["data"], "hello");
+    assert_eq!(v["subject"], "s/1");
+    assert_eq!(v["datacontenttype"], "text/plain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_reconnects_and_readiness_follows() {
+    let port = free_port();
+    let listener = format!("listener {port} 127.0.0.1\nallow_anonymous true\n");
+    let broker = Mosquitto::start_with(&listener, port);
+    let sink = Sink::start().await;
+    let dir = TempDir::new("restart-broker");
+    let b = format!("mqtt://127.0.0.1:{port}");
+    let mut adaptor = Adaptor::start(
+        &[
+            "--broker",
+            &b,
+            "--topic",
+            "rb/#",
+            "--client-id",
+            "restart-broker",
+        ],
+        &[("K_SINK", &sink.url())],
+        &dir.path("adaptor.log"),
+    );
+    assert!(
+        adaptor.wait_ready(Duration::from_secs(20)),
+        "{}",
+        adaptor.logs()
+    );
+    drop(broker);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while adaptor.get("/readyz").map(|r| r.0) != Some(503) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        adaptor.get("/readyz").map(|r| r.0),
+        Some(503),
+        "still ready with the broker down"
+    );
+    let broker = Mosquitto::start_with(&listener, port);
+    assert!(
+        adaptor.wait_ready(Duration::from_secs(20)),
+        "did not reconnect: {}",
+        adaptor.logs()
+    );
+    let pubc = TestClient::connect(broker.port, "restart-broker-testpub").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    // The subscription is renewed after the reconnect; publish until messages flow again.
+    while sink.count() == 0 && Instant::now() < deadline {
+        pubc.publish_all(&[("rb/x".into(), format!("after-{i}").into_bytes())])
+            .await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(sink.count() > 0, "{}", adaptor.logs());
+}
