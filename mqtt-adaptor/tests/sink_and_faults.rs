@@ -593,23 +593,13 @@ async fn broker_restart_reconnects_and_readiness_follows() {
     let broker = Mosquitto::start_with(&listener, port);
     let sink = Sink::start().await;
     let dir = TempDir::new("restart-broker");
-    let b = format!("mqtt://127.0.0.1:{port}");
-    let mut adaptor = Adaptor::start(
-        &[
-            "--broker",
-            &b,
-            "--topic",
-            "rb/#",
-            "--client-id",
-            "restart-broker",
-        ],
-        &[("K_SINK", &sink.url())],
+    let mut adaptor = Adaptor::source_ready(
+        port,
+        "rb/#",
+        "restart-broker",
+        &[],
+        &sink.url(),
         &dir.path("adaptor.log"),
-    );
-    assert!(
-        adaptor.wait_ready(Duration::from_secs(20)),
-        "{}",
-        adaptor.logs()
     );
     drop(broker);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -249,6 +249,35 @@ impl Adaptor {
         a
     }
 
+    /// Starts the adaptor as a source of `topic` on `broker_port` posting to `sink`, with
+    /// `extra` arguments, and waits until it is ready.
+    pub fn source_ready(
+        broker_port: u16,
+        topic: &str,
+        client_id: &str,
+        extra: &[&str],
+        sink: &str,
+        log: &Path,
+    ) -> Self {
+        let broker = format!("mqtt://127.0.0.1:{broker_port}");
+        let mut args = vec![
+            "--broker",
+            &broker,
+            "--topic",
+            topic,
+            "--client-id",
+            client_id,
+        ];
+        args.extend_from_slice(extra);
+        let mut a = Self::start(&args, &[("K_SINK", sink)], log);
+        assert!(
+            a.wait_ready(Duration::from_secs(20)),
+            "not ready: {}",
+            a.logs()
+        );
+        a
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
