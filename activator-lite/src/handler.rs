@@ -73,6 +73,26 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
     r
 }
 
+/// A request's pod slot (or the reason it has none), acquired before proxying; for
+/// a connection's first request it is acquired before hyper takes the connection over.
+#[derive(Debug)]
+pub struct Admission {
+    spec: Arc<RevisionSpec>,
+    result: Result<(Lease, InFlight), RequestError>,
+    started: tokio::time::Instant,
+}
+
+/// The time allowed until the response starts (`responseStartTimeoutSeconds`, capped by
+/// `timeoutSeconds`; 0 disables).
+fn first_byte_timeout(spec: &RevisionSpec) -> Option<Duration> {
+    let total = (!spec.timeout.is_zero()).then_some(spec.timeout);
+    match (spec.response_start_timeout, total) {
+        (Some(rs), Some(t)) if !rs.is_zero() => Some(rs.min(t)),
+        (Some(rs), None) if !rs.is_zero() => Some(rs),
+        _ => total,
+    }
+}
+
 /// Shared state of the request path.
 pub struct App {
     pub state: watch::Receiver<Arc<ClusterState>>,
@@ -287,12 +307,59 @@ impl App {
         })
     }
 
-    /// The whole handler chain.
+    /// The revision `key`, if known.
+    pub fn revision(&self, key: &RevisionKey) -> Option<Arc<RevisionSpec>> {
+        self.state.borrow().revisions.get(key).cloned()
+    }
+
+    /// Counts the request for the autoscaler (the first one of a revision pokes it) and
+    /// waits for a pod slot within the revision's timeout. `None` when `gone` resolves
+    /// first (the client hung up while waiting).
+    pub async fn admit(
+        self: &Arc<Self>,
+        spec: Arc<RevisionSpec>,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Option<Admission> {
+        let key = &spec.key;
+        let rt = match self.throttler.get(key) {
+            Some(rt) => rt,
+            None => self
+                .throttler
+                .upsert(key, spec.container_concurrency, self.queue_depth),
+        };
+        let in_flight = self.reporter.request_start(key);
+        let started = tokio::time::Instant::now();
+        let wait = async {
+            match first_byte_timeout(&spec) {
+                Some(t) => match tokio::time::timeout(t, rt.acquire()).await {
+                    Ok(r) => r.map_err(RequestError::from),
+                    Err(_) => Err(RequestError::Timeout),
+                },
+                None => rt.acquire().await.map_err(RequestError::from),
+            }
+        };
+        let result = tokio::select! {
+            r = wait => r,
+            _ = gone => return None,
+        };
+        Some(Admission {
+            result: result.map(|lease| (lease, in_flight)),
+            spec,
+            started,
+        })
+    }
+
+    /// The whole handler chain. `admission`: the slot acquired before hyper took the
+    /// connection (first request only).
     pub async fn handle(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: Option<SocketAddr>,
+        admission: Option<Admission>,
     ) -> Result<Response<RespBody>, Infallible> {
+        if admission.is_some() {
+            return Ok(self.respond(req, peer, admission).await);
+        }
         // 1. Kubelet health checks: ready only while the autoscaler link is up.
         if is_kubelet_probe(req.headers()) {
             if self.draining.load(Ordering::Acquire) {
@@ -331,13 +398,22 @@ impl App {
                 )
             });
         }
-        Ok(match self.serve_revision(req, peer).await {
+        Ok(self.respond(req, peer, None).await)
+    }
+
+    async fn respond(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Option<SocketAddr>,
+        admission: Option<Admission>,
+    ) -> Response<RespBody> {
+        match self.serve_revision(req, peer, admission).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
                 text(e.status(), e.to_string())
             }
-        })
+        }
     }
 
     fn lookup(&self, req: &Request<Incoming>) -> Result<Arc<RevisionSpec>, RequestError> {
@@ -354,34 +430,29 @@ impl App {
         self: &Arc<Self>,
         req: Request<Incoming>,
         peer: Option<SocketAddr>,
+        admission: Option<Admission>,
     ) -> Result<Response<RespBody>, RequestError> {
-        // 5. Context: the revision must exist.
-        let spec = self.lookup(&req)?;
-        let key = spec.key.clone();
-        let rt = match self.throttler.get(&key) {
-            Some(rt) => rt,
-            None => self
-                .throttler
-                .upsert(&key, spec.container_concurrency, self.queue_depth),
+        let admission = match admission {
+            Some(a) => a,
+            None => {
+                // 5. Context: the revision must exist. 10-12: report, time out, throttle.
+                let spec = self.lookup(&req)?;
+                let gone = std::future::pending();
+                let Some(a) = self.admit(spec, gone).await else {
+                    return Err(RequestError::Timeout);
+                };
+                a
+            }
         };
-        // 10. Concurrency reporting (the first request of a revision pokes the autoscaler).
-        let in_flight = self.reporter.request_start(&key);
-        // 11. Timeouts.
-        let total = (!spec.timeout.is_zero()).then_some(spec.timeout);
-        let first_byte = match (spec.response_start_timeout, total) {
-            (Some(rs), Some(t)) if !rs.is_zero() => Some(rs.min(t)),
-            (Some(rs), None) if !rs.is_zero() => Some(rs),
-            _ => total,
-        };
-        let started = tokio::time::Instant::now();
-        let work = async {
-            // 12. Throttle, then proxy.
-            let lease = rt.acquire().await?;
-            self.proxy(req, lease, in_flight, &spec, started, peer)
-                .await
-        };
-        match first_byte {
-            Some(t) => tokio::time::timeout(t, work)
+        let Admission {
+            spec,
+            result,
+            started,
+        } = admission;
+        let (lease, in_flight) = result?;
+        let work = self.proxy(req, lease, in_flight, &spec, started, peer);
+        match first_byte_timeout(&spec) {
+            Some(t) => tokio::time::timeout_at(started + t, work)
                 .await
                 .map_err(|_| RequestError::Timeout)?,
             None => work.await,

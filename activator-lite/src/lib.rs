@@ -3,6 +3,7 @@
 //! over its websocket, probes pods the moment they appear and load-balances across them
 //! under containerConcurrency.
 
+pub mod admission;
 pub mod autoscaler;
 pub mod backends;
 pub mod config;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context as _;
+use bytes::BytesMut;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -14,10 +15,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::admission::{Head, Rewind, client_gone, read_head};
 use crate::autoscaler::{self, LinkStatus};
 use crate::backends::{Backends, PodProber};
 use crate::config::Config;
-use crate::handler::{App, text};
+use crate::handler::{App, RespBody, text};
 use crate::manifests::{ClusterSource, ManifestDir};
 use crate::stats::ConcurrencyReporter;
 use crate::throttler::Throttler;
@@ -55,17 +57,76 @@ impl Conns {
     }
 }
 
-async fn serve<F, Fut>(
+/// Serves one connection with hyper until it closes or shutdown begins.
+async fn drive<I, S>(io: I, svc: S, mut stop: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<RespBody>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection error");
+            }
+            return;
+        }
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// One connection of the request path: the first request head is read and, for a
+/// revision, its pod slot acquired before hyper takes over (see [`crate::admission`]).
+async fn app_conn(
+    app: Arc<App>,
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = BytesMut::with_capacity(512);
+    let head = tokio::select! {
+        r = read_head(&mut stream, &mut buf) => r,
+        _ = stop.wait_for(|s| *s) => return,
+    };
+    let admission = match head {
+        Ok(Some(Head::Revision(key))) => match app.revision(&key) {
+            Some(spec) => match app.admit(spec, client_gone(&stream)).await {
+                Some(a) => Some(a),
+                None => return,
+            },
+            None => None,
+        },
+        Ok(Some(_)) => None,
+        Ok(None) | Err(_) => return,
+    };
+    let first = Arc::new(std::sync::Mutex::new(admission));
+    let svc = service_fn(move |req| {
+        let adm = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        app.clone().handle(req, Some(peer), adm)
+    });
+    let io = TokioIo::new(Rewind::new(buf.freeze(), stream));
+    // Boxed: the hyper connection is allocated only once a request may proceed.
+    Box::pin(drive(io, svc, stop)).await;
+}
+
+async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    handler: F,
+    on_conn: F,
     mut stop: watch::Receiver<bool>,
     conns: Arc<Conns>,
 ) where
-    F: Fn(hyper::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<
-            Output = Result<hyper::Response<crate::handler::RespBody>, std::convert::Infallible>,
-        > + Send
-        + 'static,
+    F: Fn(tokio::net::TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         let (stream, peer) = tokio::select! {
@@ -79,26 +140,11 @@ async fn serve<F, Fut>(
             _ = stop.wait_for(|s| *s) => return,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let mut stop = stop.clone();
         let guard = conns.enter();
+        let fut = on_conn(stream, peer, stop.clone());
         tokio::spawn(async move {
             let _guard = guard;
-            let svc = service_fn(move |req| handler(req, peer));
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection error");
-                    }
-                    return;
-                }
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            fut.await;
         });
     }
 }
@@ -170,18 +216,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let conns = Arc::new(Conns::default());
-    let handler = {
+    for l in [l1, l2] {
         let app = app.clone();
-        move |req, peer| app.clone().handle(req, Some(peer))
-    };
-    tokio::spawn(serve(l1, handler.clone(), stop_rx.clone(), conns.clone()));
-    tokio::spawn(serve(l2, handler, stop_rx.clone(), conns.clone()));
+        let on_conn = move |s, peer, stop| app_conn(app.clone(), s, peer, stop);
+        tokio::spawn(accept_loop(l, on_conn, stop_rx.clone(), conns.clone()));
+    }
     let metrics_handler = {
         let state = state.clone();
         let throttler = throttler.clone();
         let reporter = reporter.clone();
         let link = link.clone();
-        move |req: hyper::Request<Incoming>, _peer| {
+        move |req: hyper::Request<Incoming>| {
             let st = state.borrow().clone();
             let body = if req.uri().path() == "/metrics" {
                 let mut r = text(
@@ -206,9 +251,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     // Metrics stay up through the drain and close with the rest.
-    tokio::spawn(serve(
+    let on_metrics_conn = move |s: tokio::net::TcpStream, _peer, stop| {
+        drive(TokioIo::new(s), service_fn(metrics_handler.clone()), stop)
+    };
+    tokio::spawn(accept_loop(
         lm,
-        metrics_handler,
+        on_metrics_conn,
         stop_rx,
         Arc::new(Conns::default()),
     ));

@@ -1,0 +1,235 @@
+//! Holding requests cheaply. A request for a revision without a free pod can wait for
+//! minutes; a full HTTP/1 server connection keeps two 8 KiB buffers the whole time. So a
+//! new connection's first request head is read into a small buffer and parsed here; if it
+//! targets a known revision, its pod slot is acquired *before* the connection is handed
+//! to hyper (which replays the buffered bytes through [`Rewind`]). While waiting, a
+//! client that hangs up frees its place in the queue at once.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::manifests::RevisionKey;
+
+/// Largest request head parsed here; bigger ones go to hyper unparsed.
+pub const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// What the first request head says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    /// A request for this revision that is not a probe.
+    Revision(RevisionKey),
+    /// Anything else (probes, health checks, unknown targets, HTTP/2): hyper handles it.
+    Other,
+    /// Incomplete: read more.
+    Partial,
+}
+
+fn lower_eq(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Classifies a (possibly partial) request head.
+pub fn classify(buf: &[u8]) -> Head {
+    if buf.starts_with(b"PRI ") || (buf.len() < 4 && b"PRI ".starts_with(buf)) {
+        return if buf.len() < 4 {
+            Head::Partial
+        } else {
+            Head::Other
+        };
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= MAX_HEAD {
+                Head::Other
+            } else {
+                Head::Partial
+            };
+        }
+        Err(_) => return Head::Other,
+    }
+    let mut ns = "";
+    let mut name = "";
+    let mut host = "";
+    for h in req.headers.iter() {
+        let Ok(v) = std::str::from_utf8(h.value) else {
+            continue;
+        };
+        let n = h.name;
+        if lower_eq(n, "k-network-probe") || lower_eq(n, "k-kubelet-probe") {
+            return Head::Other;
+        }
+        if lower_eq(n, "user-agent") && v.starts_with("kube-probe/") {
+            return Head::Other;
+        }
+        if lower_eq(n, "knative-serving-namespace") {
+            ns = v;
+        } else if lower_eq(n, "knative-serving-revision") {
+            name = v;
+        } else if lower_eq(n, "host") {
+            host = v;
+        }
+    }
+    let mut hm = http::HeaderMap::new();
+    for (k, v) in [
+        ("knative-serving-namespace", ns),
+        ("knative-serving-revision", name),
+        ("host", host),
+    ] {
+        if let Ok(v) = http::HeaderValue::from_str(v)
+            && !v.is_empty()
+        {
+            hm.insert(k, v);
+        }
+    }
+    let uri: http::Uri = req
+        .path
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| http::Uri::from_static("/"));
+    match crate::handler::revision_from(&hm, &uri) {
+        Some(k) => Head::Revision(k),
+        None => Head::Other,
+    }
+}
+
+/// Reads until the first request head is complete (or clearly not ours).
+/// `Ok(None)`: the client closed before sending a head.
+pub async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Option<Head>> {
+    loop {
+        if buf.capacity() - buf.len() < 256 {
+            let grow = buf.capacity().max(512);
+            buf.reserve(grow);
+        }
+        let n = stream.read_buf(buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match classify(buf) {
+            Head::Partial => continue,
+            h => return Ok(Some(h)),
+        }
+    }
+}
+
+/// Resolves when the client has closed its side (or the socket failed). Pending forever
+/// once the client sends more bytes (a body or a pipelined request): those stay in the
+/// socket for hyper.
+pub async fn client_gone(stream: &TcpStream) {
+    let mut one = [0u8; 1];
+    match stream.peek(&mut one).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending::<()>().await,
+    }
+}
+
+/// A stream that first yields bytes already read from it.
+#[derive(Debug)]
+pub struct Rewind {
+    pre: Bytes,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(pre: Bytes, inner: TcpStream) -> Self {
+        Self { pre, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(out.remaining());
+            out.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_heads() {
+        let r = |s: &str| classify(s.as_bytes());
+        assert_eq!(
+            r(
+                "GET / HTTP/1.1\r\nKnative-Serving-Namespace: ns\r\nKnative-Serving-Revision: rev\r\n\r\n"
+            ),
+            Head::Revision(RevisionKey::new("ns", "rev"))
+        );
+        assert_eq!(
+            r("GET / HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\n\r\n"),
+            Head::Revision(RevisionKey::new("ns", "rev"))
+        );
+        assert_eq!(r("GET / HTTP/1.1\r\nHost: rev.ns"), Head::Partial);
+        assert_eq!(r("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"), Head::Other);
+        assert_eq!(
+            r("GET / HTTP/1.1\r\nHost: rev.ns\r\nK-Network-Probe: activator\r\n\r\n"),
+            Head::Other
+        );
+        assert_eq!(
+            r("GET / HTTP/1.1\r\nHost: rev.ns\r\nUser-Agent: kube-probe/1.31\r\n\r\n"),
+            Head::Other
+        );
+        assert_eq!(r("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Head::Other);
+        assert_eq!(r("PR"), Head::Partial);
+        assert_eq!(r("\x00\x01garbage\r\n\r\n"), Head::Other);
+    }
+
+    #[test]
+    fn random_heads_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let base = b"GET /x HTTP/1.1\r\nHost: rev.ns\r\nKnative-Serving-Revision: r\r\n\r\n";
+        for _ in 0..5000 {
+            let mut b = base.to_vec();
+            for _ in 0..rng.gen_range(1..8) {
+                let i = rng.gen_range(0..b.len());
+                b[i] = rng.r#gen();
+            }
+            b.truncate(rng.gen_range(0..=b.len()));
+            let _ = classify(&b);
+        }
+    }
+}
