@@ -79,14 +79,23 @@ struct TriggerRun {
     position: Arc<AtomicU64>,
 }
 
+/// An open log and its append notifier, shared by every `BrokerState` of the same broker
+/// (a broker removed and re-added while deliveries are in flight keeps one writer).
+pub struct SharedLog {
+    log: Mutex<BrokerLog>,
+    tail: watch::Sender<u64>,
+}
+
 /// One broker: its log, the append notifier and its running triggers.
 pub struct BrokerState {
     pub namespace: String,
     pub name: String,
     delivery: RwLock<Option<DeliverySpec>>,
-    log: Mutex<BrokerLog>,
-    tail: watch::Sender<u64>,
+    log: Arc<SharedLog>,
     triggers: Mutex<HashMap<String, TriggerRun>>,
+    /// Dispatch position of every trigger of this broker, running or restarting.
+    positions: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    retired: std::sync::atomic::AtomicBool,
     max_ttl: i32,
 }
 
@@ -105,17 +114,17 @@ impl BrokerState {
     /// append (and msync, per durability), i.e. when a 202 may be sent.
     pub fn append(&self, ev: &CloudEvent) -> Result<u64, IngestError> {
         let rec = ev.to_record();
-        let appended = lock(&self.log).append(&rec);
+        let appended = lock(&self.log.log).append(&rec);
         let tail = match appended {
             Err(LogError::Full(_)) => {
                 // Segments every trigger has passed (all of them when there is no trigger)
                 // may still be on disk: drop them and try once more.
                 self.truncate();
-                lock(&self.log).append(&rec)?
+                lock(&self.log.log).append(&rec)?
             }
             other => other?,
         };
-        self.tail.send_replace(tail);
+        self.log.tail.send_replace(tail);
         Ok(tail)
     }
 
@@ -127,18 +136,22 @@ impl BrokerState {
 
     /// Log statistics: (head, tail, disk bytes).
     pub fn log_stats(&self) -> (u64, u64, u64) {
-        let log = lock(&self.log);
+        let log = lock(&self.log.log);
         (log.head(), log.tail(), log.disk_bytes())
     }
 
+    /// Deletes segments every trigger has passed. Positions outlive trigger restarts (they
+    /// leave `positions` only when the trigger is deleted), and a retired broker state never
+    /// truncates, so a segment is never deleted under a trigger that still needs it.
     fn truncate(&self) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
         let min = {
-            let runs = lock(&self.triggers);
-            runs.values()
-                .map(|r| r.position.load(Ordering::Acquire))
-                .min()
+            let positions = lock(&self.positions);
+            positions.values().map(|p| p.load(Ordering::Acquire)).min()
         };
-        let mut log = lock(&self.log);
+        let mut log = lock(&self.log.log);
         let upto = min.unwrap_or_else(|| log.tail());
         log.truncate_below(upto);
     }
@@ -151,6 +164,7 @@ pub struct Runtime {
     /// Counters served on the metrics port.
     pub metrics: Arc<Metrics>,
     brokers: RwLock<HashMap<(String, String), Arc<BrokerState>>>,
+    open_logs: Mutex<HashMap<PathBuf, std::sync::Weak<SharedLog>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -166,6 +180,7 @@ impl Runtime {
             sinks,
             metrics: Arc::default(),
             brokers: RwLock::new(HashMap::new()),
+            open_logs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -245,6 +260,7 @@ impl Runtime {
         brokers.retain(|k, state| {
             let keep = wanted.contains(k);
             if !keep {
+                state.retired.store(true, Ordering::Release);
                 for (_, run) in lock(&state.triggers).drain() {
                     let _ = run.stop.send(true);
                 }
@@ -269,9 +285,24 @@ impl Runtime {
                 continue;
             }
             let dir = self.cfg.data_dir.join(&b.namespace).join(&b.name);
-            match BrokerLog::open(&dir, self.cfg.log) {
-                Ok(log) => {
+            let mut open = lock(&self.open_logs);
+            open.retain(|_, w| w.strong_count() > 0);
+            let shared = match open.get(&dir).and_then(std::sync::Weak::upgrade) {
+                Some(s) => Ok(s),
+                None => BrokerLog::open(&dir, self.cfg.log).map(|log| {
                     let tail = log.tail();
+                    let s = Arc::new(SharedLog {
+                        log: Mutex::new(log),
+                        tail: watch::Sender::new(tail),
+                    });
+                    open.insert(dir.clone(), Arc::downgrade(&s));
+                    s
+                }),
+            };
+            drop(open);
+            match shared {
+                Ok(log) => {
+                    let tail = lock(&log.log).tail();
                     tracing::info!(broker = %format!("{}/{}", b.namespace, b.name), tail, "broker ready");
                     brokers.insert(
                         key,
@@ -279,9 +310,10 @@ impl Runtime {
                             namespace: b.namespace.clone(),
                             name: b.name.clone(),
                             delivery: RwLock::new(b.delivery.clone()),
-                            log: Mutex::new(log),
-                            tail: watch::Sender::new(tail),
+                            log,
                             triggers: Mutex::new(HashMap::new()),
+                            positions: Mutex::new(HashMap::new()),
+                            retired: std::sync::atomic::AtomicBool::new(false),
                             max_ttl: self.cfg.max_ttl,
                         }),
                     );
@@ -308,6 +340,7 @@ impl Runtime {
                     let _ = run.stop.send(true);
                     if !desired.contains_key(&k) {
                         // Trigger deleted: its position goes too.
+                        lock(&state.positions).remove(&k);
                         let path = state_dir(&self.cfg, state).join("cursors");
                         let _ = std::fs::remove_file(path.join(sanitize(&k)));
                         tracing::info!(trigger = %k, "trigger removed");
@@ -339,9 +372,13 @@ impl Runtime {
         t: &Trigger,
     ) -> Result<TriggerRun, LogError> {
         let dir = state_dir(&self.cfg, state);
-        let tail = lock(&state.log).tail();
+        let tail = lock(&state.log.log).tail();
         let cursor = Cursor::open(&dir, &sanitize(&t.key()), tail, self.cfg.log.durability)?;
-        let position = Arc::new(AtomicU64::new(cursor.get()));
+        let position = lock(&state.positions)
+            .entry(t.key())
+            .or_insert_with(|| Arc::new(AtomicU64::new(cursor.get())))
+            .clone();
+        position.store(cursor.get(), Ordering::Release);
         let broker_delivery = state
             .delivery
             .read()
@@ -403,14 +440,14 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn run(self, mut cursor: Cursor, mut stop: watch::Receiver<bool>) {
-        let mut tail_rx = self.broker.tail.subscribe();
+        let mut tail_rx = self.broker.log.tail.subscribe();
         let mut next_read = cursor.get();
         let mut inflight: BTreeSet<u64> = BTreeSet::new();
         let mut tasks: JoinSet<u64> = JoinSet::new();
         loop {
             tail_rx.borrow_and_update();
             while inflight.len() < self.max_inflight {
-                let rec = lock(&self.broker.log).read(next_read);
+                let rec = lock(&self.broker.log.log).read(next_read);
                 let Some((bytes, next)) = rec else { break };
                 let off = next_read;
                 next_read = next;

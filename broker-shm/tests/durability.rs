@@ -160,3 +160,71 @@ async fn retention_bounds_disk_and_refuses_instead_of_dropping() {
     assert!(segs(&b) <= retention);
     b.assert_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_without_triggers_never_fills_and_trigger_updates_keep_position() {
+    let sub_port = free_port();
+    let files = [(
+        "b.yaml",
+        broker_yaml("upd", "default", "  delivery: {retry: 0}"),
+    )];
+    let mut b = BrokerProc::start(
+        &files,
+        &["--segment-bytes", "8192", "--retention-bytes", "32768"],
+        &[],
+    )
+    .await;
+    let url = b.url("/upd/default");
+    // No trigger: events are accepted and dropped (as Knative does), the log never fills.
+    for i in 0..400 {
+        assert_eq!(
+            send_binary(&url, &format!("n-{i}"), "u.t", &[]).await,
+            StatusCode::ACCEPTED,
+            "event {i}"
+        );
+    }
+    // A trigger whose subscriber is down accumulates a backlog...
+    let trig = |delay: &str| {
+        trigger_yaml(
+            "upd",
+            "t",
+            "default",
+            &format!("http://127.0.0.1:{sub_port}/sink"),
+            &format!(
+                "  delivery:\n    retry: 1000\n    backoffPolicy: linear\n    backoffDelay: {delay}"
+            ),
+        )
+    };
+    b.write_manifest("t.yaml", &trig("PT0.05S"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !b.logs().contains("trigger started") {
+        assert!(std::time::Instant::now() < deadline, "{}", b.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut accepted = BTreeSet::new();
+    for i in 0..100 {
+        let id = format!("u-{i}");
+        assert_eq!(
+            send_binary(&url, &id, "u.t", &[]).await,
+            StatusCode::ACCEPTED
+        );
+        accepted.insert(id);
+    }
+    // ...then its spec changes (restart with the same position) and the subscriber comes up.
+    b.write_manifest("t.yaml", &trig("PT0.02S"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sink = Recorder::scripted_on(sub_port, |_, _| Reply::status(200)).await;
+    sink.wait_for(WAIT, |v| accepted.is_subset(&ids(v))).await;
+    let got = ids(&sink.on("/sink"));
+    assert!(
+        accepted.is_subset(&got),
+        "missing {:?}\n{}",
+        accepted.difference(&got).take(5).collect::<Vec<_>>(),
+        b.logs()
+    );
+    assert!(
+        got.iter().all(|id| !id.starts_with("n-")),
+        "events before the trigger existed are not delivered"
+    );
+    b.assert_alive();
+}
