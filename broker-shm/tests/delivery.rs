@@ -286,3 +286,74 @@ async fn reply_chain_and_ttl_exhaustion() {
     assert_eq!(loops, 5, "TTL 5 allows exactly 5 deliveries\n{}", b.logs());
     b.assert_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_default_delivery_and_long_response_message() {
+    let big = "y".repeat(512 * 1024);
+    let big_reply = big.clone();
+    let sink = Recorder::scripted(move |r, _| match r.path.as_str() {
+        "/fails" => Reply::status(500),
+        "/long" => Reply {
+            body: bytes::Bytes::from(big_reply.clone()),
+            ..Reply::event("long-reply", "long.reply")
+        },
+        _ => Reply::status(202),
+    })
+    .await;
+    // The broker's delivery (DLS, one retry) applies to a trigger that sets none.
+    let broker_delivery = format!(
+        "  delivery:\n    retry: 1\n    backoffDelay: PT0.05S\n    deadLetterSink:\n      uri: {}",
+        sink.url("/broker-dls")
+    );
+    let files = [
+        ("b.yaml", broker_yaml("bdd", "default", &broker_delivery)),
+        (
+            "f.yaml",
+            trigger_yaml(
+                "bdd",
+                "fails",
+                "default",
+                &sink.url("/fails"),
+                "  filters:\n    - exact: {type: to.fails}",
+            ),
+        ),
+        (
+            "l.yaml",
+            trigger_yaml(
+                "bdd",
+                "long",
+                "default",
+                &sink.url("/long"),
+                "  filters:\n    - exact: {type: to.long}",
+            ),
+        ),
+        (
+            "r.yaml",
+            trigger_yaml(
+                "bdd",
+                "reply",
+                "default",
+                &sink.url("/got-reply"),
+                "  filters:\n    - exact: {type: long.reply}",
+            ),
+        ),
+    ];
+    let mut b = BrokerProc::start(&files, &[], &[]).await;
+    let url = b.url("/bdd/default");
+    assert_eq!(
+        send_binary(&url, "a", "to.fails", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        send_binary(&url, "b", "to.long", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    let dead = sink.wait_n("/broker-dls", 1, WAIT).await;
+    assert_eq!(dead.len(), 1, "{}", b.logs());
+    assert_eq!(sink.on("/fails").len(), 2, "broker default retry: 1");
+    assert_eq!(dead[0].ce("knativeerrorcode").as_deref(), Some("500"));
+    let got = sink.wait_n("/got-reply", 1, WAIT).await;
+    assert_eq!(got.len(), 1, "{}", b.logs());
+    assert_eq!(got[0].body.len(), big.len());
+    b.assert_alive();
+}
