@@ -25,6 +25,13 @@ fn main() {
         eprintln!("mqtt-adaptor: invalid configuration: {e}");
         std::process::exit(EXIT_CONFIG);
     }
+    if let Some(pem) = &cfg.ca_certs
+        && let Err(e) = reqwest_ca_check(pem)
+    {
+        tracing::error!(error = %e, "invalid configuration");
+        eprintln!("mqtt-adaptor: invalid configuration: {e}");
+        std::process::exit(EXIT_CONFIG);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,6 +48,18 @@ fn main() {
     }
 }
 
+/// K_CA_CERTS must hold at least one PEM certificate.
+fn reqwest_ca_check(pem: &str) -> anyhow::Result<()> {
+    mqtt_adaptor::sink::SinkClient::new(
+        mqtt_adaptor::config::Format::Binary,
+        Duration::from_secs(1),
+        Some(pem),
+        std::path::PathBuf::new(),
+        1,
+    )?;
+    Ok(())
+}
+
 async fn run(mut cfg: Config) -> anyhow::Result<()> {
     if cfg.broker.is_none() {
         embedded::start(cfg.embedded_listen, cfg.protocol)?;
@@ -55,7 +74,7 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
-    let source_task = match (&cfg.sink, cfg.topics.is_empty()) {
+    let mut source_task = match (&cfg.sink, cfg.topics.is_empty()) {
         (Some(sink), false) => Some(tokio::spawn(source::run(
             cfg.clone(),
             sink.clone(),
@@ -86,9 +105,23 @@ async fn run(mut cfg: Config) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let source_failed = async {
+        match source_task.as_mut() {
+            Some(t) => t.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received, draining"),
         _ = int.recv() => tracing::info!("SIGINT received, draining"),
+        r = source_failed => {
+            let _ = stop_tx.send(true);
+            match r {
+                Ok(Err(e)) => return Err(e.context("MQTT source failed")),
+                Ok(Ok(())) => anyhow::bail!("MQTT source stopped unexpectedly"),
+                Err(e) => anyhow::bail!("MQTT source task failed: {e}"),
+            }
+        }
     }
     let _ = stop_tx.send(true);
     if let Some(t) = source_task {

@@ -113,6 +113,15 @@ pub async fn run(
                     // Not acknowledged: the broker redelivers it to the next session.
                     continue;
                 }
+                // QoS 0 has no broker-side window: bound what waits for the sink and drop the
+                // excess (QoS 0 is at-most-once by definition), counted and logged.
+                if msg.qos == 0
+                    && p.active.load(Ordering::Relaxed) >= usize::from(p.cfg.inflight) * 10
+                {
+                    p.metrics.failed.inc();
+                    tracing::warn!(topic = %msg.topic, "QoS 0 message dropped: the sink is not keeping up");
+                    continue;
+                }
                 p.active.fetch_add(1, Ordering::AcqRel);
                 let p2 = p.clone();
                 let c2 = client.clone();

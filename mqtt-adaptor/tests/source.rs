@@ -255,6 +255,8 @@ fn bad_configuration_exits_64() {
         (vec!["--broker", "http://x:1"], vec![]),
         (vec![], vec![("K_CE_OVERRIDES", "{not json")]),
         (vec![], vec![("K_SINK", "not a url")]),
+        (vec![], vec![("K_CA_CERTS", "not a PEM bundle")]),
+        (vec!["--tls-ca-file", "/nonexistent/ca.pem"], vec![]),
         (vec!["-source", "h:notaport"], vec![]),
     ] {
         let out = std::process::Command::new(bin)
