@@ -269,3 +269,48 @@ fn bad_configuration_exits_64() {
         assert!(err.contains("invalid configuration"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_subscription_delivers_each_message() {
+    let broker = Mosquitto::start("");
+    let sink = Sink::start().await;
+    let dir = TempDir::new("qos2");
+    for (version, id) in [("5", "qos2-v5"), ("3.1.1", "qos2-v311")] {
+        let topic = format!("{id}/#");
+        let adaptor = Adaptor::source_ready(
+            broker.port,
+            &topic,
+            id,
+            &["--qos", "2", "--protocol-version", version],
+            &sink.url(),
+            &dir.path(&format!("{id}.log")),
+        );
+        let pubc = TestClient::connect(broker.port, &format!("{id}-testpub")).await;
+        for i in 0..50 {
+            pubc.client
+                .publish(
+                    format!("{id}/t"),
+                    rumqttc::QoS::ExactlyOnce,
+                    false,
+                    format!("{id}-{i}"),
+                )
+                .await
+                .expect("publish");
+        }
+        let prefix = format!("{id}-");
+        assert!(
+            sink.wait_for(Duration::from_secs(30), |r| {
+                body_counts(r)
+                    .keys()
+                    .filter(|b| b.starts_with(prefix.as_bytes()))
+                    .count()
+                    >= 50
+            })
+            .await,
+            "v{version}: {}",
+            adaptor.logs()
+        );
+    }
+    // Nothing arrived twice without a fault.
+    assert!(body_counts(&sink.snapshot()).values().all(|&n| n == 1));
+}
