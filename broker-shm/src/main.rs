@@ -60,6 +60,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .manifests
         .clone()
         .ok_or(broker_shm::config::ConfigError::NoManifests)?;
+    if !manifests.is_dir() {
+        return Err(broker_shm::config::ConfigError::Invalid(
+            "--manifests",
+            format!("{} is not a directory", manifests.display()),
+        )
+        .into());
+    }
     let source: Arc<dyn ConfigSource> = Arc::new(DirectorySource::new(&manifests));
     let addr = SocketAddr::from(([0, 0, 0, 0], args.port));
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -177,6 +177,14 @@ async fn bad_configuration_exits_with_a_clear_error() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--manifests"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_broker-shm"))
+        .args(["--manifests", "/nonexistent/broker-shm-test"])
+        .env("INGRESS_PORT", free_port().to_string())
+        .env("METRICS_PORT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_broker-shm"))
         .args(["--manifests", "/nonexistent", "--durability", "sometimes"])
         .output()
         .unwrap();
