@@ -392,6 +392,7 @@ impl Runtime {
         };
         let (stop, stop_rx) = watch::channel(false);
         let d = Dispatcher {
+            key: t.key(),
             metrics: self.metrics.clone(),
             broker: state.clone(),
             filter: Arc::new(Filter::for_trigger(t.spec.filter.as_ref(), &t.spec.filters)),
@@ -428,6 +429,7 @@ fn sanitize(key: &str) -> String {
 }
 
 struct Dispatcher {
+    key: String,
     metrics: Arc<Metrics>,
     broker: Arc<BrokerState>,
     trigger: Arc<Trigger>,
@@ -451,10 +453,25 @@ impl Dispatcher {
                 let Some((bytes, next)) = rec else { break };
                 let off = next_read;
                 next_read = next;
+                // Decode and filter here: a non-matching event is done without a task.
+                let ev = match CloudEvent::from_record(&bytes) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        tracing::error!(error = %e, offset = off, "skipping undecodable log record");
+                        continue;
+                    }
+                };
+                if !self.filter.passes(&ev) {
+                    self.metrics.inc(
+                        "broker_shm_deliveries_total",
+                        &[("trigger", self.key.as_str()), ("outcome", "filtered")],
+                    );
+                    continue;
+                }
                 inflight.insert(off);
                 let job = self.job();
                 tasks.spawn(async move {
-                    job.handle(&bytes).await;
+                    job.handle(ev).await;
                     off
                 });
             }
@@ -495,7 +512,6 @@ impl Dispatcher {
             metrics: self.metrics.clone(),
             broker: self.broker.clone(),
             trigger: self.trigger.clone(),
-            filter: self.filter.clone(),
             delivery: self.delivery.clone(),
             sinks: self.sinks.clone(),
         }
@@ -506,20 +522,12 @@ struct Job {
     metrics: Arc<Metrics>,
     broker: Arc<BrokerState>,
     trigger: Arc<Trigger>,
-    filter: Arc<Filter>,
     delivery: Arc<Delivery>,
     sinks: Sinks,
 }
 
 impl Job {
-    async fn handle(&self, rec: &[u8]) {
-        let mut ev = match CloudEvent::from_record(rec) {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::error!(error = %e, "skipping undecodable log record");
-                return;
-            }
-        };
+    async fn handle(&self, mut ev: CloudEvent) {
         let key = self.trigger.key();
         let outcome = |what: &str| {
             self.metrics.inc(
@@ -527,10 +535,6 @@ impl Job {
                 &[("trigger", key.as_str()), ("outcome", what)],
             );
         };
-        if !self.filter.passes(&ev) {
-            outcome("filtered");
-            return;
-        }
         // The filter strips the TTL before delivery and re-attaches it to a reply.
         let ttl = ev.remove(TTL_EXT);
         let t = &self.trigger;
