@@ -196,7 +196,12 @@ impl Chain {
             // Kubelet probes that got past the drainer (only `K-Kubelet-Probe` marks them)
             // skip accounting and the breaker.
             return match self.proxy.forward(req, client).await {
-                Ok(res) => Ok((res, None)),
+                Ok((res, splice)) => {
+                    if let Some(s) = splice {
+                        s.start(());
+                    }
+                    Ok((res, None))
+                }
                 Err(e) => Err(proxy::error_response(&e)),
             };
         }
@@ -229,11 +234,17 @@ impl Chain {
             }
         }
         match self.proxy.forward(req, client).await {
-            Ok(res) => {
+            Ok((res, splice)) => {
                 if let Some(m) = guard.metrics.as_mut() {
                     m.2 = res.status().as_u16();
                 }
-                Ok((res, Some(guard)))
+                match splice {
+                    Some(s) => {
+                        s.start(guard);
+                        Ok((res, None))
+                    }
+                    None => Ok((res, Some(guard))),
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "error reverse proxying request");

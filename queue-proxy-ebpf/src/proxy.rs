@@ -168,7 +168,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Splice>), ProxyError> {
         let is_h2 = req.version() == Version::HTTP_2;
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
@@ -245,7 +245,7 @@ impl Proxy {
                 .await
                 .map_err(|e| ProxyError::Upstream(e.to_string()))?;
             strip_hop_by_hop(res.headers_mut());
-            return Ok(res);
+            return Ok((res, None));
         }
         let mut res = self.h1.request(req).await.map_err(|e| {
             if e.is_connect() {
@@ -261,22 +261,40 @@ impl Proxy {
             }
         })?;
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(down) = downstream_upgrade {
-                let up = hyper::upgrade::on(&mut res);
-                let guard = self.hijacks.enter();
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    if let (Ok(d), Ok(u)) = (down.await, up.await) {
-                        let mut d = TokioIo::new(d);
-                        let mut u = TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
-                    }
-                });
-            }
-            return Ok(res);
+            let splice = downstream_upgrade.map(|down| Splice {
+                down,
+                up: hyper::upgrade::on(&mut res),
+                _tracked: self.hijacks.enter(),
+            });
+            return Ok((res, splice));
         }
         strip_hop_by_hop(res.headers_mut());
-        Ok(res)
+        Ok((res, None))
+    }
+}
+
+/// An upgraded (websocket) exchange: once both sides have switched protocols, bytes are
+/// copied both ways until either closes.
+pub struct Splice {
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    _tracked: HijackGuard,
+}
+
+impl Splice {
+    /// Runs the splice in its own task, holding `keep` (the request's accounting and
+    /// breaker slot: like Knative, an open websocket counts as an in-flight request) until
+    /// the connection ends.
+    pub fn start<K: Send + 'static>(self, keep: K) {
+        tokio::spawn(async move {
+            let _keep = keep;
+            let _tracked = self._tracked;
+            if let (Ok(d), Ok(u)) = (self.down.await, self.up.await) {
+                let mut d = TokioIo::new(d);
+                let mut u = TokioIo::new(u);
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+        });
     }
 }
 

@@ -895,3 +895,40 @@ fn request_metrics_and_logs() {
     );
     assert_eq!(o.4.len(), 2, "one log line per request, probes left out");
 }
+
+#[test]
+fn open_websocket_counts_as_in_flight() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let (k, o) = both(&env, |p| {
+        let (port, stats) = (p.ports.serving, p.ports.stats);
+        let rt = runtime();
+        let ws = rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut ws = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            ws.write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .expect("write");
+            let mut buf = [0u8; 512];
+            let _ = ws.read(&mut buf).await;
+            ws
+        });
+        // Whole windows with the websocket open report concurrency 1.
+        let windows = collect_windows(stats, Duration::from_millis(2600));
+        drop(ws);
+        let max = windows
+            .iter()
+            .map(|s| (s.average_concurrent_requests * 10.0).round() / 10.0)
+            .fold(0.0, f64::max);
+        let arrivals: f64 = windows.iter().map(|s| s.request_count).sum();
+        (max, arrivals)
+    });
+    assert_same("open websocket in the autoscaler's concurrency", &k, &o);
+    assert_eq!(o.0, 1.0);
+}
