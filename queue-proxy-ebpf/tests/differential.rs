@@ -287,6 +287,22 @@ fn upstream_errors() {
             .collect::<Vec<_>>()
     });
     assert_same("upstream statuses pass through", &k, &o);
+
+    let (k, o) = both(&env, |p| {
+        let hop = get(p.ports.serving, "/hop", &[]);
+        let mut hop_headers: Vec<String> = hop
+            .headers
+            .keys()
+            .filter(|h| *h != "date")
+            .cloned()
+            .collect();
+        hop_headers.sort();
+        let head = runtime()
+            .block_on(send(p.ports.serving, "HEAD", "/echo", &[], false))
+            .expect("answer");
+        (hop.status, hop_headers, head.status, head.body.len())
+    });
+    assert_same("hop-by-hop response headers, HEAD", &k, &o);
 }
 
 #[test]
@@ -931,4 +947,30 @@ fn open_websocket_counts_as_in_flight() {
     });
     assert_same("open websocket in the autoscaler's concurrency", &k, &o);
     assert_eq!(o.0, 1.0);
+}
+
+#[test]
+fn grpc_through_h2c() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let (k, o) = both(&env, |p| {
+        let port = p.ports.serving;
+        runtime().block_on(async move {
+            let a = send_body(
+                port,
+                "POST",
+                "/grpc.health.v1.Health/Check",
+                &[("content-type", "application/grpc"), ("te", "trailers")],
+                true,
+                bytes::Bytes::from_static(&[0, 0, 0, 0, 0]),
+            )
+            .await
+            .expect("answer");
+            (a.status, a.key_headers(), a.body.to_vec(), a.trailers)
+        })
+    });
+    assert_same("gRPC over h2c with trailers", &k, &o);
+    assert_eq!(o.3.get("grpc-status").map(String::as_str), Some("0"));
 }

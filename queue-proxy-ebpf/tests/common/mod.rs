@@ -273,6 +273,19 @@ async fn upstream_handle(
                 .insert("content-type", "application/grpc".parse().expect("static"));
             r
         }
+        "/hop" => {
+            // Hop-by-hop headers the proxy must not forward, and an empty body.
+            let mut r = Response::new(full(""));
+            for (k, v) in [
+                ("connection", "x-drop"),
+                ("x-drop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("x-keep", "1"),
+            ] {
+                r.headers_mut().insert(k, v.parse().expect("static"));
+            }
+            r
+        }
         "/healthz" => {
             let mut r = Response::new(full("ok"));
             if !ready.load(Ordering::SeqCst) {
@@ -413,6 +426,7 @@ pub struct Answer {
     pub status: u16,
     pub headers: BTreeMap<String, String>,
     pub body: Bytes,
+    pub trailers: BTreeMap<String, String>,
 }
 
 impl Answer {
@@ -506,16 +520,27 @@ pub async fn send_body(
             )
         })
         .collect();
-    let body = res
-        .into_body()
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
+    let collected = res.into_body().collect().await.ok();
+    let trailers = collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .map(|t| {
+            t.iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     Ok(Answer {
         status,
         headers,
         body,
+        trailers,
     })
 }
 
