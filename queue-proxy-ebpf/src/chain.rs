@@ -117,7 +117,7 @@ impl Chain {
         let start = Instant::now();
         let total_deadline = start + self.timeouts.total;
         forwarded::apply(req.headers_mut());
-        let inner = self.proxy_layer(req, client);
+        let inner = self.proxy_layer(req, client, total_deadline);
         let (res, guard) = tokio::select! {
             res = inner => match res {
                 Ok(r) => r,
@@ -190,6 +190,7 @@ impl Chain {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        deadline: Instant,
     ) -> Result<(Response<Incoming>, Option<Guard>), Response<Body>> {
         let probe = health::is_probe(req.headers());
         if health::is_kubelet_probe(req.headers()) {
@@ -198,7 +199,7 @@ impl Chain {
             return match self.proxy.forward(req, client).await {
                 Ok((res, splice)) => {
                     if let Some(s) = splice {
-                        s.start(());
+                        s.start((), Some(deadline));
                     }
                     Ok((res, None))
                 }
@@ -240,7 +241,7 @@ impl Chain {
                 }
                 match splice {
                     Some(s) => {
-                        s.start(guard);
+                        s.start(guard, Some(deadline));
                         Ok((res, None))
                     }
                     None => Ok((res, Some(guard))),

@@ -284,15 +284,24 @@ pub struct Splice {
 impl Splice {
     /// Runs the splice in its own task, holding `keep` (the request's accounting and
     /// breaker slot: like Knative, an open websocket counts as an in-flight request) until
-    /// the connection ends.
-    pub fn start<K: Send + 'static>(self, keep: K) {
+    /// the connection ends, or until `deadline` (Knative's revision timeout also ends
+    /// upgraded connections).
+    pub fn start<K: Send + 'static>(self, keep: K, deadline: Option<tokio::time::Instant>) {
         tokio::spawn(async move {
             let _keep = keep;
             let _tracked = self._tracked;
-            if let (Ok(d), Ok(u)) = (self.down.await, self.up.await) {
-                let mut d = TokioIo::new(d);
-                let mut u = TokioIo::new(u);
-                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            let splice = async {
+                if let (Ok(d), Ok(u)) = (self.down.await, self.up.await) {
+                    let mut d = TokioIo::new(d);
+                    let mut u = TokioIo::new(u);
+                    let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                }
+            };
+            match deadline {
+                Some(d) => {
+                    let _ = tokio::time::timeout_at(d, splice).await;
+                }
+                None => splice.await,
             }
         });
     }

@@ -974,3 +974,40 @@ fn grpc_through_h2c() {
     assert_same("gRPC over h2c with trailers", &k, &o);
     assert_eq!(o.3.get("grpc-status").map(String::as_str), Some("0"));
 }
+
+#[test]
+fn revision_timeout_ends_websockets() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let mut env = knative_env(up.port);
+    env.insert("REVISION_TIMEOUT_SECONDS".into(), "1".into());
+    let (k, o) = both(&env, |p| {
+        let port = p.ports.serving;
+        runtime().block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut ws = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            ws.write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .expect("write");
+            let mut buf = [0u8; 512];
+            let _ = ws.read(&mut buf).await;
+            ws.write_all(b"ping").await.expect("write");
+            let mut echo = [0u8; 4];
+            let before = ws.read_exact(&mut echo).await.is_ok();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let _ = ws.write_all(b"pong").await;
+            let after = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut buf))
+                .await
+                .map(|r| r.map(|n| n > 0).unwrap_or(false))
+                .unwrap_or(true);
+            (before, after)
+        })
+    });
+    assert_same("websocket cut at the revision timeout", &k, &o);
+    assert_eq!(o, (true, false));
+}
