@@ -141,3 +141,47 @@ fn idle_process_sleeps() {
     assert_eq!(c1 - c0, 0);
     assert_eq!(t1 - t0, 0);
 }
+
+/// The controller runs the sidecar as non-root with every capability dropped; it must start
+/// and serve like that. (Needs root to switch to uid 65534 with setpriv from util-linux.)
+#[test]
+fn runs_as_nobody_without_capabilities() {
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let mut child = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ])
+        .arg(OURS)
+        .env_clear()
+        .envs(&env)
+        .env("QUEUE_ADMIN_PORT", "28022")
+        .env("QUEUE_AUTOSCALING_METRICS_PORT", "29090")
+        .current_dir("/")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect(
+            "setpriv (util-linux) must be installed; this test needs root to drop to uid 65534",
+        );
+    let mut status = 0;
+    for _ in 0..100 {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("exited as uid 65534: {s}");
+        }
+        if let Ok(a) = runtime().block_on(send(SERVING_PORT, "GET", "/echo", &[], false)) {
+            status = a.status;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+}
