@@ -93,7 +93,7 @@ async fn app_conn(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut buf = BytesMut::with_capacity(512);
+    let mut buf = BytesMut::new();
     let head = tokio::select! {
         r = read_head(&mut stream, &mut buf) => r,
         _ = stop.wait_for(|s| *s) => return,

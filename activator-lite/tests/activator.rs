@@ -418,20 +418,25 @@ async fn scale_from_zero_through_knatives_queue_proxy() {
     );
     // queue-proxy counted the request as proxied by the activator (K-Proxy-Request).
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = None;
     loop {
-        if let Some(stat) = qp.stat().await
-            && stat.proxied_request_count > 0.0
-        {
-            break;
+        if let Some(stat) = qp.stat().await {
+            if stat.pod_name == QP_POD && stat.proxied_request_count > 0.0 {
+                break;
+            }
+            last = Some(stat);
         }
         assert!(
             Instant::now() < deadline,
-            "queue-proxy never saw a proxied request"
+            "queue-proxy never reported a proxied request; last stat on :9090: {last:?} \
+             (another queue-proxy holding :9090 shows a different pod_name)"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     qp.stop();
 }
+
+const QP_POD: &str = "hello-00001-deployment-abc";
 
 struct QueueProxy {
     child: std::process::Child,
@@ -452,7 +457,7 @@ impl QueueProxy {
                 ("SERVING_SERVICE", "svc"),
                 ("SERVING_CONFIGURATION", "svc"),
                 ("SERVING_REVISION", REV),
-                ("SERVING_POD", "hello-00001-deployment-abc"),
+                ("SERVING_POD", QP_POD),
                 ("SERVING_POD_IP", "127.0.0.1"),
                 ("QUEUE_SERVING_PORT", &port.to_string()),
                 ("QUEUE_SERVING_TLS_PORT", &free_port().to_string()),

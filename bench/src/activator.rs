@@ -1,0 +1,575 @@
+//! `spright-bench activator`: activator-lite against a direct call and against nginx as a
+//! reverse proxy, side by side in one run.
+//!
+//! - Added latency and CPU per request: `wrk` (pinned to CPU 0) drives the same upstream
+//!   directly, through activator-lite and through nginx (each proxy pinned to CPU 1; CPU
+//!   is the proxy process's user+system time from /proc).
+//! - Cold start: a request for a revision without endpoints is held (the activator's
+//!   metrics show it queued), then the Endpoints manifest appears; the delay from writing
+//!   it to the held request's answer is taken (inotify, reload, pod probe, proxy).
+//! - Memory: RSS of activator-lite with `--held` requests held for a revision without pods.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use crate::measure::{cpu_seconds, pin_self, sibling};
+use crate::report::{Row, table};
+
+/// Arguments of `spright-bench activator`.
+#[derive(Debug, clap::Args)]
+pub struct ActivatorBenchArgs {
+    /// Seconds of load per measured path.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Concurrent keep-alive connections of the load generator.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Scale-from-zero repetitions for the endpoint-ready → first-answer delay.
+    #[arg(long, default_value_t = 30)]
+    pub cold_runs: usize,
+    /// Requests held for a revision without pods when measuring memory.
+    #[arg(long, default_value_t = 10_000)]
+    pub held: usize,
+    /// The activator-lite binary (default: next to this executable).
+    #[arg(long)]
+    pub activator: Option<PathBuf>,
+    /// nginx binary.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    pub nginx: PathBuf,
+    /// wrk binary.
+    #[arg(long, default_value = "wrk")]
+    pub wrk: String,
+    /// Write the rows as JSON to this path.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+const NS: &str = "default";
+const REV: &str = "bench-00001";
+const HELD_REV: &str = "held-00001";
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn write_atomic(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+fn revision_yaml(name: &str, cc: u32) -> String {
+    format!(
+        "apiVersion: serving.knative.dev/v1\nkind: Revision\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  containerConcurrency: {cc}\n  timeoutSeconds: 300\n"
+    )
+}
+
+fn endpoints_yaml(rev: &str, pod: Option<SocketAddr>) -> String {
+    let head = format!(
+        "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {rev}-private\n  namespace: {NS}\n  labels:\n    serving.knative.dev/revision: {rev}\n    serving.knative.dev/revisionUID: bench-uid\n    networking.internal.knative.dev/serviceType: Private\n"
+    );
+    match pod {
+        None => format!("{head}subsets: []\n"),
+        Some(a) => format!(
+            "{head}subsets:\n- addresses:\n  - ip: {}\n  ports:\n  - name: http\n    port: {}\n",
+            a.ip(),
+            a.port()
+        ),
+    }
+}
+
+/// The upstream "pod": answers queue-proxy probes with `queue`, everything else with `ok`.
+async fn upstream() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                    let body = if req
+                        .headers()
+                        .get("k-network-probe")
+                        .is_some_and(|v| v == "queue")
+                    {
+                        "queue"
+                    } else {
+                        "ok"
+                    };
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(body.as_bytes()),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The autoscaler stand-in: accepts the websocket and reads (drops) the stat frames.
+async fn autoscaler() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let port = l.local_addr()?.port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                // Reading answers the activator's pings.
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// One HTTP/1.1 GET through the activator for `rev`; returns the status.
+async fn get_status(port: u16, rev: &str) -> anyhow::Result<u16> {
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/")
+        .header("host", "bench")
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", rev)
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+/// Waits (polling the metrics endpoint) until `n` requests of `rev` are queued.
+async fn queued(metrics_port: u16, rev: &str, n: usize, within: Duration) -> anyhow::Result<bool> {
+    let want = format!("kn_revision_name=\"{rev}\"}} {n}");
+    let deadline = Instant::now() + within;
+    loop {
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let body = tokio::task::block_in_place(|| crate::measure::http_get(&url))?;
+        if body
+            .lines()
+            .any(|l| l.starts_with("kn_revision_request_queued") && l.ends_with(&want))
+        {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = s
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("activator-lite on :{port} never became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What wrk measured.
+#[derive(Debug)]
+struct Wrk {
+    p50_us: f64,
+    p99_us: f64,
+    rps: f64,
+    requests: f64,
+}
+
+fn parse_wrk_duration(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e3)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1e6)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * scale)
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut rps = None;
+    let mut requests = None;
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("50%") {
+            p50 = parse_wrk_duration(v);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            p99 = parse_wrk_duration(v);
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse().ok();
+        } else if t.contains("requests in") {
+            requests = t.split_whitespace().next().and_then(|n| n.parse().ok());
+        } else if t.starts_with("Non-2xx") || t.starts_with("Socket errors") {
+            bail!("wrk saw errors: {t}");
+        }
+    }
+    Ok(Wrk {
+        p50_us: p50.context("wrk: no 50% line")?,
+        p99_us: p99.context("wrk: no 99% line")?,
+        rps: rps.context("wrk: no Requests/sec")?,
+        requests: requests.context("wrk: no request count")?,
+    })
+}
+
+/// Runs wrk pinned to CPU 0 against `port`; returns its figures and the CPU seconds
+/// `pid` used meanwhile.
+fn wrk(
+    args: &ActivatorBenchArgs,
+    port: u16,
+    pid: Option<u32>,
+    seconds: u64,
+) -> anyhow::Result<(Wrk, Option<f64>)> {
+    let cpu0 = pid.map(cpu_seconds).transpose()?;
+    let out = Command::new("taskset")
+        .args(["-c", "0", &args.wrk, "-t1", "--latency"])
+        .arg(format!("-c{}", args.connections))
+        .arg(format!("-d{seconds}s"))
+        .args(["-H", &format!("Knative-Serving-Namespace: {NS}")])
+        .args(["-H", &format!("Knative-Serving-Revision: {REV}")])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .with_context(|| format!("running {} (apt-get install wrk)", args.wrk))?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let w = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+    let cpu = match (pid, cpu0) {
+        (Some(p), Some(c0)) => Some(cpu_seconds(p)? - c0),
+        _ => None,
+    };
+    Ok((w, cpu))
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  upstream pod {{ server {upstream}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://pod;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header K-Proxy-Request activator;\n      proxy_set_header K-Original-Host $host;\n      proxy_set_header Knative-Serving-Namespace \"\";\n      proxy_set_header Knative-Serving-Revision \"\";\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// Runs the whole comparison.
+pub fn run(args: ActivatorBenchArgs) -> anyhow::Result<()> {
+    pin_self(0)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
+    let bin = match &args.activator {
+        Some(p) => p.clone(),
+        None => sibling("activator-lite")?,
+    };
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("spright-bench-activator-{}", std::process::id())),
+    );
+    let manifests = dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let pod = upstream().await?;
+    let as_port = autoscaler().await?;
+    write_atomic(&manifests, "rev.yaml", &revision_yaml(REV, 0))?;
+    write_atomic(&manifests, "ep.yaml", &endpoints_yaml(REV, Some(pod)))?;
+    write_atomic(&manifests, "held.yaml", &revision_yaml(HELD_REV, 0))?;
+
+    let (a_port, a_h2c, a_metrics) = (free_port()?, free_port()?, free_port()?);
+    // Each proxy runs on CPU 1 from the start (so it sizes its thread pool to one
+    // core, as nginx runs one worker); wrk and the upstream share CPU 0.
+    let act = Proc(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&bin)
+            .env("POD_NAME", "activator-bench")
+            .env("POD_IP", "127.0.0.1")
+            .env("SYSTEM_NAMESPACE", "knative-serving")
+            .env("RUST_LOG", "warn")
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--autoscaler", &format!("ws://127.0.0.1:{as_port}/")])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--http1-port", &a_port.to_string()])
+            .args(["--h2c-port", &a_h2c.to_string()])
+            .args(["--metrics-port", &a_metrics.to_string()])
+            .args(["--drain-timeout-secs", "0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?,
+    );
+    let act_pid = act.0.id();
+    wait_ready(a_port).await?;
+
+    let n_port = free_port()?;
+    let conf = dir.0.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&dir.0, n_port, pod))?;
+    let nginx = Proc(
+        Command::new("taskset")
+            .args(["-c", "1"])
+            .arg(&args.nginx)
+            .arg("-e")
+            .arg(dir.0.join("nginx-error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (apt-get install nginx-light)",
+                    args.nginx.display()
+                )
+            })?,
+    );
+    let nginx_pid = nginx.0.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", n_port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("nginx never listened on :{n_port}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Latency and CPU per request.
+    let mut rows = Vec::new();
+    let measure = |port: u16, pid: Option<u32>| {
+        let args = &args;
+        tokio::task::block_in_place(move || {
+            wrk(args, port, pid, 1)?; // warm-up (pools, caches)
+            wrk(args, port, pid, args.seconds)
+        })
+    };
+    let (direct, _) = measure(pod.port(), None)?;
+    let (through_act, act_cpu) = measure(a_port, Some(act_pid))?;
+    let (through_nginx, nginx_cpu) = measure(n_port, Some(nginx_pid))?;
+    let row = |name: &str, w: &Wrk, cpu: Option<f64>| Row {
+        connections: Some(args.connections),
+        p50_us: Some(w.p50_us),
+        p99_us: Some(w.p99_us),
+        rps: Some(w.rps),
+        cpu_s_per_1k: cpu.map(|c| c / w.requests * 1000.0),
+        ..Row::named(name)
+    };
+    rows.push(row("direct (upstream)", &direct, None));
+    rows.push(row("activator-lite", &through_act, act_cpu));
+    rows.push(row("nginx reverse proxy", &through_nginx, nginx_cpu));
+    let added = |name: &str, w: &Wrk| Row {
+        p50_us: Some(w.p50_us - direct.p50_us),
+        p99_us: Some(w.p99_us - direct.p99_us),
+        ..Row::named(name)
+    };
+    rows.push(added("activator-lite added", &through_act));
+    rows.push(added("nginx added", &through_nginx));
+
+    // Endpoint ready -> first held request answered.
+    let mut delays = Vec::with_capacity(args.cold_runs);
+    for i in 0..args.cold_runs {
+        let rev = format!("cold-{i:05}");
+        write_atomic(&manifests, &format!("{rev}.yaml"), &revision_yaml(&rev, 0))?;
+        write_atomic(
+            &manifests,
+            &format!("{rev}-ep.yaml"),
+            &endpoints_yaml(&rev, None),
+        )?;
+        // Hold a request (retry while the revision is not known yet: 404).
+        let held = loop {
+            let rev2 = rev.clone();
+            let h = tokio::spawn(async move { get_status(a_port, &rev2).await });
+            if queued(a_metrics, &rev, 1, Duration::from_millis(500)).await? {
+                break h;
+            }
+            let status = h.await??;
+            if status != 404 {
+                bail!("cold request for {rev} answered {status} before its endpoint existed");
+            }
+        };
+        let t0 = Instant::now();
+        write_atomic(
+            &manifests,
+            &format!("{rev}-ep.yaml"),
+            &endpoints_yaml(&rev, Some(pod)),
+        )?;
+        let status = held.await??;
+        let d = t0.elapsed();
+        if status != 200 {
+            bail!("held request for {rev} answered {status}");
+        }
+        delays.push(d.as_secs_f64() * 1e6);
+    }
+    delays.sort_by(|a, b| a.total_cmp(b));
+    rows.push(Row {
+        p50_us: Some(percentile(&delays, 0.5)),
+        p99_us: Some(percentile(&delays, 0.99)),
+        ..Row::named("endpoint ready -> first held answer")
+    });
+
+    // Memory with N held requests.
+    let rss_idle = rss_kib(act_pid)?;
+    let mut conns = Vec::with_capacity(args.held);
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: bench\r\nKnative-Serving-Namespace: {NS}\r\nKnative-Serving-Revision: {HELD_REV}\r\n\r\n"
+    );
+    for _ in 0..args.held {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", a_port))
+            .await
+            .context("opening held connections (raise ulimit -n?)")?;
+        s.write_all(req.as_bytes()).await?;
+        conns.push(s);
+    }
+    if !queued(a_metrics, HELD_REV, args.held, Duration::from_secs(60)).await? {
+        bail!("activator-lite never held {} requests", args.held);
+    }
+    let rss_held = rss_kib(act_pid)?;
+    drop(conns);
+
+    drop(nginx);
+    drop(act);
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", table(&rows))?;
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    writeln!(
+        out,
+        "added p50 activator-lite / nginx: {}   cpu per request activator-lite / nginx: {}",
+        ratio(rows[3].p50_us, rows[4].p50_us),
+        ratio(rows[1].cpu_s_per_1k, rows[2].cpu_s_per_1k)
+    )?;
+    writeln!(
+        out,
+        "endpoint ready -> first held answer p50: {:.2} ms (Knative's probe tick alone: 200 ms; target < 10 ms)",
+        percentile(&delays, 0.5) / 1000.0
+    )?;
+    writeln!(
+        out,
+        "activator-lite RSS: idle {:.1} MiB, with {} held requests {:.1} MiB (target < 64 MiB)",
+        rss_idle as f64 / 1024.0,
+        args.held,
+        rss_held as f64 / 1024.0
+    )?;
+    if let Some(path) = &args.json {
+        let mut values = Vec::new();
+        for r in &rows {
+            let mut v = serde_json::to_value(r)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("rss_mib".into(), serde_json::Value::Null);
+            }
+            values.push(v);
+        }
+        let mut mem = serde_json::to_value(Row::named(format!(
+            "activator-lite rss with {} held",
+            args.held
+        )))?;
+        if let Some(o) = mem.as_object_mut() {
+            o.insert(
+                "rss_mib".into(),
+                serde_json::json!(rss_held as f64 / 1024.0),
+            );
+        }
+        values.push(mem);
+        std::fs::write(path, serde_json::to_string_pretty(&values)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output() {
+        let out = "Running 1s test @ http://127.0.0.1:1/\n  1 threads and 16 connections\n  Latency Distribution\n     50%  101.00us\n     75%  1.20ms\n     90%  2.00ms\n     99%    1.50s\n  12345 requests in 1.00s, 1.00MB read\nRequests/sec:  12345.67\n";
+        let w = parse_wrk(out).unwrap();
+        assert_eq!(
+            (w.p50_us, w.p99_us, w.rps, w.requests),
+            (101.0, 1_500_000.0, 12345.67, 12345.0)
+        );
+        assert!(parse_wrk("Non-2xx or 3xx responses: 3\n").is_err());
+    }
+}
