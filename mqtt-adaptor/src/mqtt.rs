@@ -86,6 +86,8 @@ pub enum MqttEvent {
     /// QoS 2: PUBREC with a failure reason ends the flow.
     PubRecFailed(u16, String),
     PubComp(u16),
+    /// The event loop wrote one of our PUBACK/PUBREC acknowledgements to the network.
+    AckFlushed,
     Other,
 }
 
@@ -278,6 +280,9 @@ impl EventLoop {
                         Ok(MqttEvent::OutgoingPublish(id))
                     }
                     Ok(Event::Outgoing(Outgoing::AwaitAck(id))) => Ok(MqttEvent::AwaitAck(id)),
+                    Ok(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
+                        Ok(MqttEvent::AckFlushed)
+                    }
                     Ok(_) => Ok(MqttEvent::Other),
                     Err(rumqttc::ConnectionError::ConnectionRefused(c)) => {
                         Err(MqttError::Refused(v4_refusal(c)))
@@ -322,6 +327,9 @@ impl EventLoop {
                         Ok(MqttEvent::OutgoingPublish(id))
                     }
                     Ok(r5::Event::Outgoing(Outgoing::AwaitAck(id))) => Ok(MqttEvent::AwaitAck(id)),
+                    Ok(r5::Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
+                        Ok(MqttEvent::AckFlushed)
+                    }
                     Ok(_) => Ok(MqttEvent::Other),
                     Err(r5::ConnectionError::ConnectionRefused(c)) => {
                         Err(MqttError::Refused(v5_refusal(c)))

@@ -6,7 +6,7 @@
 //! unacknowledged when the process stops is redelivered by the broker after restart.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, watch};
@@ -28,6 +28,8 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     window: Semaphore,
     active: AtomicUsize,
+    /// Acknowledgements queued to the event loop and not yet written (may dip below 0 briefly).
+    acks_pending: AtomicI64,
     idle: Notify,
 }
 
@@ -63,6 +65,7 @@ pub async fn run(
         sink,
         metrics,
         active: AtomicUsize::new(0),
+        acks_pending: AtomicI64::new(0),
         idle: Notify::new(),
     });
     tracing::info!(
@@ -74,6 +77,7 @@ pub async fn run(
         "MQTT source starting"
     );
 
+    let pending_limit = usize::from(p.cfg.inflight) * 2;
     let mut reconnect_delay = Duration::from_millis(100);
     let mut draining_since: Option<Instant> = None;
     let mut last_error = String::new();
@@ -90,11 +94,28 @@ pub async fn run(
         {
             break;
         }
-        let event = tokio::select! {
-            ev = eventloop.poll() => ev,
-            _ = shutdown.changed(), if draining_since.is_none() => continue,
-            _ = p.idle.notified(), if draining_since.is_some() => continue,
-            _ = tokio::time::sleep(p.cfg.drain_timeout), if draining_since.is_some() => continue,
+        // Backpressure. Brokers do not reliably bound the unacknowledged messages they push
+        // (mosquitto 2.0 was seen to exceed both max_inflight_messages and the v5 receive
+        // maximum), so with `pending_limit` messages waiting for the sink the loop stops
+        // reading from the broker. It keeps polling while acknowledgements are queued (rumqttc
+        // writes them only from its event loop) and reads once per half keep-alive interval
+        // to keep the connection alive (at most 10 packets per read).
+        let saturated = draining_since.is_none()
+            && p.active.load(Ordering::Acquire) >= pending_limit
+            && p.acks_pending.load(Ordering::Acquire) <= 0;
+        let event = if saturated {
+            tokio::select! {
+                _ = p.idle.notified() => continue,
+                _ = shutdown.changed() => continue,
+                _ = tokio::time::sleep(p.cfg.keep_alive / 2) => eventloop.poll().await,
+            }
+        } else {
+            tokio::select! {
+                ev = eventloop.poll() => ev,
+                _ = shutdown.changed(), if draining_since.is_none() => continue,
+                _ = p.idle.notified(), if draining_since.is_some() => continue,
+                _ = tokio::time::sleep(p.cfg.drain_timeout), if draining_since.is_some() => continue,
+            }
         };
         match event {
             Ok(MqttEvent::Connected { session_present }) => {
@@ -127,10 +148,13 @@ pub async fn run(
                 let c2 = client.clone();
                 tokio::spawn(async move {
                     deliver_and_ack(&p2, &c2, msg, token).await;
-                    if p2.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        p2.idle.notify_one();
-                    }
+                    p2.active.fetch_sub(1, Ordering::AcqRel);
+                    // Wakes the loop when saturated or draining (a stored permit: no lost wake-up).
+                    p2.idle.notify_one();
                 });
+            }
+            Ok(MqttEvent::AckFlushed) => {
+                p.acks_pending.fetch_sub(1, Ordering::AcqRel);
             }
             Ok(_) => {}
             Err(e) => {
@@ -189,11 +213,15 @@ async fn deliver_and_ack(p: &Pipeline, client: &Client, msg: InboundMessage, tok
             dead_letter(p, ev, &reason).await
         }
     };
-    if done
-        && msg.qos > 0
-        && let Err(e) = client.ack(&token).await
-    {
-        tracing::warn!(error = %e, "cannot acknowledge; the broker will redeliver");
+    if done && msg.qos > 0 {
+        match client.ack(&token).await {
+            Ok(()) => {
+                p.acks_pending.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot acknowledge; the broker will redeliver")
+            }
+        }
     }
     p.metrics.inflight.dec();
 }

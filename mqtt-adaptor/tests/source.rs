@@ -127,6 +127,8 @@ async fn sink_outage_loses_nothing() {
             "20",
             "--retry-backoff-max-ms",
             "300",
+            "--inflight",
+            "10",
         ],
         &[("K_SINK", &sink.url())],
         &dir.path("adaptor.log"),
@@ -144,7 +146,7 @@ async fn sink_outage_loses_nothing() {
     // The sink keeps failing for a while: attempts happen, nothing is accepted.
     let attempts_seen = {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while sink.attempts.load(std::sync::atomic::Ordering::Relaxed) < 200
+        while sink.attempts.load(std::sync::atomic::Ordering::Relaxed) < 100
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -153,6 +155,19 @@ async fn sink_outage_loses_nothing() {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sink.count(), 0);
+    // Backpressure: while the sink fails, the adaptor stops reading at 2 x --inflight waiting
+    // messages (plus at most one read of 10); the rest stays with the broker.
+    let (_, metrics) = adaptor.get("/metrics").expect("metrics");
+    let received: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mqtt_adaptor_messages_received_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    eprintln!("received during the outage: {received} of 300");
+    assert!(
+        received <= 40,
+        "read {received} messages while the sink was down"
+    );
     sink.status.store(202, std::sync::atomic::Ordering::Relaxed);
     assert!(
         sink.wait_for(Duration::from_secs(60), |r| body_counts(r).len() >= 300)
