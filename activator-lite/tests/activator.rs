@@ -529,3 +529,27 @@ impl QueueProxy {
         let _ = self.child.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_revision_is_proxied_over_http2() {
+    let m = Manifests::new();
+    m.write(
+        "rev-grpc.yaml",
+        &revision_yaml(REV, 0, "").replace(
+            "- containerPort: 8080",
+            "- containerPort: 8080\n      name: h2c",
+        ),
+    );
+    let pod = Pod::start("pod-h2", true).await;
+    m.write(
+        "ep-grpc.yaml",
+        &endpoints_yaml_port(REV, &[pod.addr], &[], "http2"),
+    );
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let r = act.get(REV, "/h2", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-h2"));
+    let seen = pod.served();
+    assert_eq!(seen[0].version, http::Version::HTTP_2);
+    assert_eq!(seen[0].headers.get("k-proxy-request").unwrap(), "activator");
+}

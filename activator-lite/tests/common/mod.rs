@@ -97,6 +97,16 @@ pub fn revision_yaml(name: &str, cc: u32, extra_spec: &str) -> String {
 
 /// Private Endpoints in Knative's shape: one subset per pod (each test pod has its own port).
 pub fn endpoints_yaml(rev: &str, ready: &[SocketAddr], not_ready: &[SocketAddr]) -> String {
+    endpoints_yaml_port(rev, ready, not_ready, "http")
+}
+
+/// As [`endpoints_yaml`] with the serving port named `port_name` (`http2` for h2c revisions).
+pub fn endpoints_yaml_port(
+    rev: &str,
+    ready: &[SocketAddr],
+    not_ready: &[SocketAddr],
+    port_name: &str,
+) -> String {
     let mut s = format!(
         "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {rev}-private\n  namespace: {NS}\n  labels:\n    serving.knative.dev/revision: {rev}\n    serving.knative.dev/revisionUID: 6c0e4f0a-uid\n    networking.internal.knative.dev/serviceType: Private\n"
     );
@@ -116,7 +126,7 @@ pub fn endpoints_yaml(rev: &str, ready: &[SocketAddr], not_ready: &[SocketAddr])
             "notReadyAddresses"
         };
         s.push_str(&format!(
-            "- {key}:\n  - ip: {}\n  ports:\n  - name: http\n    port: {}\n    protocol: TCP\n  - name: http-queueadm\n    port: 8022\n",
+            "- {key}:\n  - ip: {}\n  ports:\n  - name: {port_name}\n    port: {}\n    protocol: TCP\n  - name: http-queueadm\n    port: 8022\n",
             addr.ip(),
             addr.port()
         ));
@@ -263,6 +273,7 @@ pub async fn send(req: Request<Full<Bytes>>) -> Reply {
 pub struct Seen {
     pub path: String,
     pub headers: http::HeaderMap,
+    pub version: http::Version,
 }
 
 #[derive(Default)]
@@ -321,6 +332,7 @@ async fn pod_handle(st: Arc<PodState>, mut req: Request<Incoming>) -> Response<P
     st.seen.lock().expect("lock").push(Seen {
         path: path.clone(),
         headers: req.headers().clone(),
+        version: req.version(),
     });
     let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -409,9 +421,9 @@ impl Pod {
                         let st = st.clone();
                         async move { Ok::<_, std::convert::Infallible>(pod_handle(st, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
+                    // HTTP/1.1 and h2c, as a queue-proxy serves.
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                         .await;
                 });
             }
