@@ -24,7 +24,7 @@ use spright_core::descriptor::Descriptor;
 use spright_core::transport::{SkMsgEndpoint, Transport, UnixEndpoint};
 
 use crate::knative_chain::{KnativeChain, KnativeChainConfig};
-use crate::measure::{cpu_seconds, http_load, pin, pin_self, sibling, total_cpu, wait_http_ok};
+use crate::measure::{cpu_seconds, pin, pin_self, sibling, total_cpu, wait_http_ok, wrk};
 use crate::report::{Row, table, write_json};
 
 /// Arguments of `spright-bench dataplane`.
@@ -344,7 +344,7 @@ fn start_shm_chain(
     let url = format!("http://{addr}/motion");
     wait_http_ok(
         &url,
-        &Bytes::from(spright_sample_chain::sample_body(4)),
+        spright_sample_chain::sample_body(4).as_bytes(),
         Duration::from_secs(20),
     )
     .with_context(|| {
@@ -372,7 +372,8 @@ fn start_http_chain(dir: &std::path::Path) -> anyhow::Result<(Procs, String, Vec
     let ports: Vec<u16> = (0..4).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
     let mut procs = Procs(Vec::new());
     for (i, step) in spright_sample_chain::STEPS.iter().enumerate() {
-        let mut cmd = Command::new(&fn_bin);
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", &SUT_CPU.to_string()]).arg(&fn_bin);
         cmd.args(["http", step, &format!("127.0.0.1:{}", ports[i])]);
         if let Some(next) = ports.get(i + 1) {
             cmd.arg(format!("http://127.0.0.1:{next}/"));
@@ -388,48 +389,44 @@ fn start_http_chain(dir: &std::path::Path) -> anyhow::Result<(Procs, String, Vec
     let url = format!("http://127.0.0.1:{}/", ports[0]);
     wait_http_ok(
         &url,
-        &Bytes::from(spright_sample_chain::sample_body(4)),
+        spright_sample_chain::sample_body(4).as_bytes(),
         Duration::from_secs(20),
     )?;
     let pids = procs.0.iter().map(Child::id).collect();
     Ok((procs, url, pids))
 }
 
-/// Load at 1 and 32 connections; CPU of `pids` per 1,000 requests.
+/// Load at 1 and 32 connections (wrk on the load core); CPU of `pids` per 1,000 requests.
 fn measure_chain(
     name: &str,
     url: &str,
     pids: &[u32],
     seconds: f64,
+    dir: &std::path::Path,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     for pid in pids {
         pin(*pid, SUT_CPU)?;
     }
-    pin_self(LOAD_CPU)?;
-    let body = Bytes::from(spright_sample_chain::sample_body(64));
+    let body = spright_sample_chain::sample_body(64);
     // Warm up connections and caches.
-    let _ = http_load(url, &body, 4, Duration::from_millis(300))?;
+    let _ = wrk(LOAD_CPU, url, Some(body.as_bytes()), 4, 1.0, dir)?;
     for conns in [1usize, 32] {
         let cpu0 = total_cpu(pids)?;
-        let r = http_load(url, &body, conns, Duration::from_secs_f64(seconds))?;
+        let r = wrk(LOAD_CPU, url, Some(body.as_bytes()), conns, seconds, dir)?;
         let cpu = total_cpu(pids)? - cpu0;
         if r.errors > 0 {
-            bail!(
-                "{name}: {} of {} requests failed",
-                r.errors,
-                r.requests + r.errors
-            );
+            bail!("{name}: {} of {} requests failed", r.errors, r.requests);
         }
         rows.push(Row {
             connections: Some(conns),
-            p50_us: Some(r.pct_us(0.5)),
-            p99_us: Some(r.pct_us(0.99)),
-            rps: Some(r.rps()),
+            p50_us: Some(r.p50_us),
+            p99_us: Some(r.p99_us),
+            rps: Some(r.rps),
             cpu_s_per_1k: Some(cpu / r.requests as f64 * 1000.0),
             ..Row::named(name)
         });
-        eprintln!("  {name} c={conns}: {:.0} req/s", r.rps());
+        eprintln!("  {name} c={conns}: {:.0} req/s", r.rps);
     }
     Ok(())
 }
@@ -466,7 +463,14 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let idle;
     {
         let (_p, url, pids) = start_shm_chain("sk_msg", &dir)?;
-        measure_chain("chain/shm+sk_msg", &url, &pids, args.seconds, &mut rows)?;
+        measure_chain(
+            "chain/shm+sk_msg",
+            &url,
+            &pids,
+            args.seconds,
+            &dir,
+            &mut rows,
+        )?;
         eprintln!("  idle dataplane for {} s...", args.idle_seconds);
         std::thread::sleep(Duration::from_secs(1));
         let before: Vec<f64> = pids
@@ -485,11 +489,18 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     }
     {
         let (_p, url, pids) = start_shm_chain("unix", &dir)?;
-        measure_chain("chain/shm+unix", &url, &pids, args.seconds, &mut rows)?;
+        measure_chain("chain/shm+unix", &url, &pids, args.seconds, &dir, &mut rows)?;
     }
     {
         let (_p, url, pids) = start_http_chain(&dir)?;
-        measure_chain("chain/http-hops", &url, &pids, args.seconds, &mut rows)?;
+        measure_chain(
+            "chain/http-hops",
+            &url,
+            &pids,
+            args.seconds,
+            &dir,
+            &mut rows,
+        )?;
     }
     if !args.no_knative {
         let kc = KnativeChain::start(&KnativeChainConfig {
@@ -506,6 +517,7 @@ pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
             &kc.url(),
             &kc.pids(),
             args.seconds,
+            &dir,
             &mut rows,
         )?;
     }

@@ -5,10 +5,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 /// Clock ticks per second for /proc times.
 fn ticks_per_second() -> f64 {
@@ -59,107 +55,16 @@ pub fn pin_self(cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What a load run measured.
-#[derive(Debug)]
-pub struct LoadResult {
-    pub requests: u64,
-    pub errors: u64,
-    pub elapsed: Duration,
-    pub hist: Histogram<u64>,
-}
-
-impl LoadResult {
-    /// Requests per second.
-    pub fn rps(&self) -> f64 {
-        self.requests as f64 / self.elapsed.as_secs_f64()
-    }
-    /// Latency percentile in microseconds.
-    pub fn pct_us(&self, q: f64) -> f64 {
-        self.hist.value_at_quantile(q) as f64 / 1000.0
-    }
-}
-
-/// Closed-loop load: `connections` keep-alive HTTP/1.1 connections each send POST `body` to
-/// `url` back to back for `duration` (at least one request each). Runs on the calling thread (pin it first). A response
-/// other than 200 counts as an error.
-pub fn http_load(
-    url: &str,
-    body: &Bytes,
-    connections: usize,
-    duration: Duration,
-) -> anyhow::Result<LoadResult> {
-    let uri: hyper::Uri = url.parse()?;
-    let host = uri.host().context("url has no host")?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let start = Instant::now();
-        let deadline = start + duration;
-        let mut tasks = Vec::new();
-        for _ in 0..connections {
-            let (host, path, body) = (host.clone(), path.clone(), body.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-                let (mut ok, mut errors) = (0u64, 0u64);
-                let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(conn);
-                loop {
-                    let req = hyper::Request::post(path.as_str())
-                        .header(hyper::header::HOST, host.as_str())
-                        .body(Full::new(body.clone()))?;
-                    let t0 = Instant::now();
-                    let resp = sender.send_request(req).await?;
-                    let status = resp.status();
-                    let _ = resp.into_body().collect().await?;
-                    let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    hist.record(ns.max(1))?;
-                    if status == 200 {
-                        ok += 1
-                    } else {
-                        errors += 1
-                    }
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                }
-                anyhow::Ok((ok, errors, hist))
-            }));
-        }
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-        let (mut requests, mut errors) = (0, 0);
-        for t in tasks {
-            let (ok, err, h) = t.await??;
-            requests += ok;
-            errors += err;
-            hist.add(h)?;
-        }
-        Ok(LoadResult {
-            requests,
-            errors,
-            elapsed: start.elapsed(),
-            hist,
-        })
-    })
-}
-
 /// Waits until `url` answers POST `body` with 200, or fails after `deadline`.
-pub fn wait_http_ok(url: &str, body: &Bytes, deadline: Duration) -> anyhow::Result<()> {
+pub fn wait_http_ok(url: &str, body: &[u8], deadline: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if http_load(url, body, 1, Duration::from_millis(1)).is_ok_and(|r| r.requests > 0) {
+        let answer = http_request("POST", url, body);
+        if matches!(answer, Ok((200, _))) {
             return Ok(());
         }
         if start.elapsed() > deadline {
-            bail!("{url} did not answer 200 within {deadline:?}");
+            bail!("{url} did not answer 200 within {deadline:?}; last answer: {answer:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -186,8 +91,10 @@ pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(p)
 }
 
-/// GET `url` and return the body (for small control endpoints).
-pub fn http_get(url: &str) -> anyhow::Result<String> {
+/// One HTTP/1.1 request on a fresh connection; the status and the body (for small control
+/// endpoints and readiness checks, not for load).
+pub fn http_request(method: &str, url: &str, body: &[u8]) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
     let uri: hyper::Uri = url.parse()?;
     let addr = format!(
         "{}:{}",
@@ -195,17 +102,132 @@ pub fn http_get(url: &str) -> anyhow::Result<String> {
         uri.port_u16().unwrap_or(80)
     );
     let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    use std::io::{Read, Write};
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )?;
+    s.write_all(body)?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("malformed response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {url}: {}", head.lines().next().unwrap_or(""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed status line")?;
+    Ok((status, body.to_owned()))
+}
+
+/// GET `url` and return the body, which must come with a 200.
+pub fn http_get(url: &str) -> anyhow::Result<String> {
+    match http_request("GET", url, b"")? {
+        (200, body) => Ok(body),
+        (status, _) => bail!("GET {url}: {status}"),
     }
-    Ok(body.to_owned())
+}
+
+/// What wrk measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Non-2xx answers and socket errors.
+    pub errors: u64,
+}
+
+fn wrk_duration_us(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mul) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * mul)
+}
+
+/// Parses the output of `wrk --latency`.
+pub fn parse_wrk(out: &str) -> anyhow::Result<WrkResult> {
+    let mut r = WrkResult {
+        requests: 0,
+        rps: 0.0,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+        errors: 0,
+    };
+    for line in out.lines() {
+        let t = line.trim();
+        let mut words = t.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("50%"), Some(v)) => r.p50_us = wrk_duration_us(v).unwrap_or(f64::NAN),
+            (Some("99%"), Some(v)) => r.p99_us = wrk_duration_us(v).unwrap_or(f64::NAN),
+            (Some("Requests/sec:"), Some(v)) => r.rps = v.parse().unwrap_or(0.0),
+            (Some(n), Some("requests")) => r.requests = n.parse().unwrap_or(0),
+            (Some("Non-2xx"), _) => {
+                r.errors += t
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            }
+            (Some("Socket"), Some("errors:")) => {
+                r.errors += t
+                    .split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    if r.requests == 0 || r.p50_us.is_nan() {
+        bail!("cannot parse wrk output:\n{out}");
+    }
+    Ok(r)
+}
+
+/// Runs wrk (one thread, pinned to `cpu`) against `url` for `seconds`, POSTing `body` when
+/// given (through a Lua script in `dir`), and parses its report.
+pub fn wrk(
+    cpu: usize,
+    url: &str,
+    body: Option<&[u8]>,
+    connections: usize,
+    seconds: f64,
+    dir: &Path,
+) -> anyhow::Result<WrkResult> {
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", &cpu.to_string(), "wrk", "-t1", "--latency"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{}s", seconds.ceil().max(1.0)));
+    if let Some(body) = body {
+        let data = dir.join("wrk-body");
+        std::fs::write(&data, body)?;
+        let script = dir.join("wrk-post.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "wrk.method = \"POST\"\nlocal f = io.open({:?}, \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+                data.display().to_string()
+            ),
+        )?;
+        cmd.arg("-s").arg(&script);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .context("running wrk (scripts/setup.sh installs it)")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }

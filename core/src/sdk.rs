@@ -23,6 +23,9 @@ use crate::descriptor::{Descriptor, GATEWAY_ID};
 use crate::pool::{Pool, PoolError, Slot};
 use crate::transport::{SkMsgEndpoint, Transport, TransportError, TransportKind, UnixEndpoint};
 
+/// Most descriptors taken per wakeup.
+const BATCH: usize = 64;
+
 /// SDK errors.
 #[derive(Debug, Error)]
 pub enum SdkError {
@@ -247,17 +250,62 @@ impl Function {
     where
         H: FnMut(&mut Event<'_>) -> Result<Next, Reject>,
     {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut out = Vec::with_capacity(BATCH);
         loop {
-            let desc = match self.transport.recv() {
-                Ok(d) => d,
+            batch.clear();
+            match self.transport.recv_batch(&mut batch, BATCH) {
+                Ok(()) => {}
                 Err(TransportError::Closed) => return Ok(()),
                 Err(e) => return Err(e.into()),
-            };
-            self.handle(&desc, &mut handler)?;
+            }
+            out.clear();
+            for desc in &batch {
+                if let Some(next) = self.handle(desc, &mut handler)? {
+                    out.push(next);
+                }
+            }
+            self.deliver(&out)?;
         }
     }
 
-    fn handle<H>(&self, desc: &Descriptor, handler: &mut H) -> Result<(), SdkError>
+    /// Sends the batch's results. sk_msg sends them in one write (the kernel routes each
+    /// descriptor on its own; an unknown destination passes to the hub, which answers 503);
+    /// the Unix transport sends one by one and recalls what cannot be delivered.
+    fn deliver(&self, out: &[Descriptor]) -> Result<(), SdkError> {
+        if self.transport.kind() == TransportKind::SkMsg {
+            return Ok(self.transport.send_batch(out)?);
+        }
+        for sent in out {
+            if let Err(e) = self.transport.send(sent) {
+                self.recall(sent, &e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back a slot in flight to a function that cannot take it, and tells the gateway.
+    /// If the host reclaimed it first (the function died), the request has been answered.
+    fn recall(&self, sent: &Descriptor, e: &TransportError) -> Result<(), SdkError> {
+        match self.pool.claim(sent, sent.dst) {
+            Ok(mut back) => {
+                fail(
+                    &mut back,
+                    503,
+                    &format!("function {} is not attached: {e}", sent.dst),
+                );
+                let d = back.send_to(GATEWAY_ID)?;
+                self.transport.send(&d)?;
+            }
+            Err(reclaimed) => {
+                warn!(function = %self.name, dst = sent.dst, error = %reclaimed, "send failed; slot already reclaimed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the handler on one received descriptor; returns the descriptor to send on.
+    fn handle<H>(&self, desc: &Descriptor, handler: &mut H) -> Result<Option<Descriptor>, SdkError>
     where
         H: FnMut(&mut Event<'_>) -> Result<Next, Reject>,
     {
@@ -265,7 +313,7 @@ impl Function {
             Ok(s) => s,
             Err(e) => {
                 warn!(function = %self.name, error = %e, "dropping an invalid descriptor");
-                return Ok(());
+                return Ok(None);
             }
         };
         let mut event = Event {
@@ -307,26 +355,7 @@ impl Function {
             }
         };
         slot.set_route(chain, hop);
-        let sent = slot.send_to(dst)?;
-        if let Err(e) = self.transport.send(&sent) {
-            // Take the slot back (it is in flight to `dst`) and tell the gateway. If the host
-            // reclaimed it first (`dst` died), the request has been answered already.
-            match self.pool.claim(&sent, dst) {
-                Ok(mut back) => {
-                    fail(
-                        &mut back,
-                        503,
-                        &format!("function {dst} is not attached: {e}"),
-                    );
-                    let d = back.send_to(GATEWAY_ID)?;
-                    self.transport.send(&d)?;
-                }
-                Err(reclaimed) => {
-                    warn!(function = %self.name, dst, error = %reclaimed, "send failed; slot already reclaimed");
-                }
-            }
-        }
-        Ok(())
+        Ok(Some(slot.send_to(dst)?))
     }
 }
 

@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -85,18 +86,114 @@ pub trait Transport: Send + Sync {
     fn send(&self, desc: &Descriptor) -> Result<(), TransportError>;
     /// Blocks until a descriptor arrives for this endpoint.
     fn recv(&self) -> Result<Descriptor, TransportError>;
+    /// Blocks until at least one descriptor arrives, then also takes those already queued, up
+    /// to `max` in all, appending them to `out`. Under load this amortises one wakeup and one
+    /// system call over many descriptors; idle, it sleeps in the kernel like `recv`.
+    fn recv_batch(&self, out: &mut Vec<Descriptor>, max: usize) -> Result<(), TransportError> {
+        let _ = max;
+        out.push(self.recv()?);
+        Ok(())
+    }
+    /// Sends several descriptors, each to its own destination. Stops at the first error.
+    fn send_batch(&self, descs: &[Descriptor]) -> Result<(), TransportError> {
+        descs.iter().try_for_each(|d| self.send(d))
+    }
     /// Which transport this is.
     fn kind(&self) -> TransportKind;
     /// Wakes a thread blocked in [`Transport::recv`] with [`TransportError::Closed`].
     fn shutdown(&self);
+    /// The descriptor to watch for readability (epoll), for callers that receive from an
+    /// event loop with [`Transport::try_recv_batch`] instead of blocking in `recv`.
+    fn recv_fd(&self) -> std::os::fd::RawFd;
+    /// Takes the descriptors already queued, up to `max`, without blocking (MSG_DONTWAIT; the
+    /// socket itself stays blocking for `send`). Returns whether it got any.
+    fn try_recv_batch(&self, out: &mut Vec<Descriptor>, max: usize)
+    -> Result<bool, TransportError>;
 }
 
 /// A function's socket in the SOCKHASH.
 #[derive(Debug)]
 pub struct SkMsgEndpoint {
     stream: TcpStream,
-    rx: Mutex<TcpStream>,
-    tx: Mutex<()>,
+    rx: Mutex<RxBuffer>,
+    tx: Mutex<Vec<u8>>,
+}
+
+/// Bytes read but not yet decoded: a read returns everything queued, which may end inside a
+/// descriptor.
+#[derive(Debug)]
+struct RxBuffer {
+    stream: TcpStream,
+    buf: Box<[u8; RX_BUFFER]>,
+    start: usize,
+    end: usize,
+}
+
+/// Up to 64 descriptors per read.
+const RX_BUFFER: usize = 64 * DESCRIPTOR_LEN;
+
+impl RxBuffer {
+    /// Reads until at least one whole descriptor is buffered.
+    fn fill(&mut self) -> Result<(), TransportError> {
+        while self.end - self.start < DESCRIPTOR_LEN {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => self.end += n,
+                // A blocking sk_msg read returns EAGAIN when a signal (even SIGSTOP/SIGCONT)
+                // interrupts its wait for redirected data: wait again.
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what is queued without waiting. Returns whether a whole descriptor is buffered.
+    fn fill_now(&mut self) -> Result<bool, TransportError> {
+        if self.end - self.start >= DESCRIPTOR_LEN {
+            return Ok(true);
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        match nix::sys::socket::recv(
+            self.stream.as_raw_fd(),
+            &mut self.buf[self.end..],
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => Err(TransportError::Closed),
+            Ok(n) => {
+                self.end += n;
+                Ok(self.end - self.start >= DESCRIPTOR_LEN)
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(std::io::Error::from(e).into()),
+        }
+    }
+
+    /// Moves the whole buffered descriptors, up to `max`, into `out`.
+    fn drain(&mut self, out: &mut Vec<Descriptor>, max: usize) -> Result<(), TransportError> {
+        for _ in 0..max.max(1) {
+            if self.end - self.start < DESCRIPTOR_LEN {
+                break;
+            }
+            out.push(self.take()?);
+        }
+        Ok(())
+    }
+
+    fn take(&mut self) -> Result<Descriptor, TransportError> {
+        let d = Descriptor::decode(&self.buf[self.start..self.start + DESCRIPTOR_LEN])?;
+        self.start += DESCRIPTOR_LEN;
+        Ok(d)
+    }
 }
 
 impl SkMsgEndpoint {
@@ -126,11 +223,16 @@ impl SkMsgEndpoint {
         socket.connect(&hub.into())?;
         let stream: TcpStream = socket.into();
         stream.set_nodelay(true)?;
-        let rx = Mutex::new(stream.try_clone()?);
+        let rx = Mutex::new(RxBuffer {
+            stream: stream.try_clone()?,
+            buf: Box::new([0u8; RX_BUFFER]),
+            start: 0,
+            end: 0,
+        });
         Ok(Self {
             stream,
             rx,
-            tx: Mutex::new(()),
+            tx: Mutex::new(Vec::with_capacity(RX_BUFFER)),
         })
     }
 
@@ -142,27 +244,48 @@ impl SkMsgEndpoint {
 
 impl Transport for SkMsgEndpoint {
     fn send(&self, desc: &Descriptor) -> Result<(), TransportError> {
-        let bytes = desc.encode();
-        let _guard = self.tx.lock().map_err(|_| TransportError::Closed)?;
-        (&self.stream).write_all(&bytes)?;
+        self.send_batch(std::slice::from_ref(desc))
+    }
+
+    /// One write for the whole batch: the sk_msg program judges each 16-byte descriptor on
+    /// its own, so one write can fan out to several destinations.
+    fn send_batch(&self, descs: &[Descriptor]) -> Result<(), TransportError> {
+        let mut buf = self.tx.lock().map_err(|_| TransportError::Closed)?;
+        buf.clear();
+        for d in descs {
+            buf.extend_from_slice(&d.encode());
+        }
+        (&self.stream).write_all(&buf)?;
         Ok(())
     }
 
     fn recv(&self) -> Result<Descriptor, TransportError> {
-        let mut buf = [0u8; DESCRIPTOR_LEN];
         let mut rx = self.rx.lock().map_err(|_| TransportError::Closed)?;
-        let mut filled = 0;
-        while filled < DESCRIPTOR_LEN {
-            match rx.read(&mut buf[filled..]) {
-                Ok(0) => return Err(TransportError::Closed),
-                Ok(n) => filled += n,
-                // A blocking sk_msg read returns EAGAIN when a signal (even SIGSTOP/SIGCONT)
-                // interrupts its wait for redirected data: wait again.
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                Err(e) => return Err(e.into()),
-            }
+        rx.fill()?;
+        rx.take()
+    }
+
+    fn recv_batch(&self, out: &mut Vec<Descriptor>, max: usize) -> Result<(), TransportError> {
+        let mut rx = self.rx.lock().map_err(|_| TransportError::Closed)?;
+        rx.fill()?;
+        rx.drain(out, max)
+    }
+
+    fn try_recv_batch(
+        &self,
+        out: &mut Vec<Descriptor>,
+        max: usize,
+    ) -> Result<bool, TransportError> {
+        let mut rx = self.rx.lock().map_err(|_| TransportError::Closed)?;
+        if !rx.fill_now()? {
+            return Ok(false);
         }
-        Ok(Descriptor::decode(&buf)?)
+        rx.drain(out, max)?;
+        Ok(true)
+    }
+
+    fn recv_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
     }
 
     fn kind(&self) -> TransportKind {
@@ -265,6 +388,42 @@ impl Transport for UnixEndpoint {
             return Err(TransportError::Closed);
         }
         Ok(Descriptor::decode(&buf[..n])?)
+    }
+
+    fn recv_batch(&self, out: &mut Vec<Descriptor>, max: usize) -> Result<(), TransportError> {
+        out.push(self.recv()?);
+        self.try_recv_batch(out, max.saturating_sub(1))?;
+        Ok(())
+    }
+
+    fn try_recv_batch(
+        &self,
+        out: &mut Vec<Descriptor>,
+        max: usize,
+    ) -> Result<bool, TransportError> {
+        let mut buf = [0u8; DESCRIPTOR_LEN + 1];
+        let mut got = false;
+        for _ in 0..max {
+            match nix::sys::socket::recv(
+                self.rx.as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                // A zero-length datagram is the shutdown wake-up.
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => {
+                    out.push(Descriptor::decode(&buf[..n])?);
+                    got = true;
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+        }
+        Ok(got)
+    }
+
+    fn recv_fd(&self) -> std::os::fd::RawFd {
+        self.rx.as_raw_fd()
     }
 
     fn kind(&self) -> TransportKind {

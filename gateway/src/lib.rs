@@ -160,11 +160,7 @@ impl Gateway {
             access_log,
         });
         let reader = Arc::clone(&gw);
-        std::thread::Builder::new()
-            .name("spright-replies".into())
-            .spawn(move || reader.reply_loop())
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::error!(error = %e, "spawning the reply thread"));
+        tokio::spawn(async move { reader.reply_loop().await });
         gw
     }
 
@@ -178,40 +174,82 @@ impl Gateway {
         &self.pending
     }
 
-    /// Blocks on the gateway's endpoint; completes requests as their results come back.
-    fn reply_loop(&self) {
-        let pool = self.host.pool();
+    /// Receives results on the gateway's endpoint from the runtime's event loop (epoll on the
+    /// socket, non-blocking reads in batches), so a result completes its request on the same
+    /// thread that serves the HTTP connection, with no extra thread wakeup.
+    async fn reply_loop(&self) {
+        use tokio::io::Interest;
+        use tokio::io::unix::AsyncFd;
+        /// Keeps the endpoint (and so its socket) alive for as long as the reactor watches it.
+        struct Watched(Arc<dyn spright_core::transport::Transport>);
+        impl std::os::fd::AsRawFd for Watched {
+            fn as_raw_fd(&self) -> std::os::fd::RawFd {
+                self.0.recv_fd()
+            }
+        }
+        let endpoint = Arc::clone(self.host.endpoint());
+        // SAFETY: `Watched` owns an `Arc` of the endpoint, so the socket behind `recv_fd` stays
+        // open, and is the same file description, for the whole life of the `AsyncFd`. The
+        // socket stays in blocking mode for the endpoint's sends; the reactor only reports
+        // readiness, and every read here is MSG_DONTWAIT (`try_recv_batch`), so nothing blocks
+        // the runtime.
+        let registered = unsafe {
+            AsyncFd::register_with_interest(Watched(Arc::clone(&endpoint)), Interest::READABLE)
+        };
+        let afd = match registered {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "watching the gateway endpoint");
+                return;
+            }
+        };
+        let mut batch = Vec::with_capacity(64);
         loop {
-            let desc = match self.host.endpoint().recv() {
-                Ok(d) => d,
+            let Ok(mut ready) = afd.readable().await else {
+                return;
+            };
+            batch.clear();
+            match endpoint.try_recv_batch(&mut batch, 64) {
+                Ok(true) => {}
+                Ok(false) => {
+                    ready.clear_ready();
+                    continue;
+                }
                 Err(TransportError::Closed) => return,
                 Err(e) => {
                     warn!(error = %e, "gateway endpoint");
                     return;
                 }
-            };
-            let slot = match pool.claim(&desc, GATEWAY_ID) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "dropping an invalid result descriptor");
-                    continue;
-                }
-            };
-            let status = match slot.status() {
-                0 => 200,
-                s => u16::try_from(s)
-                    .ok()
-                    .filter(|s| (100..600).contains(s))
-                    .unwrap_or(500),
-            };
-            let outcome = Outcome {
-                status,
-                body: Bytes::copy_from_slice(slot.payload()),
-            };
-            let id = slot.request_id();
-            drop(slot); // back to the pool before the waiter runs
-            self.pending.complete(id, outcome);
+            }
+            for desc in &batch {
+                self.complete(desc);
+            }
         }
+    }
+
+    /// Completes the request a result descriptor belongs to.
+    fn complete(&self, desc: &spright_core::descriptor::Descriptor) {
+        let slot = match self.host.pool().claim(desc, GATEWAY_ID) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "dropping an invalid result descriptor");
+                return;
+            }
+        };
+        let status = match slot.status() {
+            0 => 200,
+            s => u16::try_from(s)
+                .ok()
+                .filter(|s| (100..600).contains(s))
+                .unwrap_or(500),
+        };
+        let outcome = Outcome {
+            status,
+            body: Bytes::copy_from_slice(slot.payload()),
+        };
+        let id = slot.request_id();
+        drop(slot); // back to the pool before the waiter runs
+        self.pending.complete(id, outcome);
     }
 
     /// Runs one request through chain `chain`.
