@@ -30,9 +30,12 @@ use crate::report::{Row, table};
 /// Arguments of `spright-bench activator`.
 #[derive(Debug, clap::Args)]
 pub struct ActivatorBenchArgs {
-    /// Seconds of load per measured path.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds of load per measured path and round.
+    #[arg(long, default_value_t = 3)]
     pub seconds: u64,
+    /// Rounds in which the paths take turns; the median round is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Concurrent keep-alive connections of the load generator.
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
@@ -415,16 +418,39 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
 
     // Latency and CPU per request.
     let mut rows = Vec::new();
-    let measure = |port: u16, pid: Option<u32>| {
-        let args = &args;
-        tokio::task::block_in_place(move || {
-            wrk(args, port, pid, 1)?; // warm-up (pools, caches)
-            wrk(args, port, pid, args.seconds)
-        })
+    // The paths take turns, `rounds` times; each figure is the round with the median p50
+    // (CPU per request over all rounds), so a burst of load from elsewhere on the machine
+    // does not decide the comparison.
+    let paths = [
+        (pod.port(), None),
+        (a_port, Some(act_pid)),
+        (n_port, Some(nginx_pid)),
+    ];
+    let mut results: Vec<Vec<(Wrk, Option<f64>)>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        for &(port, pid) in &paths {
+            wrk(&args, port, pid, 1)?; // warm-up (pools, caches)
+        }
+        for _ in 0..args.rounds.max(1) {
+            for (i, &(port, pid)) in paths.iter().enumerate() {
+                results[i].push(wrk(&args, port, pid, args.seconds)?);
+            }
+        }
+        Ok(())
+    })?;
+    let mut pick = |i: usize| -> (Wrk, Option<f64>) {
+        let runs = &mut results[i];
+        let requests: f64 = runs.iter().map(|(w, _)| w.requests).sum();
+        let cpu: Option<f64> = runs.iter().map(|(_, c)| *c).sum();
+        runs.sort_by(|a, b| a.0.p50_us.total_cmp(&b.0.p50_us));
+        let (mut w, _) = runs.swap_remove(runs.len() / 2);
+        let per_request = cpu.map(|c| c / requests * w.requests);
+        w.requests = w.requests.max(1.0);
+        (w, per_request)
     };
-    let (direct, _) = measure(pod.port(), None)?;
-    let (through_act, act_cpu) = measure(a_port, Some(act_pid))?;
-    let (through_nginx, nginx_cpu) = measure(n_port, Some(nginx_pid))?;
+    let (direct, _) = pick(0);
+    let (through_act, act_cpu) = pick(1);
+    let (through_nginx, nginx_cpu) = pick(2);
     let row = |name: &str, w: &Wrk, cpu: Option<f64>| Row {
         connections: Some(args.connections),
         p50_us: Some(w.p50_us),

@@ -1,6 +1,7 @@
 //! spright-bench: side-by-side benchmarks of spright-rs against its peers, one subcommand per
 //! component. Each run prints one table with ratios, and `--json PATH` writes the figures.
 
+mod broker;
 mod dataplane;
 mod knative_chain;
 mod measure;
@@ -20,10 +21,15 @@ enum Cmd {
     /// The SPRIGHT dataplane: per-hop round trips, the 4-function chain over shm+sk_msg, HTTP
     /// hops and Knative's queue-proxy, and idle CPU.
     Dataplane(dataplane::DataplaneArgs),
+    /// broker-shm: events per second and latency to an HTTP subscriber, a shared-memory
+    /// function, and 3-step reply chains over shared memory, over HTTP and through the stock
+    /// broker's topology (drop-in ingress and filter).
+    Broker(broker::BrokerBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Dataplane(a) => dataplane::run(a),
+        Cmd::Broker(a) => broker::run(a),
     }
 }
