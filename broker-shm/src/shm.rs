@@ -122,15 +122,8 @@ impl ShmDataplane {
                 tracing::warn!("dropping an invalid descriptor");
                 continue;
             };
-            let status = match slot.status() {
-                0 => 200,
-                s => u16::try_from(s)
-                    .ok()
-                    .filter(|s| (100..600).contains(s))
-                    .unwrap_or(500),
-            };
             let outcome = Outcome {
-                status,
+                status: slot.http_status(),
                 payload: Bytes::copy_from_slice(slot.payload()),
             };
             let id = slot.request_id();

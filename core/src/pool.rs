@@ -604,6 +604,18 @@ impl Slot {
             .load(Ordering::Relaxed)
     }
 
+    /// The HTTP status the slot's status word stands for: 200 for a result, the function's
+    /// status for a refusal, 500 for a word that is no HTTP status.
+    pub fn http_status(&self) -> u16 {
+        match self.status() {
+            0 => 200,
+            s => u16::try_from(s)
+                .ok()
+                .filter(|s| (100..600).contains(s))
+                .unwrap_or(500),
+        }
+    }
+
     /// Sets the status word.
     pub fn set_status(&mut self, status: u32) {
         self.pool
