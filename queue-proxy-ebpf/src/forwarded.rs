@@ -1,9 +1,13 @@
 //! The `Forwarded` shim (serving `pkg/queue/forwarded_shim.go`): when a request carries
 //! `X-Forwarded-*` headers but no `Forwarded`, synthesise the RFC 7239 header from them.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, header::FORWARDED};
 
-fn get<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn get(h: &HeaderMap, name: HeaderName) -> &str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
@@ -60,19 +64,19 @@ pub fn generate(xff: &str, xfp: &str, xfh: &str) -> String {
 
 /// Adds `Forwarded` to `h` when the shim applies.
 pub fn apply(h: &mut HeaderMap) {
-    if !get(h, "forwarded").is_empty() {
+    if !get(h, FORWARDED).is_empty() {
         return;
     }
     let (xff, xfp, xfh) = (
-        get(h, "x-forwarded-for"),
-        get(h, "x-forwarded-proto"),
-        get(h, "x-forwarded-host"),
+        get(h, X_FORWARDED_FOR),
+        get(h, X_FORWARDED_PROTO),
+        get(h, X_FORWARDED_HOST),
     );
     if xff.is_empty() && xfp.is_empty() && xfh.is_empty() {
         return;
     }
     if let Ok(v) = HeaderValue::from_str(&generate(xff, xfp, xfh)) {
-        h.insert("forwarded", v);
+        h.insert(FORWARDED, v);
     }
 }
 

@@ -1,27 +1,28 @@
 //! Which requests are probes, and the answers to them (knative/pkg drain.go, serving
 //! `pkg/queue/health/handler.go`, networking `header.go`).
 
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header::USER_AGENT};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header::USER_AGENT};
 
 use crate::body::{self, Body};
 
-pub const K_NETWORK_PROBE: &str = "k-network-probe";
-pub const K_NETWORK_HASH: &str = "k-network-hash";
-pub const K_KUBELET_PROBE: &str = "k-kubelet-probe";
-pub const K_PROXY_REQUEST: &str = "k-proxy-request";
-pub const K_ORIGINAL_HOST: &str = "k-original-host";
+// Pre-parsed names: no parsing or case folding per lookup.
+pub const K_NETWORK_PROBE: HeaderName = HeaderName::from_static("k-network-probe");
+pub const K_NETWORK_HASH: HeaderName = HeaderName::from_static("k-network-hash");
+pub const K_KUBELET_PROBE: HeaderName = HeaderName::from_static("k-kubelet-probe");
+pub const K_PROXY_REQUEST: HeaderName = HeaderName::from_static("k-proxy-request");
+pub const K_ORIGINAL_HOST: HeaderName = HeaderName::from_static("k-original-host");
 pub const KUBE_PROBE_UA_PREFIX: &str = "kube-probe/";
 pub const ACTIVATOR_UA: &str = "Knative-Activator-Probe";
 pub const AUTOSCALING_UA: &str = "Knative-Autoscaling-Probe";
 /// The queue-proxy's own probe value and probe reply (`queue.Name`).
 pub const QUEUE: &str = "queue";
 
-fn get<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+fn get(h: &HeaderMap, name: HeaderName) -> &str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 fn user_agent(h: &HeaderMap) -> &str {
-    get(h, USER_AGENT.as_str())
+    get(h, USER_AGENT)
 }
 
 /// networking's `IsKubeletProbe`: the kubelet's user agent or the (deprecated)

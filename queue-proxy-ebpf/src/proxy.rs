@@ -21,18 +21,23 @@ use tokio::sync::Notify;
 use crate::body::{self, Body};
 
 /// Knative's `activator.RevisionHeaders`, removed before proxying.
-const REVISION_HEADERS: [&str; 2] = ["knative-serving-revision", "knative-serving-namespace"];
+const REVISION_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("knative-serving-revision"),
+    HeaderName::from_static("knative-serving-namespace"),
+];
 
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Who failed, so the caller can pick the status (pingora-style error kinds).
@@ -209,7 +214,7 @@ impl Proxy {
             }
             let ip = client.ip().to_canonical().to_string();
             let prior: Vec<&str> = h
-                .get_all("x-forwarded-for")
+                .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .collect();
@@ -219,7 +224,7 @@ impl Proxy {
                 format!("{}, {ip}", prior.join(", "))
             };
             if let Ok(v) = HeaderValue::from_str(&xff) {
-                h.insert("x-forwarded-for", v);
+                h.insert(X_FORWARDED_FOR, v);
             }
             match host {
                 Some(v) if !is_h2 => {
