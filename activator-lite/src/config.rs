@@ -87,7 +87,7 @@ impl Config {
         let system_namespace = get("SYSTEM_NAMESPACE");
         let autoscaler_url = match flags.autoscaler {
             Some(url) => {
-                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                if !valid_ws_url(&url) {
                     return Err(ConfigError::AutoscalerUrl(url));
                 }
                 url
@@ -158,6 +158,20 @@ impl Config {
         let resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
         Self::from_parts(flags, &env, resolv.as_deref())
     }
+}
+
+/// A `ws://` or `wss://` URL with a host and, if a port is written, a valid one.
+fn valid_ws_url(url: &str) -> bool {
+    let Ok(u) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(a) = u.authority() else {
+        return false;
+    };
+    matches!(u.scheme_str(), Some("ws" | "wss"))
+        && !a.host().is_empty()
+        && (!a.as_str().contains(':') || a.port_u16().is_some() || a.host().starts_with('['))
+        && !a.as_str().ends_with(':')
 }
 
 /// The cluster domain as knative/pkg derives it from resolv.conf: the part after
@@ -272,10 +286,25 @@ mod tests {
             Config::from_parts(flags(&["--autoscaler", "ws://127.0.0.1:1"]), &e, None).unwrap_err();
         assert!(err.to_string().contains("PROBE_TIMEOUT"), "{err}");
         let e = env(&[("POD_NAME", "a"), ("POD_IP", "1.2.3.4")]);
-        assert!(matches!(
-            Config::from_parts(flags(&["--autoscaler", "http://x"]), &e, None),
-            Err(ConfigError::AutoscalerUrl(_))
-        ));
+        for bad in ["http://x", "ws://127.0.0.1:/", "ws://", "ws://h:port/", "x"] {
+            assert!(
+                matches!(
+                    Config::from_parts(flags(&["--autoscaler", bad]), &e, None),
+                    Err(ConfigError::AutoscalerUrl(_))
+                ),
+                "{bad}"
+            );
+        }
+        for good in [
+            "ws://127.0.0.1:8080/",
+            "ws://autoscaler.knative-serving",
+            "wss://[::1]:9/",
+        ] {
+            assert!(
+                Config::from_parts(flags(&["--autoscaler", good]), &e, None).is_ok(),
+                "{good}"
+            );
+        }
     }
 
     #[test]

@@ -553,3 +553,45 @@ async fn h2c_revision_is_proxied_over_http2() {
     assert_eq!(seen[0].version, http::Version::HTTP_2);
     assert_eq!(seen[0].headers.get("k-proxy-request").unwrap(), "activator");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_subset_across_activators() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let a = Pod::start("pod-a", true).await;
+    let b = Pod::start("pod-b", true).await;
+    m.endpoints(REV, &[a.addr, b.addr], &[]);
+    // The public Endpoints list two activators; this one (POD_IP 127.0.0.1) sorts first
+    // and takes the first half of the pods in address order.
+    m.write(
+        "ep-public.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {REV}\n  namespace: {NS}\n  labels:\n    serving.knative.dev/revision: {REV}\n    networking.internal.knative.dev/serviceType: Public\nsubsets:\n- addresses:\n  - ip: 127.0.0.2\n  - ip: 127.0.0.1\n  ports:\n  - name: http\n    port: 8012\n"
+        ),
+    );
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let (mine, other) = if a.addr.to_string() < b.addr.to_string() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    for _ in 0..8 {
+        let r = act.get(REV, "/", &[]).await;
+        assert_eq!(r.body, mine.state.name);
+    }
+    assert!(other.served().is_empty());
+    // Alone again (public Endpoints list only this activator): both pods are used.
+    m.remove("ep-public.yaml");
+    m.write(
+        "ep-public.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {REV}\n  namespace: {NS}\n  labels:\n    serving.knative.dev/revision: {REV}\n    networking.internal.knative.dev/serviceType: Public\nsubsets:\n- addresses:\n  - ip: 127.0.0.1\n  ports:\n  - name: http\n    port: 8012\n"
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other.served().is_empty() {
+        assert!(Instant::now() < deadline, "second pod never used");
+        let _ = act.get(REV, "/", &[]).await;
+    }
+}
