@@ -426,6 +426,26 @@ mod tests {
         }
 
         #[test]
+        fn from_http_never_panics(
+            headers in proptest::collection::vec((
+                proptest::sample::select(vec!["ce-specversion", "ce-id", "ce-source", "ce-type", "ce-bad_x", "content-type", "ce-x"]),
+                proptest::collection::vec(0x20u8..0x7f, 0..24)), 0..8),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..128),
+        ) {
+            let mut h = HeaderMap::new();
+            for (k, v) in headers {
+                if let Ok(v) = HeaderValue::from_bytes(&v) {
+                    h.append(HeaderName::from_static(k), v);
+                }
+            }
+            if let Ok(ev) = CloudEvent::from_http(&h, Bytes::from(body)) {
+                proptest::prop_assert!(ev.validate().is_ok());
+                // Whatever was accepted survives both encodings.
+                proptest::prop_assert_eq!(CloudEvent::from_http(&ev.binary_headers(), ev.data.clone().unwrap_or_default()).map(|e| e.attrs), Ok(ev.attrs.clone()));
+            }
+        }
+
+        #[test]
         fn percent_roundtrip(s in ".*") {
             proptest::prop_assert_eq!(percent_decode(&percent_encode(&s)), s);
         }
