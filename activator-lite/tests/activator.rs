@@ -595,3 +595,54 @@ async fn pods_are_subset_across_activators() {
         let _ = act.get(REV, "/", &[]).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_client_hanging_up_frees_its_queue_place() {
+    use tokio::io::AsyncWriteExt;
+    let m = Manifests::new();
+    m.revision(REV, 1, "");
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &["--queue-depth", "1"]).await;
+    let queued = |n: usize| {
+        format!(
+            "kn_revision_request_queued{{k8s_namespace_name=\"{NS}\",kn_service_name=\"svc\",kn_configuration_name=\"svc\",kn_revision_name=\"{REV}\"}} {n}"
+        )
+    };
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", act.port))
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET / HTTP/1.1\r\nHost: x\r\nKnative-Serving-Namespace: {NS}\r\nKnative-Serving-Revision: {REV}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !act.metrics().await.contains(&queued(1)) {
+        assert!(Instant::now() < deadline, "request never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        act.get(REV, "/", &[]).await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "queue of one is full"
+    );
+    drop(s);
+    while !act.metrics().await.contains(&queued(0)) {
+        assert!(Instant::now() < deadline, "hung-up request still queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let port = act.port;
+    let next = tokio::spawn(async move { get(port, REV, "/", &[]).await });
+    while !act.metrics().await.contains(&queued(1)) {
+        assert!(
+            Instant::now() < deadline,
+            "new request not admitted to the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    assert_eq!(next.await.unwrap().status, StatusCode::OK);
+    assert_eq!(pod.served().len(), 1, "the hung-up request was never sent");
+}
