@@ -629,3 +629,138 @@ async fn broker_restart_reconnects_and_readiness_follows() {
     }
     assert!(sink.count() > 0, "{}", adaptor.logs());
 }
+
+/// A blocking HTTPS sink (rustls) answering 202; returns its port and the `ce-id`s it saw.
+fn https_sink(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::BufRead;
+    let certs = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
+        .unwrap()
+        .unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = config.clone();
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = std::io::BufReader::new(rustls::StreamOwned::new(conn, stream));
+                loop {
+                    let (mut len, mut id) = (0usize, None);
+                    loop {
+                        let mut line = String::new();
+                        if tls.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end().to_ascii_lowercase();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = l.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if let Some(v) = l.strip_prefix("ce-id:") {
+                            id = Some(v.trim().to_owned());
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if tls.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    seen.lock().unwrap().extend(id);
+                    let out = tls.get_mut();
+                    if out
+                        .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                        .and_then(|_| out.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_sink_trusted_through_k_ca_certs() {
+    let pki = TempDir::new("pki-sink");
+    make_pki(&pki.0);
+    let (port, seen) = https_sink(&pki.path("server.pem"), &pki.path("server.key"));
+    let broker = Mosquitto::start("");
+    let dir = TempDir::new("https-sink");
+    let ca = std::fs::read_to_string(pki.path("ca.pem")).unwrap();
+    let b = format!("mqtt://127.0.0.1:{}", broker.port);
+    let sink = format!("https://127.0.0.1:{port}/");
+    let mut adaptor = Adaptor::start(
+        &[
+            "--broker",
+            &b,
+            "--topic",
+            "tls/#",
+            "--client-id",
+            "https-sink",
+        ],
+        &[("K_SINK", &sink), ("K_CA_CERTS", &ca)],
+        &dir.path("adaptor.log"),
+    );
+    assert!(
+        adaptor.wait_ready(Duration::from_secs(20)),
+        "{}",
+        adaptor.logs()
+    );
+    let pubc = TestClient::connect(broker.port, "https-sink-testpub").await;
+    let msgs: Vec<_> = (0..10)
+        .map(|i| ("tls/a".to_owned(), format!("h-{i}").into_bytes()))
+        .collect();
+    pubc.publish_all(&msgs).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.lock().unwrap().len() < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen.lock().unwrap().len(), 10, "{}", adaptor.logs());
+
+    // Without K_CA_CERTS the sink's certificate is not trusted: retried, not delivered.
+    let untrusting = Adaptor::source_ready(
+        broker.port,
+        "untrusted/#",
+        "https-sink-untrusted",
+        &["--retry-backoff-ms", "50"],
+        &sink,
+        &dir.path("untrusted.log"),
+    );
+    pubc.publish_all(&[("untrusted/a".into(), b"u".to_vec())])
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !untrusting.logs().contains("sink delivery failed, retrying") && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        untrusting.logs().contains("sink delivery failed, retrying"),
+        "{}",
+        untrusting.logs()
+    );
+    assert_eq!(seen.lock().unwrap().len(), 10);
+}

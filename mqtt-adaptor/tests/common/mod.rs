@@ -292,6 +292,8 @@ impl Adaptor {
             .arg("127.0.0.1")
             .env_remove("K_SINK")
             .env_remove("K_CE_OVERRIDES")
+            .env_remove("K_CA_CERTS")
+            .env_remove("MQTT_BROKER")
             .env("MQTT_OIDC_TOKEN_FILE", "/nonexistent/oidc/token")
             .stdout(Stdio::null())
             .stderr(log);
