@@ -450,13 +450,8 @@ impl App {
             started,
         } = admission;
         let (lease, in_flight) = result?;
-        let work = self.proxy(req, lease, in_flight, &spec, started, peer);
-        match first_byte_timeout(&spec) {
-            Some(t) => tokio::time::timeout_at(started + t, work)
-                .await
-                .map_err(|_| RequestError::Timeout)?,
-            None => work.await,
-        }
+        self.proxy(req, lease, in_flight, &spec, started, peer)
+            .await
     }
 
     async fn proxy(
@@ -487,7 +482,19 @@ impl App {
             *out.version_mut() = http::Version::HTTP_11;
             (out, &self.client_h1)
         };
-        let mut resp = client.request(out).await.map_err(|e| {
+        // One timer serves the first-byte timeout and then, when it ends at the same
+        // instant (the usual case), the total timeout of the streamed body.
+        let mut timer =
+            first_byte_timeout(spec).map(|t| Box::pin(tokio::time::sleep_until(started + t)));
+        let send = client.request(out);
+        let sent = match timer.as_mut() {
+            Some(t) => tokio::select! {
+                r = send => r,
+                _ = t.as_mut() => return Err(RequestError::Timeout),
+            },
+            None => send.await,
+        };
+        let mut resp = sent.map_err(|e| {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
@@ -519,11 +526,19 @@ impl App {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        let deadline = spec
-            .timeout
-            .checked_sub(started.elapsed())
-            .filter(|_| !spec.timeout.is_zero())
-            .map(|left| Box::pin(tokio::time::sleep(left)));
+        let deadline = match (
+            (!spec.timeout.is_zero()).then(|| started + spec.timeout),
+            timer,
+        ) {
+            (None, _) => None,
+            (Some(at), Some(mut t)) => {
+                if t.deadline() != at {
+                    t.as_mut().reset(at);
+                }
+                Some(t)
+            }
+            (Some(at), None) => Some(Box::pin(tokio::time::sleep_until(at))),
+        };
         let idle = spec
             .idle_timeout
             .filter(|d| !d.is_zero())
