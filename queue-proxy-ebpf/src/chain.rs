@@ -217,7 +217,17 @@ impl Chain {
         if let Some(host) = req.headers_mut().remove(health::K_ORIGINAL_HOST)
             && !host.is_empty()
         {
+            // The original host replaces whatever authority the request carried.
             req.headers_mut().insert(header::HOST, host);
+            if req.uri().authority().is_some() {
+                let pq = req.uri().path_and_query().cloned();
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query =
+                    pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+                if let Ok(u) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = u;
+                }
+            }
         }
         if let Some(b) = &self.breaker {
             let mut ticket = b

@@ -158,6 +158,8 @@ impl Proxy {
         conn.set_nodelay(true);
         let h1 = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(max_idle)
+            .http1_max_headers(crate::server::MAX_HEADERS)
+            .http1_max_buf_size(crate::server::MAX_HEADER_BYTES)
             .pool_idle_timeout(Duration::from_secs(90))
             .build(conn.clone());
         Self {
@@ -175,11 +177,13 @@ impl Proxy {
         client: SocketAddr,
     ) -> Result<(Response<Incoming>, Option<Splice>), ProxyError> {
         let is_h2 = req.version() == Version::HTTP_2;
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // Like Go's `r.Host`: the authority of an absolute-form target (or HTTP/2's
+        // :authority) wins over the Host header.
+        let host = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers().get(header::HOST).cloned());
         let pq = req
             .uri()
             .path_and_query()

@@ -27,13 +27,21 @@ use crate::stat::{PROTOBUF_MIME, Stat};
 
 /// Go's `ReadHeaderTimeout` on every server.
 const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Go's `DefaultMaxHeaderBytes` (1 MiB) plus its 4 KiB slack.
+pub const MAX_HEADER_BYTES: usize = (1 << 20) + 4096;
+/// Go limits header bytes, not their number; hyper needs a count (its default is 100).
+pub const MAX_HEADERS: usize = 256;
 
 pub fn builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(READ_HEADER_TIMEOUT);
-    b.http2().timer(TokioTimer::new());
+        .header_read_timeout(READ_HEADER_TIMEOUT)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
     b
 }
 

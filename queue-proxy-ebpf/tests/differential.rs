@@ -240,6 +240,16 @@ fn proxied_request_headers() {
     assert_same("K-Original-Host", &k, &o);
 
     assert_eq!(o.0, serde_json::json!(["original.example.com"]));
+    // Many headers (Go limits header bytes, hyper by default 100 headers).
+    let (k, o) = both(&env, |p| {
+        let names: Vec<String> = (0..150).map(|i| format!("x-h{i}")).collect();
+        let hs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let a = get(p.ports.serving, "/echo", &hs);
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
+        (a.status, v["headers"].as_object().map(|m| m.len()))
+    });
+    assert_same("150 request headers", &k, &o);
+    assert_eq!(o.0, 200);
     // Request bodies pass through, over HTTP/1.1 and h2c.
     let (k, o) = both(&env, |p| {
         let port = p.ports.serving;
@@ -488,7 +498,7 @@ fn h2c_streaming_and_websocket() {
         let release = release.clone();
         rt.block_on(async move {
             // h2c with prior knowledge on the serving port, proxied as h2c.
-            let h2 = send(port, "GET", "/echo?q=1", &[("x-test", "1")], true).await.expect("h2c answer");
+            let h2 = send(port, "GET", "/echo?q=1", &[("x-test", "1"), ("k-original-host", "orig.example")], true).await.expect("h2c answer");
             let v: serde_json::Value = serde_json::from_slice(&h2.body).expect("json");
             let h2_seen = (h2.status, h2.key_headers(), v);
 
@@ -1010,4 +1020,49 @@ fn revision_timeout_ends_websockets() {
     });
     assert_same("websocket cut at the revision timeout", &k, &o);
     assert_eq!(o, (true, false));
+}
+
+/// Sends `raw` on a fresh connection and returns the status and the echoed request.
+fn raw_exchange(port: u16, raw: &'static [u8]) -> (String, serde_json::Value) {
+    runtime().block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        s.write_all(raw).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.lines().next().unwrap_or("").to_owned();
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let v = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        (status, v)
+    })
+}
+
+#[test]
+fn http10_and_absolute_form() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let (k, o) = both(&env, |p| {
+        let a = raw_exchange(
+            p.ports.serving,
+            b"GET /echo HTTP/1.0\r\nHost: h10.example\r\n\r\n",
+        );
+        let b = raw_exchange(
+            p.ports.serving,
+            b"GET http://abs.example/echo?x=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+        );
+        let pick = |v: &serde_json::Value| {
+            (
+                v["uri"].clone(),
+                v["headers"]["host"].clone(),
+                v["version"].clone(),
+            )
+        };
+        ((a.0, pick(&a.1)), (b.0, pick(&b.1)))
+    });
+    assert_same("HTTP/1.0 and absolute-form requests", &k, &o);
 }

@@ -405,9 +405,9 @@ impl Upstream {
                         let (r4, rd4) = (Arc::clone(&r3), Arc::clone(&rd3));
                         async move { Ok::<_, Infallible>(upstream_handle(req, r4, rd4).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                        .await;
+                    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    b.http1().max_headers(1000);
+                    let _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc).await;
                 });
             }
         });
