@@ -75,9 +75,16 @@ pub async fn serve<H, F, W>(
         };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
-        let svc = service_fn(move |req| {
-            let f = h(req, peer);
-            async move { Ok::<_, Infallible>(f.await) }
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let early = missing_host(&req);
+            let f = early.is_none().then(|| h(req, peer));
+            async move {
+                Ok::<_, Infallible>(match (f, early) {
+                    (Some(f), _) => f.await,
+                    (None, Some(r)) => r,
+                    (None, None) => not_found(),
+                })
+            }
         });
         let builder = builder.clone();
         let graceful_watch = graceful.watcher();
@@ -108,6 +115,28 @@ impl Wrap for Plain {
     async fn wrap(&self, s: tokio::net::TcpStream) -> Option<Self::Io> {
         Some(s)
     }
+}
+
+/// Go's server refuses an HTTP/1.1 request without a Host header before any handler runs.
+fn missing_host(req: &Request<Incoming>) -> Option<Response<Body>> {
+    const MSG: &str = "Bad Request: missing required Host header";
+    if req.version() != http::Version::HTTP_11
+        || req.headers().contains_key(header::HOST)
+        || req.uri().authority().is_some()
+    {
+        return None;
+    }
+    let mut r = Response::new(body::full(format!("400 {MSG}")));
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(body::TEXT_PLAIN),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(MSG.as_bytes()));
+    Some(r)
 }
 
 fn not_found() -> Response<Body> {

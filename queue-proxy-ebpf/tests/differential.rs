@@ -1023,13 +1023,14 @@ fn revision_timeout_ends_websockets() {
 }
 
 /// Sends `raw` on a fresh connection and returns the status and the echoed request.
-fn raw_exchange(port: u16, raw: &'static [u8]) -> (String, serde_json::Value) {
+fn raw_exchange(port: u16, raw: &[u8]) -> (String, serde_json::Value) {
+    let raw = raw.to_vec();
     runtime().block_on(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
-        s.write_all(raw).await.expect("write");
+        s.write_all(&raw).await.expect("write");
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
         let text = String::from_utf8_lossy(&out).into_owned();
@@ -1065,4 +1066,24 @@ fn http10_and_absolute_form() {
         ((a.0, pick(&a.1)), (b.0, pick(&b.1)))
     });
     assert_same("HTTP/1.0 and absolute-form requests", &k, &o);
+}
+
+#[test]
+fn malformed_requests() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let (k, o) = both(&env, |p| {
+        [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        ]
+        .iter()
+        .map(|raw| raw_exchange(p.ports.serving, raw).0)
+        .collect::<Vec<_>>()
+    });
+    assert_same("malformed requests", &k, &o);
 }
