@@ -5,11 +5,12 @@
 //! without a dead-letter sink, or --retry exhausted). The session is persistent, so anything
 //! unacknowledged when the process stops is redelivered by the broker after restart.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::cloudevent::CloudEvent;
 use crate::config::Config;
@@ -26,7 +27,6 @@ struct Pipeline {
     wrap: WrapSettings,
     sink: SinkClient,
     metrics: Arc<Metrics>,
-    window: Semaphore,
     active: AtomicUsize,
     /// Acknowledgements queued to the event loop and not yet written (may dip below 0 briefly).
     acks_pending: AtomicI64,
@@ -58,7 +58,6 @@ pub async fn run(
     let settings = ConnSettings::from_config(&cfg, cfg.client_id.clone(), true);
     let (client, mut eventloop) = mqtt::connect(&settings)?;
     let p = Arc::new(Pipeline {
-        window: Semaphore::new(usize::from(cfg.inflight)),
         cfg,
         sink_url,
         wrap,
@@ -77,7 +76,11 @@ pub async fn run(
         "MQTT source starting"
     );
 
-    let pending_limit = usize::from(p.cfg.inflight) * 2;
+    let window = usize::from(p.cfg.inflight);
+    let pending_limit = window * 2;
+    // Messages waiting for a delivery slot: kept as plain data (a few hundred bytes each), a
+    // task is spawned only when one of the `window` slots is free.
+    let mut backlog: VecDeque<(InboundMessage, AckToken)> = VecDeque::new();
     let mut reconnect_delay = Duration::from_millis(100);
     let mut draining_since: Option<Instant> = None;
     let mut last_error = String::new();
@@ -100,8 +103,11 @@ pub async fn run(
         // reading from the broker. It keeps polling while acknowledgements are queued (rumqttc
         // writes them only from its event loop) and reads once per half keep-alive interval
         // to keep the connection alive (at most 10 packets per read).
+        if draining_since.is_none() {
+            spawn_ready(&p, &client, &mut backlog, window);
+        }
         let saturated = draining_since.is_none()
-            && p.active.load(Ordering::Acquire) >= pending_limit
+            && p.active.load(Ordering::Acquire) + backlog.len() >= pending_limit
             && p.acks_pending.load(Ordering::Acquire) <= 0;
         let event = if saturated {
             tokio::select! {
@@ -113,7 +119,7 @@ pub async fn run(
             tokio::select! {
                 ev = eventloop.poll() => ev,
                 _ = shutdown.changed(), if draining_since.is_none() => continue,
-                _ = p.idle.notified(), if draining_since.is_some() => continue,
+                _ = p.idle.notified(), if draining_since.is_some() || !backlog.is_empty() => continue,
                 _ = tokio::time::sleep(p.cfg.drain_timeout), if draining_since.is_some() => continue,
             }
         };
@@ -134,24 +140,14 @@ pub async fn run(
                     // Not acknowledged: the broker redelivers it to the next session.
                     continue;
                 }
-                // QoS 0 has no broker-side window: bound what waits for the sink and drop the
-                // excess (QoS 0 is at-most-once by definition), counted and logged.
-                if msg.qos == 0
-                    && p.active.load(Ordering::Relaxed) >= usize::from(p.cfg.inflight) * 10
-                {
+                // QoS 0 has no broker-side flow control and no redelivery: beyond 10 x the
+                // window it is dropped (at-most-once by definition), counted and logged.
+                if msg.qos == 0 && p.active.load(Ordering::Relaxed) + backlog.len() >= window * 10 {
                     p.metrics.failed.inc();
                     tracing::warn!(topic = %msg.topic, "QoS 0 message dropped: the sink is not keeping up");
                     continue;
                 }
-                p.active.fetch_add(1, Ordering::AcqRel);
-                let p2 = p.clone();
-                let c2 = client.clone();
-                tokio::spawn(async move {
-                    deliver_and_ack(&p2, &c2, msg, token).await;
-                    p2.active.fetch_sub(1, Ordering::AcqRel);
-                    // Wakes the loop when saturated or draining (a stored permit: no lost wake-up).
-                    p2.idle.notify_one();
-                });
+                backlog.push_back((msg, token));
             }
             Ok(MqttEvent::AckFlushed) => {
                 p.acks_pending.fetch_sub(1, Ordering::AcqRel);
@@ -194,10 +190,30 @@ pub async fn run(
     Ok(())
 }
 
+/// Starts deliveries for backlog messages while a slot of the window is free.
+fn spawn_ready(
+    p: &Arc<Pipeline>,
+    client: &Client,
+    backlog: &mut VecDeque<(InboundMessage, AckToken)>,
+    window: usize,
+) {
+    while p.active.load(Ordering::Acquire) < window {
+        let Some((msg, token)) = backlog.pop_front() else {
+            return;
+        };
+        p.active.fetch_add(1, Ordering::AcqRel);
+        let p2 = p.clone();
+        let c2 = client.clone();
+        tokio::spawn(async move {
+            deliver_and_ack(&p2, &c2, msg, token).await;
+            p2.active.fetch_sub(1, Ordering::AcqRel);
+            // Wakes the loop (a stored permit: no lost wake-up).
+            p2.idle.notify_one();
+        });
+    }
+}
+
 async fn deliver_and_ack(p: &Pipeline, client: &Client, msg: InboundMessage, token: AckToken) {
-    let Ok(_permit) = p.window.acquire().await else {
-        return;
-    };
     p.metrics.inflight.inc();
     let disposition =
         mapping::dispose(&msg, &p.wrap, p.cfg.invalid_policy, p.cfg.max_message_bytes);
