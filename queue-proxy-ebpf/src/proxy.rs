@@ -263,10 +263,7 @@ impl Proxy {
                     self.user_port
                 ))
             } else {
-                ProxyError::Upstream(match std::error::Error::source(&e) {
-                    Some(s) => s.to_string(),
-                    None => e.to_string(),
-                })
+                ProxyError::Upstream(go_error_text(&e))
             }
         })?;
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -343,6 +340,24 @@ impl Proxy {
         });
         *g = Some(sender.clone());
         Ok(sender)
+    }
+}
+
+/// The text Go's transport would report for an upstream failure, where they map.
+fn go_error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_incomplete_message()
+        {
+            // The user container closed the connection without a (complete) response.
+            return "EOF".to_owned();
+        }
+        cur = err.source();
+    }
+    match e.source() {
+        Some(s) => s.to_string(),
+        None => e.to_string(),
     }
 }
 

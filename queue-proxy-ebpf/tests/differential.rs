@@ -1087,3 +1087,28 @@ fn malformed_requests() {
     });
     assert_same("malformed requests", &k, &o);
 }
+
+#[test]
+fn large_upload_and_truncated_upstream() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    let (k, o) = both(&env, |p| {
+        let port = p.ports.serving;
+        runtime().block_on(async move {
+            let big = bytes::Bytes::from(vec![b'a'; 3 << 20]);
+            let a = send_body(port, "POST", "/echo", &[], false, big)
+                .await
+                .expect("answer");
+            let v: serde_json::Value = serde_json::from_slice(&a.body).expect("json");
+            let uploaded = v["body"].as_str().map(str::len);
+            let t = send(port, "GET", "/truncate", &[], false).await;
+            let truncated = t
+                .map(|a| (a.status, a.body.len()))
+                .map_err(|_| "connection error");
+            (a.status, uploaded, truncated)
+        })
+    });
+    assert_same("3 MiB upload, truncated upstream response", &k, &o);
+}

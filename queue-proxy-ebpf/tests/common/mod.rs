@@ -273,6 +273,15 @@ async fn upstream_handle(
                 .insert("content-type", "application/grpc".parse().expect("static"));
             r
         }
+        "/truncate" => {
+            // Announces 100 bytes, sends 10: the connection is cut short.
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+                vec![Ok(Frame::data(Bytes::from_static(b"0123456789")))];
+            let mut r = Response::new(StreamBody::new(futures::stream::iter(frames)).boxed());
+            r.headers_mut()
+                .insert("content-length", "100".parse().expect("static"));
+            r
+        }
         "/hop" => {
             // Hop-by-hop headers the proxy must not forward, and an empty body.
             let mut r = Response::new(full(""));
