@@ -4,7 +4,7 @@
 //! manifests and re-reads it on inotify events; a Kubernetes watch can implement the
 //! same trait later.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -399,7 +399,7 @@ impl DirState {
         })?;
         let mut seen = Vec::new();
         for entry in entries.flatten() {
-            let path = entry.path();
+            let path = self.dir.join(entry.file_name());
             if !is_manifest(&path) || !path.is_file() {
                 continue;
             }
@@ -422,6 +422,38 @@ impl DirState {
         self.files.retain(|p, _| seen.contains(p));
         Ok(merge(&self.files))
     }
+
+    /// Re-reads only the files an event named (created, written, renamed or removed).
+    fn reload_paths(&mut self, paths: &BTreeSet<PathBuf>) -> ClusterState {
+        for path in paths {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let path = self.dir.join(name);
+            if !is_manifest(&path) {
+                continue;
+            }
+            if !path.is_file() {
+                self.files.remove(&path);
+                continue;
+            }
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|source| ManifestError::Io {
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|text| parse_manifests(&text, &path));
+            match parsed {
+                Ok(objs) => {
+                    self.files.insert(path, objs);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "manifest skipped, keeping its last good version")
+                }
+            }
+        }
+        merge(&self.files)
+    }
 }
 
 impl ManifestDir {
@@ -433,14 +465,19 @@ impl ManifestDir {
         };
         let initial = state.reload()?;
         let (tx, rx) = watch::channel(Arc::new(initial));
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
+        // Each event names the files it touched; `None` asks for a full re-read.
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Option<Vec<PathBuf>>>();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-                Ok(ev) if !ev.kind.is_access() => {
-                    let _ = ev_tx.send(());
+                Ok(ev) if ev.kind.is_access() => {}
+                Ok(ev) => {
+                    let full = ev.paths.is_empty() || ev.need_rescan();
+                    let _ = ev_tx.send((!full).then_some(ev.paths));
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "manifest watch error"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "manifest watch error; re-reading the directory");
+                    let _ = ev_tx.send(None);
+                }
             })
             .map_err(|source| ManifestError::Watch {
                 path: dir.to_owned(),
@@ -453,22 +490,35 @@ impl ManifestDir {
                 source,
             })?;
         tokio::spawn(async move {
-            while ev_rx.recv().await.is_some() {
+            while let Some(first) = ev_rx.recv().await {
                 // Coalesce a burst of events into one reload.
-                while ev_rx.try_recv().is_ok() {}
-                match state.reload() {
-                    Ok(st) => {
-                        tx.send_if_modified(|cur| {
-                            if **cur == st {
-                                false
-                            } else {
-                                *cur = Arc::new(st);
-                                true
-                            }
-                        });
+                let mut full = first.is_none();
+                let mut paths: BTreeSet<PathBuf> = first.into_iter().flatten().collect();
+                while let Ok(more) = ev_rx.try_recv() {
+                    match more {
+                        Some(p) => paths.extend(p),
+                        None => full = true,
                     }
-                    Err(e) => tracing::error!(error = %e, "manifest directory unreadable"),
                 }
+                let st = if full {
+                    match state.reload() {
+                        Ok(st) => st,
+                        Err(e) => {
+                            tracing::error!(error = %e, "manifest directory unreadable");
+                            continue;
+                        }
+                    }
+                } else {
+                    state.reload_paths(&paths)
+                };
+                tx.send_if_modified(|cur| {
+                    if **cur == st {
+                        false
+                    } else {
+                        *cur = Arc::new(st);
+                        true
+                    }
+                });
             }
         });
         Ok(Self {
@@ -596,5 +646,44 @@ metadata:
                 let _ = parse_manifests(s, Path::new("r.yaml"));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn directory_changes_are_followed() {
+        let dir = std::env::temp_dir().join(format!("manifests-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), SAMPLE).unwrap();
+        let src = ManifestDir::start(&dir).unwrap();
+        let mut rx = src.subscribe();
+        assert_eq!(rx.borrow_and_update().revisions.len(), 1);
+        let wait = |rx: &mut watch::Receiver<Arc<ClusterState>>| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                    .await
+                    .expect("no change seen")
+                    .unwrap();
+                rx.borrow_and_update().clone()
+            }
+        };
+        // A second revision appears (written then renamed into place).
+        let second = SAMPLE.replace("hello-00001", "hello-00002");
+        std::fs::write(dir.join(".b.tmp"), &second).unwrap();
+        std::fs::rename(dir.join(".b.tmp"), dir.join("b.yaml")).unwrap();
+        let st = wait(&mut rx).await;
+        assert_eq!(st.revisions.len(), 2);
+        // A broken edit keeps the last good content; removal drops it.
+        std::fs::write(dir.join("b.yaml"), "{[").unwrap();
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        let mut st = wait(&mut rx).await;
+        while st.revisions.len() != 1 {
+            st = wait(&mut rx).await;
+        }
+        assert!(
+            st.revisions
+                .contains_key(&RevisionKey::new("default", "hello-00001"))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
