@@ -138,8 +138,37 @@ impl Chain {
                 .boxed(),
             );
         }
-        // Like Go's server, hold the head until the first bytes show the content type.
+        // Like Go's server, hold the head until the first bytes show the content type. Go's
+        // reverse proxy flushes the head of a response without Content-Length at once, so
+        // there only bytes that are already here are sniffed.
         let mut body = body;
+        if http_body::Body::size_hint(&body).exact().is_none() {
+            use futures::FutureExt;
+            let first = match body.frame().now_or_never() {
+                Some(Some(Ok(frame))) => Some(frame),
+                _ => None,
+            };
+            if let Some(data) = first
+                .as_ref()
+                .and_then(|f| f.data_ref())
+                .filter(|d| !d.is_empty())
+            {
+                parts.headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(sniff::detect(data)),
+                );
+            }
+            return Response::from_parts(
+                parts,
+                TimedBody::new(
+                    Prepended::new(first, body),
+                    total_deadline,
+                    self.timeouts.idle,
+                    guard,
+                )
+                .boxed(),
+            );
+        }
         let deadline = match self.timeouts.idle {
             Some(idle) => total_deadline.min(Instant::now() + idle),
             None => total_deadline,

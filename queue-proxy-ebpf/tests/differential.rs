@@ -1112,3 +1112,32 @@ fn large_upload_and_truncated_upstream() {
     });
     assert_same("3 MiB upload, truncated upstream response", &k, &o);
 }
+
+#[test]
+fn timeouts_when_the_head_waits_for_sniffing() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    // The head counts as the response start even before Go sends it (it waits for the
+    // first bytes to sniff a Content-Type).
+    let mut env = knative_env(up.port);
+    env.insert("REVISION_RESPONSE_START_TIMEOUT_SECONDS".into(), "1".into());
+    let (k, o) = both(&env, |p| {
+        summary(&get(
+            p.ports.serving,
+            "/stream?n=2&ms=300&delay=1500&ct=0",
+            &[],
+        ))
+    });
+    assert_same("response-start timeout, head without content type", &k, &o);
+    let mut env = knative_env(up.port);
+    env.insert("REVISION_IDLE_TIMEOUT_SECONDS".into(), "1".into());
+    let (k, o) = both(&env, |p| {
+        summary(&get(
+            p.ports.serving,
+            "/stream?n=2&ms=300&delay=1500&ct=0",
+            &[],
+        ))
+    });
+    assert_same("idle timeout, head without content type", &k, &o);
+}

@@ -307,8 +307,12 @@ async fn upstream_handle(
             let n = query(&req, "n").unwrap_or(3);
             let ms = query(&req, "ms").unwrap_or(0);
             let hold = query(&req, "hold").unwrap_or(0) == 1;
+            // `delay`: ms before the first chunk; `ct=0`: no Content-Type (Go sniffs one).
+            let delay = query(&req, "delay").unwrap_or(0);
+            let with_ct = query(&req, "ct").unwrap_or(1) == 1;
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
             tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
                 for i in 0..n {
                     if i > 0 {
                         if hold && i == 1 {
@@ -331,8 +335,10 @@ async fn upstream_handle(
                     |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
                 );
             let mut r = Response::new(StreamBody::new(stream).boxed());
-            r.headers_mut()
-                .insert("content-type", "text/plain".parse().expect("static"));
+            if with_ct {
+                r.headers_mut()
+                    .insert("content-type", "text/plain".parse().expect("static"));
+            }
             r
         }
         "/ws" => {
