@@ -185,3 +185,35 @@ fn runs_as_nobody_without_capabilities() {
     let _ = child.wait();
     assert_eq!(status, 200);
 }
+
+/// Kept difference from Knative: with containerConcurrency 1, queued requests are served in
+/// arrival order (Knative's breaker lets later requests overtake waiting ones).
+#[test]
+fn breaker_serves_in_arrival_order() {
+    let _g = port_lock();
+    let up = Upstream::start();
+    let mut env = knative_env(up.port);
+    env.insert("CONTAINER_CONCURRENCY".into(), "1".into());
+    let _p = start(Impl::Ours, &env, Some((28022, 29090)));
+    let order = runtime().block_on(async {
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut hs = Vec::new();
+        for i in 0..8 {
+            let done = std::sync::Arc::clone(&done);
+            hs.push(tokio::spawn(async move {
+                let a = send(SERVING_PORT, "GET", "/sleep?ms=120", &[], false).await;
+                if a.is_ok_and(|a| a.status == 200) {
+                    done.lock().expect("lock").push(i);
+                }
+            }));
+            // Each request is queued before the next one is sent.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for h in hs {
+            h.await.expect("join");
+        }
+        let v = done.lock().expect("lock").clone();
+        v
+    });
+    assert_eq!(order, (0..8).collect::<Vec<_>>());
+}
