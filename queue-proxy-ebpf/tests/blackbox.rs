@@ -212,8 +212,7 @@ fn breaker_serves_in_arrival_order() {
         for h in hs {
             h.await.expect("join");
         }
-        let v = done.lock().expect("lock").clone();
-        v
+        done.lock().expect("lock").clone()
     });
     assert_eq!(order, (0..8).collect::<Vec<_>>());
 }
