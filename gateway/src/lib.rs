@@ -402,8 +402,9 @@ impl Gateway {
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
         let start = Instant::now();
-        let path = req.uri().path().to_owned();
-        let method = req.method().clone();
+        let seen = self
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let (response, chain) = self.route(req).await;
         if let Some(c) = chain {
             let class = usize::from(response.status().as_u16() / 100).min(5);
@@ -411,7 +412,7 @@ impl Gateway {
                 st.by_class[class].fetch_add(1, Ordering::Relaxed);
             }
         }
-        if self.access_log {
+        if let Some((method, path)) = seen {
             info!(
                 method = %method,
                 path = %path,
