@@ -26,6 +26,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+use crate::measure::{cpu_seconds, sibling};
+use crate::report::{Row, table, write_json};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -69,19 +72,15 @@ pub struct MqttBenchArgs {
     pub timeout: u64,
 }
 
-/// One contender's figures.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Row {
-    pub name: String,
-    pub p50_us: Option<f64>,
-    pub p99_us: Option<f64>,
-    pub rps: Option<f64>,
-    pub cpu_s_per_1k: Option<f64>,
-    pub cpu_s_per_10k: Option<f64>,
-    pub peak_rss_mib: Option<f64>,
-    pub sent: usize,
-    pub arrived: usize,
-    pub subscribe_qos: u8,
+/// One contender's figures: the shared row plus what only this bench reports.
+#[derive(Debug, Clone)]
+struct Measured {
+    row: Row,
+    cpu_s_per_10k: Option<f64>,
+    peak_rss_mib: Option<f64>,
+    sent: usize,
+    arrived: usize,
+    subscribe_qos: u8,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -131,20 +130,6 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
-
-/// utime + stime of a process in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / CLK_TCK)
-}
-
-/// Clock ticks per second of /proc times (`sysconf(_SC_CLK_TCK)`, 100 on Linux's ABIs).
-const CLK_TCK: f64 = 100.0;
 
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -330,7 +315,7 @@ enum Contender {
     Prototype,
 }
 
-async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Row> {
+async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measured> {
     let tmp = TempDir::new(&format!(
         "spright-bench-mqtt-{}-{who:?}",
         std::process::id()
@@ -346,10 +331,7 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Row> {
         Contender::Ours => {
             let bin = match &args.adaptor_bin {
                 Some(b) => b.clone(),
-                None => std::env::current_exe()?
-                    .parent()
-                    .context("no exe dir")?
-                    .join("mqtt-adaptor"),
+                None => sibling("mqtt-adaptor")?,
             };
             let http_port = free_port()?;
             let p = Proc(
@@ -442,6 +424,13 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Row> {
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Idle: connected, subscribed, nothing published.
+    let idle0 = cpu_seconds(pid).ok();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_cpu_pct = match (idle0, cpu_seconds(pid).ok()) {
+        (Some(a), Some(b)) => Some((b - a) / 2.0 * 100.0),
+        _ => None,
+    };
 
     let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
     let n = args.messages as u64;
@@ -472,16 +461,20 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Row> {
     drop(proc);
     let elapsed = last.duration_since(start).as_secs_f64();
     let cpu = cpu1 - cpu0;
-    Ok(Row {
-        name: match who {
-            Contender::Ours => "ours".into(),
-            Contender::Prototype => "prototype".into(),
+    let per = |k: f64| (arrived > 0).then(|| cpu * k / arrived as f64);
+    Ok(Measured {
+        row: Row {
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            rps: (arrived > 0 && elapsed > 0.0).then(|| arrived as f64 / elapsed),
+            cpu_s_per_1k: per(1000.0),
+            idle_cpu_pct,
+            ..Row::named(match who {
+                Contender::Ours => "ours",
+                Contender::Prototype => "prototype",
+            })
         },
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        rps: (arrived > 0 && elapsed > 0.0).then(|| arrived as f64 / elapsed),
-        cpu_s_per_1k: (arrived > 0).then(|| cpu * 1000.0 / arrived as f64),
-        cpu_s_per_10k: (arrived > 0).then(|| cpu * 10_000.0 / arrived as f64),
+        cpu_s_per_10k: per(10_000.0),
         peak_rss_mib: rss,
         sent: args.messages,
         arrived,
@@ -503,22 +496,21 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
     if !args.skip_prototype {
         rows.push(rt.block_on(measure(&args, Contender::Prototype))?);
     }
+    let shared: Vec<Row> = rows.iter().map(|m| m.row.clone()).collect();
+    print!("{}", table(&shared));
     println!(
-        "{:<10} {:>4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>14} {:>10}",
-        "name", "qos", "sent", "arrived", "msgs/s", "p50 us", "p99 us", "cpu s/10k msg", "peak MiB"
+        "{:<10} {:>4} {:>8} {:>8} {:>14} {:>10}",
+        "name", "qos", "sent", "arrived", "cpu s/10k msg", "peak MiB"
     );
-    for r in &rows {
+    for m in &rows {
         println!(
-            "{:<10} {:>4} {:>8} {:>8} {:>10} {:>10} {:>10} {:>14} {:>10}",
-            r.name,
-            r.subscribe_qos,
-            r.sent,
-            r.arrived,
-            fmt(r.rps, 0),
-            fmt(r.p50_us, 0),
-            fmt(r.p99_us, 0),
-            fmt(r.cpu_s_per_10k, 3),
-            fmt(r.peak_rss_mib, 1)
+            "{:<10} {:>4} {:>8} {:>8} {:>14} {:>10}",
+            m.row.name,
+            m.subscribe_qos,
+            m.sent,
+            m.arrived,
+            fmt(m.cpu_s_per_10k, 3),
+            fmt(m.peak_rss_mib, 1)
         );
     }
     if let [ours, proto] = &rows[..] {
@@ -528,16 +520,15 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
         };
         println!(
             "ours/prototype: throughput {}, p50 latency {}, p99 latency {}, CPU per message {}, peak RSS {}",
-            ratio(ours.rps, proto.rps),
-            ratio(ours.p50_us, proto.p50_us),
-            ratio(ours.p99_us, proto.p99_us),
+            ratio(ours.row.rps, proto.row.rps),
+            ratio(ours.row.p50_us, proto.row.p50_us),
+            ratio(ours.row.p99_us, proto.row.p99_us),
             ratio(ours.cpu_s_per_10k, proto.cpu_s_per_10k),
             ratio(ours.peak_rss_mib, proto.peak_rss_mib),
         );
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&rows)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &shared).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
