@@ -43,11 +43,31 @@ done
 
 export GOBIN="${GOBIN:-$HOME/go/bin}"
 mkdir -p "$GOBIN"
+# `go install pkg@version` first; where the module proxy refuses the version-list lookup that
+# go install makes (seen for knative.dev/eventing), build the same version inside a throwaway
+# module that requires it.
+go_build_pinned() {
+  local mod=$1 pkg=${1%@*} ver=${1#*@} bin=$2 dir
+  dir=$(mktemp -d)
+  (
+    cd "$dir"
+    go mod init spright-oracle >/dev/null 2>&1
+    printf '//go:build tools\npackage tools\nimport _ "%s"\n' "$pkg" > tools.go
+    go get "$pkg@$ver" >/dev/null
+    go build -o "$bin" "$pkg"
+  )
+  local rc=$?
+  rm -rf "$dir"
+  return $rc
+}
 for mod in "${GO_BINARIES[@]}"; do
   bin="$GOBIN/$(basename "${mod%@*}")"
   if [[ ! -x "$bin" ]]; then
     log "go install $mod"
-    (cd /tmp && GOFLAGS=-mod=mod go install "$mod")
+    if ! (cd /tmp && GOFLAGS=-mod=mod go install "$mod"); then
+      log "go install refused; building $mod in a throwaway module"
+      go_build_pinned "$mod" "$bin"
+    fi
   fi
 done
 
