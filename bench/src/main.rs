@@ -5,6 +5,7 @@ mod broker;
 mod dataplane;
 mod knative_chain;
 mod measure;
+mod mqtt;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -25,11 +26,15 @@ enum Cmd {
     /// function, and 3-step reply chains over shared memory, over HTTP and through the stock
     /// broker's topology (drop-in ingress and filter).
     Broker(broker::BrokerBenchArgs),
+    /// mqtt-adaptor: messages per second and publish-to-sink latency, ours against Knative's
+    /// mqttsource prototype, with CPU per message and peak memory.
+    Mqtt(mqtt::MqttBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Dataplane(a) => dataplane::run(a),
         Cmd::Broker(a) => broker::run(a),
+        Cmd::Mqtt(a) => mqtt::run(a),
     }
 }
