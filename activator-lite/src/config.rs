@@ -49,6 +49,15 @@ pub struct Flags {
     /// Seconds to keep serving after SIGTERM while health checks fail (network.DefaultDrainTimeout).
     #[arg(long, default_value_t = 45.0)]
     pub drain_timeout_secs: f64,
+    /// HTTPS port, opened when --tls-cert and --tls-key are given (system-internal-tls).
+    #[arg(long, default_value_t = 8112)]
+    pub https_port: u16,
+    /// Server certificate (PEM), e.g. `tls.crt` of the mounted `routing-serving-certs` Secret.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Requests waiting per revision before 503 (breakerQueueDepth).
     #[arg(long, default_value_t = 10_000)]
     pub queue_depth: usize,
@@ -72,6 +81,11 @@ pub struct Config {
     pub metrics_port: u16,
     pub drain_timeout: Duration,
     pub queue_depth: usize,
+    pub https_port: u16,
+    /// `(certificate, key)` PEM files; HTTPS on `https_port` when set.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// `ACTIVATOR_TLS_MIN_VERSION`: "1.2" (default) or "1.3".
+    pub tls_min_version_13: bool,
 }
 
 impl Config {
@@ -148,6 +162,19 @@ impl Config {
             metrics_port: flags.metrics_port,
             drain_timeout: Duration::from_secs_f64(drain),
             queue_depth: flags.queue_depth.max(1),
+            https_port: flags.https_port,
+            tls: flags.tls_cert.zip(flags.tls_key),
+            tls_min_version_13: match get("ACTIVATOR_TLS_MIN_VERSION").as_deref() {
+                None | Some("1.2") => false,
+                Some("1.3") => true,
+                Some(v) => {
+                    return Err(ConfigError::Invalid {
+                        name: "ACTIVATOR_TLS_MIN_VERSION",
+                        value: v.to_owned(),
+                        reason: "must be 1.2 or 1.3".into(),
+                    });
+                }
+            },
         })
     }
 

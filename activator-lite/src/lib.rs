@@ -14,6 +14,7 @@ pub mod proto;
 pub mod server;
 pub mod stats;
 pub mod throttler;
+pub mod tls;
 
 pub use config::Config;
 pub use server::run;

@@ -214,8 +214,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "activator-lite serving"
     );
 
+    let tls = match &cfg.tls {
+        Some((cert, key)) => {
+            let tls_cfg = crate::tls::server_config(cert, key, cfg.tls_min_version_13)
+                .context("loading the TLS certificate")?;
+            let l = bind(&cfg, cfg.https_port, "https").await?;
+            tracing::info!(https = cfg.https_port, "serving HTTPS");
+            Some((l, tokio_rustls::TlsAcceptor::from(tls_cfg)))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let conns = Arc::new(Conns::default());
+    if let Some((l, acceptor)) = tls {
+        let app = app.clone();
+        let on_conn = move |s, peer: SocketAddr, stop| {
+            let (app, acceptor) = (app.clone(), acceptor.clone());
+            async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = service_fn(move |req| app.clone().handle(req, Some(peer), None));
+                drive(TokioIo::new(tls), svc, stop).await;
+            }
+        };
+        tokio::spawn(accept_loop(l, on_conn, stop_rx.clone(), conns.clone()));
+    }
     for l in [l1, l2] {
         let app = app.clone();
         let on_conn = move |s, peer, stop| app_conn(app.clone(), s, peer, stop);

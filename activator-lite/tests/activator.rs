@@ -646,3 +646,97 @@ async fn held_client_hanging_up_frees_its_queue_place() {
     assert_eq!(next.await.unwrap().status, StatusCode::OK);
     assert_eq!(pod.served().len(), 1, "the hung-up request was never sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_when_a_certificate_is_configured() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let pod = Pod::start("pod-a", true).await;
+    m.endpoints(REV, &[pod.addr], &[]);
+    // A self-signed certificate, as the routing-serving-certs Secret would hold.
+    let crt = m.dir.join("tls.crt.pem");
+    let key = m.dir.join("tls.key.pem");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=activator-service.knative-serving.svc",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl) is needed to make a test certificate");
+    assert!(ok.success(), "openssl failed to make a certificate");
+    let https_port = free_port();
+    let asc = FakeAutoscaler::start(0).await;
+    let (crt_s, key_s, port_s) = (
+        crt.display().to_string(),
+        key.display().to_string(),
+        https_port.to_string(),
+    );
+    let _act = ready_activator(
+        &m,
+        &asc,
+        &[
+            "--tls-cert",
+            &crt_s,
+            "--tls-key",
+            &key_s,
+            "--https-port",
+            &port_s,
+        ],
+    )
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&crt).unwrap();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", https_port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "x")
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", REV)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "pod-a");
+}
