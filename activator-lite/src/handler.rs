@@ -168,25 +168,30 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers (and those named in Connection); keeps the upgrade pair
 /// when `upgrade`.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if !(upgrade && n == header::UPGRADE) {
+    // One pass over the (few) headers; nothing is allocated when none is hop-by-hop.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in h.keys() {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || (!upgrade && name == header::UPGRADE) {
+            doomed.push(name.clone());
+        }
+    }
+    if !doomed.is_empty() {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        doomed.extend(named);
+        for n in doomed {
             h.remove(n);
         }
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -374,7 +379,10 @@ impl App {
             return Ok(text(StatusCode::OK, ""));
         }
         // 2. Network probe.
-        let probe = header_str(req.headers(), HDR_NETWORK_PROBE).to_owned();
+        let probe = req.headers().get(HDR_NETWORK_PROBE).cloned();
+        let probe = probe
+            .as_ref()
+            .map_or("", |v| v.to_str().unwrap_or("\u{fffd}"));
         if probe == "probe" {
             let hash = req.headers().get(HDR_NETWORK_HASH).cloned();
             return Ok(match hash.filter(|h| !h.is_empty()) {
@@ -386,7 +394,9 @@ impl App {
                 None => text(StatusCode::BAD_REQUEST, "no K-Network-Hash header"),
             });
         }
-        req.headers_mut().remove(HDR_NETWORK_HASH);
+        if req.headers().contains_key(HDR_NETWORK_HASH) {
+            req.headers_mut().remove(HDR_NETWORK_HASH);
+        }
         // 3. Activator probe.
         if !probe.is_empty() {
             return Ok(if probe == "activator" {

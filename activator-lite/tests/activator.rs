@@ -394,7 +394,7 @@ async fn scale_from_zero_through_knatives_queue_proxy() {
         "{QUEUE} missing: go install knative.dev/serving/cmd/queue@v0.50.0 (scripts/setup.sh)"
     );
     let m = Manifests::new();
-    m.revision(REV, 1, "  timeoutSeconds: 60\n");
+    m.revision(REV, 1, "  timeoutSeconds: 150\n");
     let mut asc = FakeAutoscaler::start(0).await;
     let act = ready_activator(&m, &asc, &[]).await;
     let port = act.port;
@@ -486,7 +486,9 @@ impl QueueProxy {
     /// Starts queue-proxy and waits until it answers its probe. Retries when it exits
     /// at once (its fixed ports 8022/9090 may be held by another queue-proxy for a moment).
     async fn start_serving(user_port: u16) -> (Self, u16) {
-        for _ in 0..20 {
+        // Up to 90 s: other suites on a shared machine may run a queue-proxy for a while.
+        let give_up = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < give_up {
             let port = free_port();
             let mut qp = Self::start(port, user_port);
             let deadline = Instant::now() + Duration::from_secs(3);
