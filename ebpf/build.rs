@@ -1,19 +1,25 @@
-//! Compiles the dataplane's eBPF programs (bpf/dataplane.bpf.c) with clang-19
-//! into `$OUT_DIR/dataplane.bpf.o`, which the loader embeds.
+//! Compiles the eBPF programs with clang-19: bpf/dataplane.bpf.c into
+//! `$OUT_DIR/dataplane.bpf.o` and bpf/accounting.bpf.c into
+//! `$OUT_DIR/accounting.bpf.o`, which the loaders embed.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-const SOURCE: &str = "bpf/dataplane.bpf.c";
-const OBJECT: &str = "dataplane.bpf.o";
+/// (source, object) pairs.
+const PROGRAMS: [(&str, &str); 2] = [
+    ("bpf/dataplane.bpf.c", "dataplane.bpf.o"),
+    ("bpf/accounting.bpf.c", "accounting.bpf.o"),
+];
 const CLANG: &str = "/usr/bin/clang-19";
 const HELPERS: &str = "/usr/include/bpf/bpf_helpers.h";
 const LINUX_BPF_H: &str = "/usr/include/linux/bpf.h";
 const SETUP_HINT: &str = "install clang-19 and libbpf-dev: run scripts/setup.sh";
 
 fn main() -> ExitCode {
-    println!("cargo:rerun-if-changed={SOURCE}");
+    for (source, _) in PROGRAMS {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     match build() {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,20 +44,25 @@ fn build() -> Result<(), String> {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").map_err(|e| format!("target arch: {e}"))?;
     // linux/bpf.h pulls in asm/types.h, which lives in the multiarch include dir.
     let multiarch = format!("/usr/include/{}", debian_multiarch(&arch));
-    let object = out_dir.join(OBJECT);
+    for (source, object) in PROGRAMS {
+        compile(clang, &multiarch, source, &out_dir.join(object))?;
+    }
+    Ok(())
+}
 
+fn compile(clang: &Path, multiarch: &str, source: &str, object: &Path) -> Result<(), String> {
     let output = Command::new(clang)
         .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
         .arg(format!("-I{multiarch}"))
         .arg("-c")
-        .arg(SOURCE)
+        .arg(source)
         .arg("-o")
-        .arg(&object)
+        .arg(object)
         .output()
         .map_err(|e| format!("running {CLANG}: {e}; {SETUP_HINT}"))?;
     if !output.status.success() {
         return Err(format!(
-            "{CLANG} failed to compile {SOURCE} ({}):\n{}{}",
+            "{CLANG} failed to compile {source} ({}):\n{}{}",
             output.status,
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)

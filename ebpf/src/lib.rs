@@ -36,6 +36,8 @@
 //! Programs are compiled from `bpf/dataplane.bpf.c` by `build.rs` (clang-19) and
 //! embedded in this crate. Loading needs root (CAP_BPF and CAP_NET_ADMIN).
 
+pub mod accounting;
+
 use std::error::Error as StdError;
 use std::fs::{self, File};
 use std::io;

@@ -1,0 +1,645 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// In-kernel request accounting for one pod's serving port (HTTP/1.x).
+//
+// One copy of this object is loaded per pod and its three programs are
+// attached to the pod's cgroup v2 directory, so they only ever see sockets
+// created by the pod's processes:
+//
+// - `acct_ingress` (cgroup_skb/ingress) sees the request bytes that reach a
+//   socket whose local port is the serving port (`acct_config.port`);
+// - `acct_egress` (cgroup_skb/egress) sees the response bytes that socket
+//   sends;
+// - `acct_sockops` (sockops) asks for TCP state-change callbacks on accepted
+//   serving connections and ends a request still in flight when its
+//   connection closes.
+//
+// Each connection carries a small state machine in socket-local storage
+// (`acct_conns`, freed by the kernel with the socket):
+//
+//   IDLE --request bytes--> REQUEST --response bytes--> RESP_HEAD
+//   RESP_HEAD --end of headers--> done | BODY (Content-Length) |
+//              CHUNKED | UNTIL_CLOSE (no length, or 101 upgrade)
+//   BODY --last body byte sent--> done;  CHUNKED --"\r\n0\r\n\r\n" sent--> done
+//   any busy state --FIN sent / connection closed--> done
+//
+// "done" goes back to IDLE, so keep-alive connections carry many requests.
+// Arrivals and completions change the pod-wide counters in `acct_stats`
+// under a spin lock: concurrency, and concurrency integrated over time in
+// nanoseconds (weighted_ns += concurrency * (now - last_change) at every
+// transition), the same integral Knative's request stats compute, plus the
+// same pair for requests that carried `K-Proxy-Request: activator`.
+//
+// TCP sequence numbers filter retransmissions out. What is approximated is
+// documented in ebpf/src/accounting.rs. The map and program names are the
+// interface with that loader; keep them in sync.
+
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define IPPROTO_TCP 6
+
+#define TCP_FIN_WAIT1 4
+#define TCP_CLOSE 7
+#define TCP_LAST_ACK 9
+
+#define ST_IDLE 0
+#define ST_REQUEST 1
+#define ST_RESP_HEAD 2
+#define ST_BODY 3
+#define ST_CHUNKED 4
+#define ST_UNTIL_CLOSE 5
+#define ST_IGNORED 6
+
+#define HDR_MATCH 0
+#define HDR_CL_VALUE 1
+#define HDR_SKIP 2
+
+#define CHUNK 64
+// Header bytes scanned per segment at most: 64 chunks of 64 bytes.
+#define MAX_CHUNKS 64
+
+struct pod_stats {
+	struct bpf_spin_lock lock;
+	__u32 concurrency;
+	__u32 proxied_concurrency;
+	__u32 pad;
+	__u64 last_change_ns;
+	__u64 weighted_ns;
+	__u64 weighted_proxied_ns;
+	__u64 arrivals;
+	__u64 proxied_arrivals;
+	__u64 completions;
+	__u64 proxied_completions;
+};
+
+struct acct_cfg {
+	__u32 port;
+	__u32 pad;
+};
+
+struct conn {
+	__u8 state;
+	__u8 proxied;
+	__u8 head;
+	__u8 rx_init;
+	__u8 tx_init;
+	__u8 req_done;      // request headers fully scanned
+	__u8 hdr;           // HDR_*
+	__u8 mask;          // header names still matching on this line
+	__u8 chunked;
+	__u8 cl_seen;
+	__u8 line_len;
+	__u8 line_no;
+	__u16 status;
+	__u16 pad;
+	__u32 rx_next;
+	__u32 tx_next;
+	__u64 cl;
+	__u64 remaining;
+	__u64 tail;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pod_stats);
+} acct_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct acct_cfg);
+} acct_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct conn);
+} acct_conns SEC(".maps");
+
+static const char CONTENT_LENGTH[] = "content-length:";
+static const char TRANSFER_ENCODING[] = "transfer-encoding:";
+static const char PROXY_HEADER[] = "k-proxy-request: activator";
+#define CONTENT_LENGTH_LEN 15
+#define TRANSFER_ENCODING_LEN 18
+#define PROXY_HEADER_LEN 26
+
+#define MASK_CL 1
+#define MASK_TE 2
+#define MASK_PROXY 4
+
+// Integrates concurrency up to `now`; call with the lock held.
+static __always_inline void integrate(struct pod_stats *s, __u64 now)
+{
+	__u64 dt;
+
+	if (now > s->last_change_ns) {
+		dt = now - s->last_change_ns;
+		s->weighted_ns += (__u64)s->concurrency * dt;
+		s->weighted_proxied_ns += (__u64)s->proxied_concurrency * dt;
+		s->last_change_ns = now;
+	}
+}
+
+#define ARRIVAL 0
+#define COMPLETION 1
+#define PROXIED_ARRIVAL 2
+
+// Records an arrival, a completion, or that the request that arrived last
+// on a connection turned out to be proxied.
+static __always_inline void transition(int what, int proxied)
+{
+	__u32 key = 0;
+	struct pod_stats *s = bpf_map_lookup_elem(&acct_stats, &key);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!s)
+		return;
+	bpf_spin_lock(&s->lock);
+	integrate(s, now);
+	if (what == ARRIVAL) {
+		s->concurrency += 1;
+		s->arrivals += 1;
+	} else if (what == PROXIED_ARRIVAL) {
+		s->proxied_concurrency += 1;
+		s->proxied_arrivals += 1;
+	} else {
+		if (s->concurrency > 0)
+			s->concurrency -= 1;
+		s->completions += 1;
+		if (proxied) {
+			if (s->proxied_concurrency > 0)
+				s->proxied_concurrency -= 1;
+			s->proxied_completions += 1;
+		}
+	}
+	bpf_spin_unlock(&s->lock);
+}
+
+static __always_inline int busy(struct conn *c)
+{
+	return c->state >= ST_REQUEST && c->state <= ST_UNTIL_CLOSE;
+}
+
+static __always_inline void complete(struct conn *c)
+{
+	if (busy(c))
+		transition(COMPLETION, c->proxied);
+	c->state = ST_IDLE;
+	c->proxied = 0;
+	c->head = 0;
+}
+
+static __always_inline void reset_scanner(struct conn *c, __u8 mask)
+{
+	c->hdr = HDR_MATCH;
+	c->mask = mask;
+	c->chunked = 0;
+	c->cl_seen = 0;
+	c->cl = 0;
+	c->line_len = 0;
+	c->line_no = 0;
+	c->status = 0;
+}
+
+// Feeds one header byte; returns 1 at the empty line ending the headers.
+static __always_inline int feed(struct conn *c, __u8 b, __u8 line_mask, int response)
+{
+	__u32 pos;
+	__u8 lower;
+
+	if (b == '\n') {
+		if (c->line_len == 0)
+			return 1;
+		c->line_len = 0;
+		if (c->line_no < 255)
+			c->line_no++;
+		c->hdr = HDR_MATCH;
+		c->mask = line_mask;
+		return 0;
+	}
+	if (b == '\r')
+		return 0;
+	pos = c->line_len;
+	if (c->line_len < 255)
+		c->line_len++;
+	if (c->line_no == 0) {
+		// Status line "HTTP/1.1 200 ...": the code is at 9..11.
+		if (response && pos >= 9 && pos <= 11 && b >= '0' && b <= '9')
+			c->status = c->status * 10 + (b - '0');
+		return 0;
+	}
+	if (c->hdr == HDR_SKIP)
+		return 0;
+	if (c->hdr == HDR_CL_VALUE) {
+		if (b >= '0' && b <= '9') {
+			if (c->cl < (1ULL << 56))
+				c->cl = c->cl * 10 + (b - '0');
+			c->cl_seen = 1;
+		} else if (!((b == ' ' || b == '\t') && !c->cl_seen)) {
+			c->hdr = HDR_SKIP;
+		}
+		return 0;
+	}
+	lower = (b >= 'A' && b <= 'Z') ? b + ('a' - 'A') : b;
+	if ((c->mask & MASK_CL) &&
+	    (pos >= CONTENT_LENGTH_LEN || CONTENT_LENGTH[pos & 15] != lower))
+		c->mask &= ~MASK_CL;
+	if ((c->mask & MASK_TE) &&
+	    (pos >= TRANSFER_ENCODING_LEN || TRANSFER_ENCODING[pos & 31] != lower))
+		c->mask &= ~MASK_TE;
+	if ((c->mask & MASK_PROXY) &&
+	    (pos >= PROXY_HEADER_LEN || PROXY_HEADER[pos & 31] != lower))
+		c->mask &= ~MASK_PROXY;
+	if ((c->mask & MASK_CL) && pos == CONTENT_LENGTH_LEN - 1) {
+		c->hdr = HDR_CL_VALUE;
+		c->cl = 0;
+		c->cl_seen = 0;
+	} else if ((c->mask & MASK_TE) && pos == TRANSFER_ENCODING_LEN - 1) {
+		c->chunked = 1;
+		c->hdr = HDR_SKIP;
+	} else if ((c->mask & MASK_PROXY) && pos == PROXY_HEADER_LEN - 1) {
+		if (!c->proxied)
+			c->proxied = 1;
+		c->hdr = HDR_SKIP;
+	} else if (!c->mask) {
+		c->hdr = HDR_SKIP;
+	}
+	return 0;
+}
+
+// Scanner position and buffer. They live in a per-CPU map rather than on the
+// stack: the verifier does not track map contents, so the bpf_loop callback
+// converges after one pass instead of being walked once per byte.
+struct scan {
+	__u32 off;    // offset of the first byte to scan in the skb
+	__u32 len;    // bytes available
+	__u32 pos;    // bytes scanned so far
+	__u32 end;    // offset after the header block (relative to off), or 0
+	__u8 line_mask;
+	__u8 response;
+	__u8 pad[6];
+	__u8 buf[CHUNK];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scan);
+} acct_scratch SEC(".maps");
+
+// What the callback needs: pointers only, so the stack stays constant.
+struct scan_ctx {
+	struct __sk_buff *skb;
+	struct conn *c;
+	struct scan *sc;
+};
+
+static long scan_byte(__u32 index, void *ctx)
+{
+	struct scan_ctx *sctx = ctx;
+	struct scan *sc = sctx->sc;
+	struct conn *c = sctx->c;
+	__u32 i;
+	__u32 n;
+
+	i = sc->pos & (CHUNK - 1);
+	if (sc->pos >= sc->len)
+		return 1;
+	if (i == 0) {
+		// Load the next chunk (bytes are read CHUNK at a time).
+		n = sc->len - sc->pos;
+		if (n > CHUNK)
+			n = CHUNK;
+		// 1..=CHUNK in a form the verifier can follow.
+		n = ((n - 1) & (CHUNK - 1)) + 1;
+		if (bpf_skb_load_bytes(sctx->skb, sc->off + sc->pos, sc->buf, n) < 0)
+			return 1;
+	}
+	sc->pos++;
+	if (feed(c, sc->buf[i], sc->line_mask, sc->response)) {
+		// A 1xx other than 101 is an interim answer: the final
+		// response follows on the same connection.
+		if (sc->response && c->status >= 100 && c->status < 200 && c->status != 101) {
+			reset_scanner(c, sc->line_mask);
+			return 0;
+		}
+		sc->end = sc->pos;
+		return 1;
+	}
+	return 0;
+}
+
+// Scans up to MAX_CHUNKS * CHUNK bytes of headers; returns the offset after
+// the header block relative to `off`, or 0 if it did not end here.
+static __always_inline __u32 scan_headers(struct __sk_buff *skb, struct conn *c, __u32 off,
+					  __u32 len, __u8 line_mask, __u8 response)
+{
+	__u32 key = 0;
+	struct scan *sc = bpf_map_lookup_elem(&acct_scratch, &key);
+	struct scan_ctx sctx = { .skb = skb, .c = c, .sc = sc };
+
+	if (!sc)
+		return 0;
+	sc->off = off;
+	sc->len = len;
+	sc->pos = 0;
+	sc->end = 0;
+	sc->line_mask = line_mask;
+	sc->response = response;
+	bpf_loop(MAX_CHUNKS * CHUNK, scan_byte, &sctx, 0);
+	return sc->end;
+}
+
+struct segment {
+	__u32 payload_off;
+	__u32 payload_len;
+	__u32 seq;
+	__u16 local_port;
+	__u8 fin;
+};
+
+// Parses the IP and TCP headers; skb data starts at the network header.
+static __always_inline int parse(struct __sk_buff *skb, int ingress, struct segment *seg)
+{
+	__u8 tcp[20];
+	__u32 ip_len;
+	__u32 tot_len;
+	__u32 doff;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 ip[20];
+
+		if (bpf_skb_load_bytes(skb, 0, ip, sizeof(ip)) < 0)
+			return -1;
+		if (ip[9] != IPPROTO_TCP)
+			return -1;
+		ip_len = (ip[0] & 0x0f) * 4;
+		tot_len = ((__u32)ip[2] << 8) | ip[3];
+		// GSO packets carry 0 or the first segment's length.
+		if (tot_len < skb->len)
+			tot_len = skb->len;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		__u8 ip6[8];
+
+		if (bpf_skb_load_bytes(skb, 0, ip6, sizeof(ip6)) < 0)
+			return -1;
+		if (ip6[6] != IPPROTO_TCP)
+			return -1;
+		ip_len = 40;
+		tot_len = skb->len;
+	} else {
+		return -1;
+	}
+	if (bpf_skb_load_bytes(skb, ip_len, tcp, sizeof(tcp)) < 0)
+		return -1;
+	doff = (tcp[12] >> 4) * 4;
+	if (doff < 20)
+		return -1;
+	seg->local_port = ingress ? (((__u16)tcp[2] << 8) | tcp[3]) : (((__u16)tcp[0] << 8) | tcp[1]);
+	seg->seq = ((__u32)tcp[4] << 24) | ((__u32)tcp[5] << 16) | ((__u32)tcp[6] << 8) | tcp[7];
+	seg->fin = tcp[13] & 0x01;
+	seg->payload_off = ip_len + doff;
+	seg->payload_len = skb->len > seg->payload_off ? skb->len - seg->payload_off : 0;
+	(void)tot_len;
+	return 0;
+}
+
+static __always_inline struct conn *conn_of(struct __sk_buff *skb, struct segment *seg,
+					    int ingress)
+{
+	__u32 key = 0;
+	struct acct_cfg *cfg = bpf_map_lookup_elem(&acct_config, &key);
+	struct bpf_sock *sk;
+
+	if (!cfg || cfg->port == 0)
+		return 0;
+	if (parse(skb, ingress, seg) < 0)
+		return 0;
+	if (seg->local_port != cfg->port)
+		return 0;
+	sk = skb->sk;
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 0;
+	return bpf_sk_storage_get(&acct_conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+}
+
+// New in-order bytes of a segment: skips what was seen already (retransmits).
+static __always_inline __u32 fresh(__u32 seq, __u32 len, __u8 *init, __u32 *next, __u32 *skip)
+{
+	__s32 behind;
+
+	*skip = 0;
+	if (!*init) {
+		*init = 1;
+		*next = seq + len;
+		return len;
+	}
+	behind = (__s32)(*next - seq);
+	if (behind < 0) {
+		// A gap (lost segment): resynchronise on this one.
+		*next = seq + len;
+		return len;
+	}
+	if ((__u32)behind >= len)
+		return 0;
+	*skip = behind;
+	*next = seq + len;
+	return len - behind;
+}
+
+static __always_inline int looks_like_request(struct __sk_buff *skb, __u32 off, __u32 len,
+					      __u8 *head, int *h2)
+{
+	__u8 b[8] = {};
+	int i;
+
+	*h2 = 0;
+	if (len < 4)
+		return 0;
+	if (bpf_skb_load_bytes(skb, off, b, len < 8 ? 4 : 8) < 0)
+		return 0;
+	if (b[0] == 'P' && b[1] == 'R' && b[2] == 'I' && b[3] == ' ') {
+		*h2 = 1;
+		return 0;
+	}
+	*head = b[0] == 'H' && b[1] == 'E' && b[2] == 'A' && b[3] == 'D';
+	for (i = 0; i < 8; i++) {
+		if (b[i] == ' ')
+			return i >= 3;
+		if (b[i] < 'A' || b[i] > 'Z')
+			return 0;
+	}
+	return 0;
+}
+
+SEC("cgroup_skb/ingress")
+int acct_ingress(struct __sk_buff *skb)
+{
+	struct segment seg = {};
+	struct conn *c = conn_of(skb, &seg, 1);
+	__u32 skip;
+	__u32 n;
+	__u32 off;
+	__u8 head = 0;
+	int h2 = 0;
+
+	if (!c || c->state == ST_IGNORED || seg.payload_len == 0)
+		return 1;
+	n = fresh(seg.seq, seg.payload_len, &c->rx_init, &c->rx_next, &skip);
+	if (n == 0)
+		return 1;
+	off = seg.payload_off + skip;
+	if (c->state == ST_IDLE || c->state >= ST_RESP_HEAD) {
+		if (!looks_like_request(skb, off, n, &head, &h2)) {
+			if (h2 && c->state == ST_IDLE)
+				c->state = ST_IGNORED;
+			return 1;
+		}
+		// A new request while the previous response is still being
+		// tracked: its end was missed, so it ends now.
+		if (c->state != ST_IDLE)
+			complete(c);
+		c->state = ST_REQUEST;
+		c->head = head;
+		c->proxied = 0;
+		c->req_done = 0;
+		reset_scanner(c, MASK_PROXY);
+		transition(ARRIVAL, 0);
+	} else if (c->state != ST_REQUEST || c->req_done) {
+		return 1;
+	}
+	// Looks for K-Proxy-Request in the request headers.
+	if (scan_headers(skb, c, off, n, MASK_PROXY, 0))
+		c->req_done = 1;
+	if (c->proxied == 1) {
+		// Count the proxied arrival once (2 = counted).
+		c->proxied = 2;
+		transition(PROXIED_ARRIVAL, 1);
+	}
+	return 1;
+}
+
+static __always_inline void check_chunked_tail(struct __sk_buff *skb, struct conn *c, __u32 n)
+{
+	__u8 b[8] = {};
+	__u32 take = n < 8 ? n : 8;
+	__u32 i;
+
+	if (skb->len < 8 || bpf_skb_load_bytes(skb, skb->len - 8, b, 8) < 0)
+		return;
+	for (i = 8 - take; i < 8; i++)
+		c->tail = (c->tail << 8) | b[i & 7];
+	// "\r\n0\r\n\r\n": the last chunk and the end of the (empty) trailer.
+	if ((c->tail & 0x00ffffffffffffffULL) == 0x000d0a300d0a0d0aULL)
+		complete(c);
+}
+
+SEC("cgroup_skb/egress")
+int acct_egress(struct __sk_buff *skb)
+{
+	struct segment seg = {};
+	struct conn *c = conn_of(skb, &seg, 0);
+	__u32 skip;
+	__u32 n;
+	__u32 end;
+	__u32 body;
+
+	if (!c || c->state == ST_IGNORED)
+		return 1;
+	if (seg.payload_len == 0) {
+		if (seg.fin && busy(c))
+			complete(c);
+		return 1;
+	}
+	n = fresh(seg.seq, seg.payload_len, &c->tx_init, &c->tx_next, &skip);
+	if (n == 0 || c->state == ST_IDLE)
+		goto fin;
+	if (c->state == ST_REQUEST) {
+		c->state = ST_RESP_HEAD;
+		reset_scanner(c, MASK_CL | MASK_TE);
+	}
+	if (c->state == ST_RESP_HEAD) {
+		end = scan_headers(skb, c, seg.payload_off + skip, n, MASK_CL | MASK_TE, 1);
+		if (!end)
+			goto fin;
+		body = n - end;
+		if (c->status == 101) {
+			c->state = ST_UNTIL_CLOSE;
+		} else if (c->head || c->status == 204 || c->status == 304) {
+			complete(c);
+		} else if (c->chunked) {
+			c->state = ST_CHUNKED;
+			c->tail = 0x0a;   // the header block ended with "\n"
+			if (body > 0)
+				check_chunked_tail(skb, c, body);
+		} else if (c->cl_seen) {
+			if (body >= c->cl) {
+				complete(c);
+			} else {
+				c->remaining = c->cl - body;
+				c->state = ST_BODY;
+			}
+		} else {
+			c->state = ST_UNTIL_CLOSE;
+		}
+		goto fin;
+	}
+	if (c->state == ST_BODY) {
+		if (n >= c->remaining)
+			complete(c);
+		else
+			c->remaining -= n;
+	} else if (c->state == ST_CHUNKED) {
+		check_chunked_tail(skb, c, n);
+	}
+fin:
+	if (seg.fin && busy(c))
+		complete(c);
+	return 1;
+}
+
+SEC("sockops")
+int acct_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 key = 0;
+	struct acct_cfg *cfg;
+	struct bpf_sock *sk;
+	struct conn *c;
+	__u32 state;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		cfg = bpf_map_lookup_elem(&acct_config, &key);
+		if (cfg && cfg->port != 0 && skops->local_port == cfg->port)
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		state = skops->args[1];
+		if (state != TCP_FIN_WAIT1 && state != TCP_CLOSE && state != TCP_LAST_ACK)
+			break;
+		sk = skops->sk;
+		if (!sk)
+			break;
+		c = bpf_sk_storage_get(&acct_conns, sk, 0, 0);
+		if (c && busy(c))
+			complete(c);
+		break;
+	}
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";

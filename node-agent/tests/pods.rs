@@ -1,0 +1,740 @@
+//! The node agent against the real kernel, with pods emulated as a network
+//! namespace plus a cgroup v2 directory, both created (and removed) here.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN), iproute2, bpftool and
+//! cgroup v2 at /sys/fs/cgroup/unified; without them the tests fail with the
+//! reason, they never skip.
+//!
+//! This binary has its own `main` (harness = false): run with no arguments it
+//! runs the tests in order; `pods upstream <cgroup> <netns> <port>` is the
+//! emulated pod's HTTP server and `pods fetch <netns> <url>` a client inside
+//! the pod's namespace (both join the cgroup / namespace before opening any
+//! socket, so the programs see their sockets as the pod's).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+const SERVING_PORT: u16 = 8080;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("upstream") => {
+            upstream(&args[2], &args[3], args[4].parse().expect("port"));
+            ExitCode::SUCCESS
+        }
+        Some("fetch") => fetch_main(&args[2], &args[3]),
+        _ => run_tests(args.get(1).cloned()),
+    }
+}
+
+type Test = (&'static str, fn());
+
+fn run_tests(filter: Option<String>) -> ExitCode {
+    let tests: [Test; 4] = [
+        (
+            "agent_attaches_and_detaches_through_the_api",
+            agent_attaches_and_detaches_through_the_api,
+        ),
+        ("counters_match_a_known_load", counters_match_a_known_load),
+        (
+            "a_pod_that_disappears_leaves_nothing_behind",
+            a_pod_that_disappears_leaves_nothing_behind,
+        ),
+        (
+            "manifest_directory_adds_and_removes_pods",
+            manifest_directory_adds_and_removes_pods,
+        ),
+    ];
+    let mut failed = 0;
+    let mut ran = 0;
+    for (name, test) in tests {
+        if let Some(f) = &filter
+            && !f.starts_with('-')
+            && !name.contains(f.as_str())
+        {
+            continue;
+        }
+        ran += 1;
+        eprintln!("test {name} ...");
+        let outcome = std::panic::catch_unwind(test);
+        match outcome {
+            Ok(()) => eprintln!("test {name} ... ok"),
+            Err(_) => {
+                eprintln!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("test result: {} passed; {failed} failed", ran - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+// ---------------------------------------------------------------- pod helpers
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e} (install iproute2)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An emulated pod: netns + veth pair + cgroup + an HTTP server inside both.
+struct TestPod {
+    name: String,
+    netns: String,
+    veth: String,
+    cgroup: PathBuf,
+    host_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
+    server: Option<Child>,
+}
+
+impl TestPod {
+    fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let tag = format!("{}{}", pid % 100_000, n);
+        let name = format!("sna-pod-{tag}");
+        let netns = format!("sna{tag}");
+        let veth = format!("snh{tag}");
+        let peer = format!("snp{tag}");
+        // 10.213.<pid-derived>.<4n+1 / 4n+2>/30
+        let third = u8::try_from(pid % 250).unwrap_or(0);
+        let base = u8::try_from((n % 60) * 4).unwrap_or(0);
+        let host_ip = Ipv4Addr::new(10, 213, third, base + 1);
+        let pod_ip = Ipv4Addr::new(10, 213, third, base + 2);
+        let cgroup = Path::new(CGROUP_ROOT).join(format!("spright-test-{name}"));
+        let pod = Self {
+            name,
+            netns: netns.clone(),
+            veth: veth.clone(),
+            cgroup: cgroup.clone(),
+            host_ip,
+            pod_ip,
+            server: None,
+        };
+        run("ip", &["netns", "add", &netns]);
+        run(
+            "ip",
+            &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
+        );
+        run("ip", &["link", "set", &peer, "netns", &netns]);
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/30"), "dev", &veth],
+        );
+        run("ip", &["link", "set", &veth, "up"]);
+        let in_ns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", netns.as_str()];
+            full.extend_from_slice(args);
+            run("ip", &full);
+        };
+        in_ns(&["ip", "addr", "add", &format!("{pod_ip}/30"), "dev", &peer]);
+        in_ns(&["ip", "link", "set", &peer, "up"]);
+        in_ns(&["ip", "link", "set", "lo", "up"]);
+        std::fs::create_dir(&cgroup).unwrap_or_else(|e| {
+            panic!(
+                "mkdir {}: {e} (cgroup v2 at {CGROUP_ROOT}, root)",
+                cgroup.display()
+            )
+        });
+        pod
+    }
+
+    /// Starts the HTTP server in the pod (joins cgroup and netns first).
+    fn start_server(&mut self) {
+        let child = Command::new(std::env::current_exe().expect("exe"))
+            .args([
+                "upstream",
+                self.cgroup.to_str().expect("utf-8"),
+                &self.netns,
+                &SERVING_PORT.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn upstream");
+        self.server = Some(child);
+        let mut line = [0u8; 6];
+        let stdout = self
+            .server
+            .as_mut()
+            .and_then(|c| c.stdout.as_mut())
+            .expect("stdout");
+        stdout.read_exact(&mut line).expect("upstream ready line");
+        assert_eq!(&line, b"ready\n");
+    }
+
+    fn stop_server(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn spec(&self) -> String {
+        format!(
+            r#"{{"name":"{}","ip":"{}","port":{SERVING_PORT},"cgroup":"{}","netns":"/var/run/netns/{}"}}"#,
+            self.name,
+            self.pod_ip,
+            self.cgroup.display(),
+            self.netns
+        )
+    }
+
+    fn serving_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.pod_ip, SERVING_PORT))
+    }
+
+    /// GET from inside the pod's namespace; returns (status, body).
+    fn fetch(&self, url: &str) -> (u16, String) {
+        let out = Command::new(std::env::current_exe().expect("exe"))
+            .args(["fetch", &self.netns, url])
+            .output()
+            .expect("spawn fetch");
+        assert!(
+            out.status.success(),
+            "fetch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (status, body) = text.split_once('\n').expect("status line");
+        (status.parse().expect("status"), body.to_owned())
+    }
+
+    /// Removes everything: server, cgroup, netns, veth.
+    fn destroy(&mut self) {
+        self.stop_server();
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.cgroup) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+impl Drop for TestPod {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+// ---------------------------------------------------------------- agent helpers
+
+struct Agent {
+    child: Child,
+    admin: SocketAddr,
+    node_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Agent {
+    fn start(manifest_dir: Option<&Path>) -> Self {
+        let node_port = free_port();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spright-node-agent"));
+        cmd.args([
+            "--node-address",
+            &format!("0.0.0.0:{node_port}"),
+            "--admin-address",
+            &admin.to_string(),
+        ])
+        .stdout(Stdio::null());
+        if let Some(dir) = manifest_dir {
+            cmd.args(["--manifest-dir", dir.to_str().expect("utf-8")]);
+        }
+        let child = cmd.spawn().expect("spawn agent");
+        let agent = Self {
+            child,
+            admin,
+            node_port,
+        };
+        wait_until("agent ready", || {
+            http(agent.admin, "GET", "/healthz", None)
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+        });
+        agent
+    }
+
+    fn pods(&self) -> serde_json::Value {
+        let (status, body) = http(self.admin, "GET", "/v1/pods", None).expect("list pods");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("pods json")
+    }
+
+    fn register(&self, pod: &TestPod) -> (Vec<u64>, Vec<u64>) {
+        let (status, body) =
+            http(self.admin, "POST", "/v1/pods", Some(&pod.spec())).expect("register");
+        assert_eq!(status, 201, "{body}");
+        let info: serde_json::Value = serde_json::from_str(&body).expect("json");
+        ids(&info)
+    }
+
+    fn counters_url(&self, pod: &TestPod) -> String {
+        format!("http://{}:{}/v1/counters", pod.host_ip, self.node_port)
+    }
+
+    /// Idle check: no context switch in any agent thread over `period`.
+    fn context_switches(&self) -> u64 {
+        let mut total = 0;
+        let dir = format!("/proc/{}/task", self.child.id());
+        for task in std::fs::read_dir(dir).expect("tasks").flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for line in status.lines() {
+                if line.starts_with("voluntary_ctxt_switches")
+                    || line.starts_with("nonvoluntary_ctxt_switches")
+                {
+                    total += line
+                        .split_whitespace()
+                        .last()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SIGTERM: the agent detaches every pod and exits.
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ids(info: &serde_json::Value) -> (Vec<u64>, Vec<u64>) {
+    let list = |key: &str| -> Vec<u64> {
+        info[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} in {info}"))
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .collect()
+    };
+    (list("program_ids"), list("map_ids"))
+}
+
+fn bpftool_has(kind: &str, id: u64) -> bool {
+    Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or_else(|e| panic!("running bpftool: {e}"))
+}
+
+/// Waits (bounded) until every id is gone from the kernel.
+fn assert_gone(programs: &[u64], maps: &[u64]) {
+    wait_until("programs and maps freed", || {
+        programs.iter().all(|id| !bpftool_has("prog", *id))
+            && maps.iter().all(|id| !bpftool_has("map", *id))
+    });
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &str) -> std::io::Result<(u16, String)> {
+    let bad = || std::io::Error::other(format!("bad response {raw:?}"));
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
+}
+
+// ---------------------------------------------------------------- pod processes
+
+fn enter(cgroup: Option<&str>, netns: &str) {
+    if let Some(cgroup) = cgroup {
+        std::fs::write(Path::new(cgroup).join("cgroup.procs"), "0").expect("join cgroup");
+    }
+    let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).expect("open netns");
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// The pod's server. `GET /sleep/<ms>` answers "ok" with Content-Length after
+/// <ms>; `GET /chunked/<ms>` the same body chunked, in two writes. Keep-alive.
+fn upstream(cgroup: &str, netns: &str, port: u16) {
+    enter(Some(cgroup), netns);
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind upstream");
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for stream in listener.incoming().flatten() {
+        thread::spawn(move || serve_connection(stream));
+    }
+}
+
+fn serve_connection(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let (kind, ms) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("sleep", "0"));
+        thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+        let ok = if kind == "chunked" {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+                .and_then(|()| {
+                    thread::sleep(Duration::from_millis(2));
+                    stream.write_all(b"0\r\n\r\n")
+                })
+        } else {
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        };
+        if ok.is_err() {
+            return;
+        }
+    }
+}
+
+/// GET `url` (http://ip:port/path) from inside `netns`; prints status, body.
+fn fetch_main(netns: &str, url: &str) -> ExitCode {
+    enter(None, netns);
+    let rest = url.trim_start_matches("http://");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr: SocketAddr = authority.parse().expect("ip:port");
+    match http(addr, "GET", path, None) {
+        Ok((status, body)) => {
+            println!("{status}\n{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fetch {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------- load
+
+/// What the client saw: requests sent and ∫ in-flight dt (ns).
+#[derive(Debug, Default, Clone, Copy)]
+struct Truth {
+    requests: u64,
+    proxied: u64,
+    in_flight_ns: u128,
+}
+
+/// `workers` keep-alive connections, each `per_worker` sequential requests
+/// of `path`; workers below `proxied_workers` send K-Proxy-Request.
+fn drive(
+    addr: SocketAddr,
+    workers: usize,
+    per_worker: usize,
+    proxied_workers: usize,
+    path: &str,
+) -> Truth {
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let path = path.to_owned();
+            thread::spawn(move || {
+                let mut stream = TcpStream::connect(addr).expect("connect to the pod");
+                stream.set_nodelay(true).expect("nodelay");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                let proxied = w < proxied_workers;
+                let extra = if proxied {
+                    "K-Proxy-Request: activator\r\n"
+                } else {
+                    ""
+                };
+                let mut truth = Truth::default();
+                for _ in 0..per_worker {
+                    let start = Instant::now();
+                    write!(
+                        stream,
+                        "GET {path} HTTP/1.1\r\nHost: pod\r\n{extra}User-Agent: t\r\n\r\n"
+                    )
+                    .expect("send");
+                    read_response(&mut stream);
+                    truth.in_flight_ns += start.elapsed().as_nanos();
+                    truth.requests += 1;
+                    truth.proxied += u64::from(proxied);
+                }
+                truth
+            })
+        })
+        .collect();
+    let mut total = Truth::default();
+    for h in handles {
+        let t = h.join().expect("worker");
+        total.requests += t.requests;
+        total.proxied += t.proxied;
+        total.in_flight_ns += t.in_flight_ns;
+    }
+    total
+}
+
+/// Reads one response of the test upstream (body "ok", plain or chunked).
+fn read_response(stream: &mut TcpStream) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 256];
+    loop {
+        let n = stream.read(&mut byte).expect("read response");
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&byte[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let chunked = head.contains("chunked");
+            if (chunked && body.ends_with("0\r\n\r\n")) || (!chunked && body == "ok") {
+                return;
+            }
+        }
+    }
+}
+
+fn counters(agent: &Agent, pod: &TestPod) -> serde_json::Value {
+    let (status, body) = pod.fetch(&agent.counters_url(pod));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("counters json")
+}
+
+fn field(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
+    (actual - expected).abs() <= expected * tolerance
+}
+
+// ---------------------------------------------------------------- tests
+
+fn agent_attaches_and_detaches_through_the_api() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    let (programs, maps) = agent.register(&pod);
+    assert_eq!(programs.len(), 3, "ingress, egress and sock_ops programs");
+    assert!(maps.len() >= 3, "{maps:?}");
+    for id in &programs {
+        assert!(bpftool_has("prog", *id), "program {id} not in the kernel");
+    }
+    // Attached to the pod's cgroup.
+    let tree = Command::new("bpftool")
+        .args(["cgroup", "show", pod.cgroup.to_str().expect("utf-8")])
+        .output()
+        .expect("bpftool cgroup show");
+    let listing = String::from_utf8_lossy(&tree.stdout);
+    for id in &programs {
+        assert!(
+            listing.split_whitespace().next().is_some() && listing.contains(&id.to_string()),
+            "program {id} not attached to {}: {listing}",
+            pod.cgroup.display()
+        );
+    }
+    // A second registration of the same pod is refused.
+    let (status, _) = http(agent.admin, "POST", "/v1/pods", Some(&pod.spec())).expect("post");
+    assert_eq!(status, 409);
+    // Bad registrations get 400 with the reason.
+    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some("{\"name\":1}")).expect("post");
+    assert_eq!(status, 400, "{body}");
+
+    // Only the pod itself reads its counters: a caller from the host is refused.
+    let from_host = http(
+        SocketAddr::from((pod.host_ip, agent.node_port)),
+        "GET",
+        "/v1/counters",
+        None,
+    )
+    .expect("counters from the host");
+    assert_eq!(from_host.0, 403, "{}", from_host.1);
+    let own = counters(&agent, &pod);
+    assert_eq!(own["pod"], pod.name.as_str());
+
+    let (status, body) = http(
+        agent.admin,
+        "DELETE",
+        &format!("/v1/pods/{}", pod.name),
+        None,
+    )
+    .expect("delete");
+    assert_eq!(status, 204, "{body}");
+    assert_gone(&programs, &maps);
+    assert_eq!(agent.pods().as_array().map(Vec::len), Some(0));
+    let (status, _) = http(
+        agent.admin,
+        "DELETE",
+        &format!("/v1/pods/{}", pod.name),
+        None,
+    )
+    .expect("delete");
+    assert_eq!(status, 404);
+}
+
+fn counters_match_a_known_load() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    agent.register(&pod);
+
+    // Idle: once the registration's connection is closed, the agent does
+    // not wake up at all.
+    thread::sleep(Duration::from_millis(300));
+    let before = agent.context_switches();
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(agent.context_switches(), before, "the idle agent woke up");
+
+    let c0 = counters(&agent, &pod);
+    // 4 keep-alive connections x 10 requests of 100 ms; 2 of them proxied.
+    let plain = drive(pod.serving_addr(), 4, 10, 2, "/sleep/100");
+    // 3 connections x 5 chunked responses of 50 ms, none proxied.
+    let chunked = drive(pod.serving_addr(), 3, 5, 0, "/chunked/50");
+    let c1 = counters(&agent, &pod);
+
+    let requests = plain.requests + chunked.requests;
+    let proxied = plain.proxied + chunked.proxied;
+    let truth_ns = (plain.in_flight_ns + chunked.in_flight_ns) as f64;
+    let proxied_truth_ns = plain.in_flight_ns as f64 / 2.0;
+    let d = |key: &str| field(&c1, key) - field(&c0, key);
+    eprintln!(
+        "kernel: arrivals {} (truth {requests}), proxied {} (truth {proxied}), completions {}, \
+         in-flight {:.4} s (client {:.4} s), proxied in-flight {:.4} s (client ~{:.4} s)",
+        d("arrivals"),
+        d("proxied_arrivals"),
+        d("completions"),
+        d("weighted_ns") as f64 / 1e9,
+        truth_ns / 1e9,
+        d("weighted_proxied_ns") as f64 / 1e9,
+        proxied_truth_ns / 1e9,
+    );
+    assert_eq!(d("arrivals"), requests);
+    assert_eq!(d("proxied_arrivals"), proxied);
+    assert_eq!(d("completions"), requests);
+    assert_eq!(field(&c1, "concurrency"), 0);
+    assert_eq!(field(&c1, "proxied_concurrency"), 0);
+    assert!(
+        within(d("weighted_ns") as f64, truth_ns, 0.05),
+        "time-weighted concurrency off by more than 5%"
+    );
+    assert!(
+        within(d("weighted_proxied_ns") as f64, proxied_truth_ns, 0.05),
+        "proxied time-weighted concurrency off by more than 5%"
+    );
+}
+
+fn a_pod_that_disappears_leaves_nothing_behind() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    let (programs, maps) = agent.register(&pod);
+    drive(pod.serving_addr(), 1, 2, 0, "/sleep/1");
+    // The pod goes: its process exits and its cgroup and namespace are removed.
+    pod.destroy();
+    wait_until("the agent to notice", || {
+        agent.pods().as_array().map(Vec::len) == Some(0)
+    });
+    assert_gone(&programs, &maps);
+}
+
+fn manifest_directory_adds_and_removes_pods() {
+    let dir = std::env::temp_dir().join(format!("spright-agent-manifests-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("manifest dir");
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(Some(&dir));
+    let file = dir.join(format!("{}.json", pod.name));
+    std::fs::write(&file, pod.spec()).expect("write manifest");
+    std::fs::write(dir.join("broken.json"), "{").expect("write broken manifest");
+    wait_until("the manifest pod to be attached", || {
+        agent.pods().as_array().map(Vec::len) == Some(1)
+    });
+    let (programs, maps) = ids(&agent.pods()[0]);
+    drive(pod.serving_addr(), 2, 3, 0, "/sleep/1");
+    assert_eq!(field(&counters(&agent, &pod), "arrivals"), 6);
+    std::fs::remove_file(&file).expect("remove manifest");
+    wait_until("the manifest pod to be detached", || {
+        agent.pods().as_array().map(Vec::len) == Some(0)
+    });
+    assert_gone(&programs, &maps);
+    let _ = std::fs::remove_dir_all(&dir);
+}
