@@ -1147,3 +1147,35 @@ fn timeouts_when_the_head_waits_for_sniffing() {
     });
     assert_same("idle timeout, head without content type", &k, &o);
 }
+
+#[test]
+fn probe_request_logs_and_custom_template() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let mut env = knative_env(up.port);
+    env.insert(
+        "OBSERVABILITY_CONFIG".into(),
+        r#"{"enableRequestLog":true,"enableProbeRequestLog":true,"requestLogTemplate":"{\"m\":\"{{.Request.Method}}\",\"u\":\"{{js .Request.RequestURI}}\",\"c\":{{.Response.Code}},\"rev\":\"{{.Revision.Name}}\",\"ns\":\"{{.Revision.Namespace}}\",\"pod\":\"{{.Revision.PodName}}\",\"ua\":\"{{js .Request.UserAgent}}\"}"}"#.into(),
+    );
+    let mut results = Vec::new();
+    for which in [Impl::Knative, Impl::Ours] {
+        let mut p = start_opts(which, &env, None, true);
+        get(p.ports.serving, "/a?x='y'", &[("user-agent", "diff<test>")]);
+        get(
+            p.ports.serving,
+            "/",
+            &[
+                ("user-agent", "kube-probe/1.30"),
+                ("k-network-probe", "queue"),
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let lines: Vec<String> = p.stdout().lines().map(str::to_owned).collect();
+        results.push(lines);
+    }
+    let o = results.pop().expect("ours");
+    let k = results.pop().expect("knative");
+    assert_same("probe request logs with a custom template", &k, &o);
+    assert_eq!(o.len(), 2);
+}
