@@ -29,6 +29,9 @@
 // nanoseconds (weighted_ns += concurrency * (now - last_change) at every
 // transition), the same integral Knative's request stats compute, plus the
 // same pair for requests that carried `K-Proxy-Request: activator`.
+// Requests with `User-Agent: kube-probe/...` (the sidecar's readiness probes
+// of the user container) are taken back once their headers are seen: Knative
+// does not count probes.
 //
 // TCP sequence numbers filter retransmissions out. What is approximated is
 // documented in ebpf/src/accounting.rs. The map and program names are the
@@ -96,7 +99,8 @@ struct conn {
 	__u8 line_len;
 	__u8 line_no;
 	__u16 status;
-	__u16 pad;
+	__u8 probe;         // 1: kube-probe seen, 2: its arrival taken back
+	__u8 pad;
 	__u32 rx_next;
 	__u32 tx_next;
 	__u64 cl;
@@ -128,13 +132,16 @@ struct {
 static const char CONTENT_LENGTH[] = "content-length:";
 static const char TRANSFER_ENCODING[] = "transfer-encoding:";
 static const char PROXY_HEADER[] = "k-proxy-request: activator";
+static const char PROBE_HEADER[] = "user-agent: kube-probe/";
 #define CONTENT_LENGTH_LEN 15
 #define TRANSFER_ENCODING_LEN 18
 #define PROXY_HEADER_LEN 26
+#define PROBE_HEADER_LEN 23
 
 #define MASK_CL 1
 #define MASK_TE 2
 #define MASK_PROXY 4
+#define MASK_PROBE 8
 
 // Integrates concurrency up to `now`; call with the lock held.
 static __always_inline void integrate(struct pod_stats *s, __u64 now)
@@ -152,6 +159,7 @@ static __always_inline void integrate(struct pod_stats *s, __u64 now)
 #define ARRIVAL 0
 #define COMPLETION 1
 #define PROXIED_ARRIVAL 2
+#define PROBE 3
 
 // Records an arrival, a completion, or that the request that arrived last
 // on a connection turned out to be proxied.
@@ -168,6 +176,12 @@ static __always_inline void transition(int what, int proxied)
 	if (what == ARRIVAL) {
 		s->concurrency += 1;
 		s->arrivals += 1;
+	} else if (what == PROBE) {
+		// A probe is not a request (Knative skips kubelet probes).
+		if (s->concurrency > 0)
+			s->concurrency -= 1;
+		if (s->arrivals > 0)
+			s->arrivals -= 1;
 	} else if (what == PROXIED_ARRIVAL) {
 		s->proxied_concurrency += 1;
 		s->proxied_arrivals += 1;
@@ -191,9 +205,10 @@ static __always_inline int busy(struct conn *c)
 
 static __always_inline void complete(struct conn *c)
 {
-	if (busy(c))
+	if (busy(c) && !c->probe)
 		transition(COMPLETION, c->proxied);
 	c->state = ST_IDLE;
+	c->probe = 0;
 	c->proxied = 0;
 	c->head = 0;
 }
@@ -259,6 +274,9 @@ static __always_inline int feed(struct conn *c, __u8 b, __u8 line_mask, int resp
 	if ((c->mask & MASK_PROXY) &&
 	    (pos >= PROXY_HEADER_LEN || PROXY_HEADER[pos & 31] != lower))
 		c->mask &= ~MASK_PROXY;
+	if ((c->mask & MASK_PROBE) &&
+	    (pos >= PROBE_HEADER_LEN || PROBE_HEADER[pos & 31] != lower))
+		c->mask &= ~MASK_PROBE;
 	if ((c->mask & MASK_CL) && pos == CONTENT_LENGTH_LEN - 1) {
 		c->hdr = HDR_CL_VALUE;
 		c->cl = 0;
@@ -269,6 +287,10 @@ static __always_inline int feed(struct conn *c, __u8 b, __u8 line_mask, int resp
 	} else if ((c->mask & MASK_PROXY) && pos == PROXY_HEADER_LEN - 1) {
 		if (!c->proxied)
 			c->proxied = 1;
+		c->hdr = HDR_SKIP;
+	} else if ((c->mask & MASK_PROBE) && pos == PROBE_HEADER_LEN - 1) {
+		if (!c->probe)
+			c->probe = 1;
 		c->hdr = HDR_SKIP;
 	} else if (!c->mask) {
 		c->hdr = HDR_SKIP;
@@ -515,16 +537,23 @@ int acct_ingress(struct __sk_buff *skb)
 		c->state = ST_REQUEST;
 		c->head = head;
 		c->proxied = 0;
+		c->probe = 0;
 		c->req_done = 0;
-		reset_scanner(c, MASK_PROXY);
+		reset_scanner(c, MASK_PROXY | MASK_PROBE);
 		transition(ARRIVAL, 0);
 	} else if (c->state != ST_REQUEST || c->req_done) {
 		return 1;
 	}
-	// Looks for K-Proxy-Request in the request headers.
-	if (scan_headers(skb, c, off, n, MASK_PROXY, 0))
+	// Looks for K-Proxy-Request and a kubelet probe's User-Agent.
+	if (scan_headers(skb, c, off, n, MASK_PROXY | MASK_PROBE, 0))
 		c->req_done = 1;
-	if (c->proxied == 1) {
+	if (c->probe == 1) {
+		// Taken back at once; its end is tracked but not counted.
+		c->probe = 2;
+		transition(PROBE, 0);
+		return 1;
+	}
+	if (c->proxied == 1 && !c->probe) {
 		// Count the proxied arrival once (2 = counted).
 		c->proxied = 2;
 		transition(PROXIED_ARRIVAL, 1);

@@ -40,7 +40,10 @@
 //! to 4 KiB per segment) for the line `K-Proxy-Request: activator` (name
 //! case-insensitive, one space, value as the activator writes it); a proxied
 //! arrival is counted when that line is seen, normally in the same segment as
-//! the request line.
+//! the request line. Requests carrying `User-Agent: kube-probe/...` (the
+//! sidecar's HTTP readiness probes of the user container, which Knative does
+//! not count) are taken back as soon as that header is seen: neither arrival
+//! nor completion nor concurrency keeps a trace beyond those microseconds.
 //!
 //! # What is approximated
 //!

@@ -9,7 +9,8 @@
 //! runs the tests in order; `pods upstream <cgroup> <netns> <port>` is the
 //! emulated pod's HTTP server and `pods fetch <netns> <url>` a client inside
 //! the pod's namespace (both join the cgroup / namespace before opening any
-//! socket, so the programs see their sockets as the pod's).
+//! socket, so the programs see their sockets as the pod's). Set
+//! SPRIGHT_TEST_AGENT_LOG=1 to see the agents' logs.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
 const SERVING_PORT: u16 = 8080;
+/// Body size of `/big/<ms>`: many TCP segments.
+const BIG_BODY: usize = 1_000_000;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -37,12 +40,16 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 4] = [
+    let tests: [Test; 5] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
         ),
         ("counters_match_a_known_load", counters_match_a_known_load),
+        (
+            "every_response_framing_ends_its_request",
+            every_response_framing_ends_its_request,
+        ),
         (
             "a_pod_that_disappears_leaves_nothing_behind",
             a_pod_that_disappears_leaves_nothing_behind,
@@ -271,7 +278,12 @@ impl Agent {
             "--admin-address",
             &admin.to_string(),
         ])
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("SPRIGHT_TEST_AGENT_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
         if let Some(dir) = manifest_dir {
             cmd.args(["--manifest-dir", dir.to_str().expect("utf-8")]);
         }
@@ -458,8 +470,31 @@ fn serve_connection(mut stream: TcpStream) {
             .trim_start_matches('/')
             .split_once('/')
             .unwrap_or(("sleep", "0"));
+        let head_request = head.starts_with("HEAD ");
+        let big = vec![b'x'; BIG_BODY];
         thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
-        let ok = if kind == "chunked" {
+        let ok = if head_request {
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        } else if kind == "nocontent" {
+            stream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        } else if kind == "continue" {
+            stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .and_then(|()| {
+                    thread::sleep(Duration::from_millis(20));
+                    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                })
+        } else if kind == "big" {
+            stream
+                .write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_BODY}\r\n\r\n").as_bytes(),
+                )
+                .and_then(|()| stream.write_all(&big))
+        } else if kind == "close" {
+            // No length: the body ends with the connection.
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok");
+            return;
+        } else if kind == "chunked" {
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
                 .and_then(|()| {
@@ -737,4 +772,124 @@ fn manifest_directory_adds_and_removes_pods() {
     });
     assert_gone(&programs, &maps);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads until `done(bytes so far)`; returns them.
+fn read_until(stream: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while !done(&buf) {
+        let n = stream.read(&mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf
+}
+
+fn ends_with(suffix: &'static [u8]) -> impl Fn(&[u8]) -> bool {
+    move |b: &[u8]| b.ends_with(suffix)
+}
+
+fn timed(truth: &mut Truth, f: impl FnOnce()) {
+    let start = Instant::now();
+    f();
+    truth.in_flight_ns += start.elapsed().as_nanos();
+    truth.requests += 1;
+}
+
+fn every_response_framing_ends_its_request() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    agent.register(&pod);
+    let c0 = counters(&agent, &pod);
+    let mut truth = Truth::default();
+    let mut stream = TcpStream::connect(pod.serving_addr()).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let header_end = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
+    // HEAD: the response ends with its headers although it announces a length.
+    timed(&mut truth, || {
+        stream
+            .write_all(b"HEAD /sleep/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
+            .expect("send");
+        read_until(&mut stream, header_end);
+    });
+    // 204: no body.
+    timed(&mut truth, || {
+        stream
+            .write_all(b"GET /nocontent/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
+            .expect("send");
+        read_until(&mut stream, header_end);
+    });
+    // 100 Continue, then the real answer.
+    timed(&mut truth, || {
+        stream
+            .write_all(b"GET /continue/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
+            .expect("send");
+        read_until(&mut stream, ends_with(b"\r\n\r\nok"));
+    });
+    // A body of many segments, counted down by Content-Length.
+    timed(&mut truth, || {
+        stream
+            .write_all(b"GET /big/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
+            .expect("send");
+        let want = BIG_BODY;
+        read_until(&mut stream, move |b: &[u8]| {
+            b.windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .is_some_and(|p| b.len() - p - 4 >= want)
+        });
+    });
+    // A kubelet-style probe is not a request.
+    stream
+        .write_all(b"GET /sleep/20 HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\n\r\n")
+        .expect("send");
+    read_until(&mut stream, ends_with(b"\r\n\r\nok"));
+    // Close-delimited body: the request ends with the connection.
+    timed(&mut truth, || {
+        stream
+            .write_all(b"GET /close/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
+            .expect("send");
+        read_until(&mut stream, |_| false);
+    });
+    let c1 = counters(&agent, &pod);
+    let d = |key: &str| field(&c1, key) - field(&c0, key);
+    eprintln!(
+        "framings: arrivals {} (truth {}), completions {}, in-flight {:.4} s (client {:.4} s)",
+        d("arrivals"),
+        truth.requests,
+        d("completions"),
+        d("weighted_ns") as f64 / 1e9,
+        truth.in_flight_ns as f64 / 1e9
+    );
+    assert_eq!(d("arrivals"), truth.requests);
+    assert_eq!(d("completions"), truth.requests);
+    assert_eq!(field(&c1, "concurrency"), 0);
+    assert!(within(
+        d("weighted_ns") as f64,
+        truth.in_flight_ns as f64,
+        0.05
+    ));
+
+    // A client that resets the connection mid-request: the request ends at the reset.
+    let aborted = TcpStream::connect(pod.serving_addr()).expect("connect");
+    (&aborted)
+        .write_all(b"GET /sleep/5000 HTTP/1.1\r\nHost: pod\r\n\r\n")
+        .expect("send");
+    wait_until("the request to be in flight", || {
+        field(&counters(&agent, &pod), "concurrency") == 1
+    });
+    let socket = socket2::SockRef::from(&aborted);
+    socket.set_linger(Some(Duration::ZERO)).expect("linger 0");
+    drop(aborted);
+    wait_until("the reset to end the request", || {
+        field(&counters(&agent, &pod), "concurrency") == 0
+    });
+    let c2 = counters(&agent, &pod);
+    assert_eq!(field(&c2, "completions"), field(&c2, "arrivals"));
 }
