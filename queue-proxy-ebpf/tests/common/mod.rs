@@ -164,11 +164,16 @@ pub fn start_opts(
         (Impl::Ours, Some(a)) => a,
         _ => (8022, 9090),
     };
+    // Knative's fixed ports may be held for a while by another suite that runs the real
+    // queue-proxy (e.g. activator-lite's, when test binaries run side by side).
+    let busy_until = Instant::now() + Duration::from_secs(90);
     for attempt in 0..50 {
-        // Ports still held by someone else (a previous instance, another test run).
-        if [serving, admin, stats].iter().any(|p| port_open(*p)) {
+        while [serving, admin, stats].iter().any(|p| port_open(*p)) {
+            assert!(
+                Instant::now() < busy_until,
+                "ports {serving}/{admin}/{stats} stayed busy for 90 s"
+            );
             std::thread::sleep(Duration::from_millis(100));
-            continue;
         }
         let mut cmd = Command::new(which.binary());
         cmd.env_clear()
