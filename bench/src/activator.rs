@@ -236,44 +236,17 @@ struct Wrk {
     requests: f64,
 }
 
-fn parse_wrk_duration(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
-        (v, 1.0)
-    } else if let Some(v) = s.strip_suffix("ms") {
-        (v, 1e3)
-    } else if let Some(v) = s.strip_suffix('s') {
-        (v, 1e6)
-    } else {
-        return None;
-    };
-    num.trim().parse::<f64>().ok().map(|v| v * scale)
-}
-
+/// wrk's report through the shared parser; any error response fails the measurement.
 fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
-    let mut p50 = None;
-    let mut p99 = None;
-    let mut rps = None;
-    let mut requests = None;
-    for line in out.lines() {
-        let t = line.trim();
-        if let Some(v) = t.strip_prefix("50%") {
-            p50 = parse_wrk_duration(v);
-        } else if let Some(v) = t.strip_prefix("99%") {
-            p99 = parse_wrk_duration(v);
-        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
-            rps = v.trim().parse().ok();
-        } else if t.contains("requests in") {
-            requests = t.split_whitespace().next().and_then(|n| n.parse().ok());
-        } else if t.starts_with("Non-2xx") || t.starts_with("Socket errors") {
-            bail!("wrk saw errors: {t}");
-        }
+    let r = crate::measure::parse_wrk(out)?;
+    if r.errors > 0 {
+        bail!("wrk saw {} errors", r.errors);
     }
     Ok(Wrk {
-        p50_us: p50.context("wrk: no 50% line")?,
-        p99_us: p99.context("wrk: no 99% line")?,
-        rps: rps.context("wrk: no Requests/sec")?,
-        requests: requests.context("wrk: no request count")?,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        rps: r.rps,
+        requests: r.requests as f64,
     })
 }
 

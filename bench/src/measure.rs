@@ -34,6 +34,17 @@ pub fn total_cpu(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
+/// Peak resident set size of a process, in KiB (VmHWM).
+pub fn peak_rss_kb(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM")
+}
+
 /// Pins every thread of process `pid` (and what it starts later) to `cpu`.
 pub fn pin(pid: u32, cpu: usize) -> anyhow::Result<()> {
     let mut set = nix::sched::CpuSet::new();
@@ -230,4 +241,17 @@ pub fn wrk(
         bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_durations() {
+        assert_eq!(wrk_duration_us("850.00us"), Some(850.0));
+        assert_eq!(wrk_duration_us("1.50s"), Some(1.5e6));
+        assert_eq!(wrk_duration_us("2.5ms"), Some(2500.0));
+        assert_eq!(wrk_duration_us("fast"), None);
+    }
 }

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::measure::{WrkResult, cpu_seconds, parse_wrk, peak_rss_kb};
+
 /// Knative's fixed ports (admin, autoscaler stats) the queue-proxies bind.
 const FIXED_PORTS: [u16; 2] = [8022, 9090];
 const UPSTREAM_PORT: u16 = 18080;
@@ -70,102 +72,6 @@ pub struct Row {
     pub cpu_s_per_10k: Option<f64>,
     pub rss_kb: Option<u64>,
     pub idle_cpu_s: Option<f64>,
-}
-
-/// What wrk printed, parsed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WrkResult {
-    pub requests: u64,
-    pub rps: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub errors: u64,
-}
-
-fn duration_us(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let (num, mul) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60e6)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        return None;
-    };
-    num.trim().parse::<f64>().ok().map(|v| v * mul)
-}
-
-/// Parses `wrk --latency` output.
-pub fn parse_wrk(out: &str) -> Result<WrkResult> {
-    let mut r = WrkResult {
-        requests: 0,
-        rps: 0.0,
-        p50_us: f64::NAN,
-        p99_us: f64::NAN,
-        errors: 0,
-    };
-    for line in out.lines() {
-        let t = line.trim();
-        let mut words = t.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("50%"), Some(v)) => r.p50_us = duration_us(v).unwrap_or(f64::NAN),
-            (Some("99%"), Some(v)) => r.p99_us = duration_us(v).unwrap_or(f64::NAN),
-            (Some("Requests/sec:"), Some(v)) => r.rps = v.parse().unwrap_or(0.0),
-            (Some(n), Some("requests")) => r.requests = n.parse().unwrap_or(0),
-            (Some("Non-2xx"), _) => {
-                r.errors += t
-                    .rsplit(' ')
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-            }
-            (Some("Socket"), Some("errors:")) => {
-                for part in t.split(',') {
-                    if let Some(n) = part
-                        .split_whitespace()
-                        .last()
-                        .and_then(|n| n.parse::<u64>().ok())
-                    {
-                        r.errors += n;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if r.requests == 0 || r.p50_us.is_nan() {
-        bail!("cannot parse wrk output:\n{out}");
-    }
-    Ok(r)
-}
-
-/// utime + stime of `pid` in seconds.
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name may contain spaces; fields start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After ')': state is field 3; utime and stime are fields 14 and 15.
-    let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).context("utime")?;
-    let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).context("stime")?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((utime + stime) / ticks.max(1.0))
-}
-
-/// VmHWM (peak RSS) of `pid` in kB.
-pub fn peak_rss_kb(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmHWM missing")
 }
 
 struct Running {
@@ -595,8 +501,6 @@ Transfer/sec:      2.00MB
         assert!((w.p99_us - 3910.0).abs() < 1e-6);
         assert_eq!(w.errors, 8);
         assert!(parse_wrk("garbage").is_err());
-        assert_eq!(duration_us("850.00us"), Some(850.0));
-        assert_eq!(duration_us("1.50s"), Some(1.5e6));
     }
 
     #[test]
