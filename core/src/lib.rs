@@ -6,7 +6,9 @@
 //! - [`control`]: the control protocol by which a function joins the node's dataplane.
 //! - [`sdk`]: the function SDK.
 //! - [`logging`]: zap-compatible JSON logs shared by every component.
+//! - [`autoscaler`]: the Knative autoscaler's wire messages (`Stat`, `WireStatMessages`).
 
+pub mod autoscaler;
 pub mod chain;
 pub mod control;
 pub mod descriptor;

@@ -23,7 +23,7 @@ use crate::accounting::RequestAccounting;
 use crate::body::{self, Body};
 use crate::drain::Drainer;
 use crate::metrics::RequestMetrics;
-use crate::stat::{PROTOBUF_MIME, Stat};
+use crate::stat::{PROTOBUF_MIME, stat_from_report};
 
 /// Go's `ReadHeaderTimeout` on every server.
 const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -176,7 +176,7 @@ pub fn stats(
     if req.uri().path() != "/metrics" {
         return not_found();
     }
-    let stat = Stat::from_report(pod, accounting.snapshot(Instant::now()));
+    let stat = stat_from_report(pod, accounting.snapshot(Instant::now()));
     let mut r = Response::new(body::full(stat.encode_to_vec()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
