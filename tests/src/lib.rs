@@ -2,7 +2,7 @@
 //! child processes that die with the test, and speaks plain HTTP/1.1 to them.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -25,13 +25,7 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use spright_test_support::free_port;
 
 /// A fresh temporary directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
