@@ -68,39 +68,28 @@ fn hop_row(name: &str, h: &Histogram<u64>) -> Row {
     }
 }
 
-/// Ping-pong: `ping` sends and waits for the echo; `echo` runs on another core.
-fn ping_pong(
-    iters: u32,
-    ping: impl FnMut() -> anyhow::Result<()>,
-    echo: impl FnMut() -> anyhow::Result<bool> + Send + 'static,
-    stop: impl FnOnce() -> anyhow::Result<()>,
-) -> anyhow::Result<Histogram<u64>> {
-    let mut echo = echo;
-    let echoer = std::thread::spawn(move || -> anyhow::Result<()> {
+/// One ping-pong path: `ping` sends 16 bytes (or a descriptor) and waits for the echo, which a
+/// thread on the other core sends back; `finish` stops that thread and cleans up.
+struct Hop {
+    name: &'static str,
+    ping: Box<dyn FnMut() -> anyhow::Result<()>>,
+    finish: Box<dyn FnOnce() -> anyhow::Result<()>>,
+}
+
+/// Starts the echo side on the system-under-test core.
+fn echo_thread(
+    mut echo: impl FnMut() -> anyhow::Result<bool> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    std::thread::spawn(move || -> anyhow::Result<()> {
         pin_self(SUT_CPU)?;
         while echo()? {}
         Ok(())
-    });
-    pin_self(LOAD_CPU)?;
-    let mut ping = ping;
-    let mut h = hist();
-    for i in 0..WARMUP + iters {
-        let t0 = Instant::now();
-        ping()?;
-        if i >= WARMUP {
-            h.record(
-                u64::try_from(t0.elapsed().as_nanos())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-            )?;
-        }
-    }
-    drop(ping);
-    stop()?;
-    echoer
-        .join()
-        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
-    Ok(h)
+    })
+}
+
+fn join(t: std::thread::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    t.join()
+        .map_err(|_| anyhow::anyhow!("echo thread panicked"))?
 }
 
 fn desc(dst: u32, slot: u32) -> Descriptor {
@@ -114,33 +103,37 @@ fn desc(dst: u32, slot: u32) -> Descriptor {
 
 /// Descriptor ping-pong between two endpoints of a transport. A descriptor with slot
 /// u32::MAX tells the echo side to stop.
-fn transport_pair(
+fn transport_hop(
+    name: &'static str,
     a: Arc<dyn Transport>,
     b: Arc<dyn Transport>,
-    iters: u32,
-) -> anyhow::Result<Histogram<u64>> {
+    cleanup: Box<dyn FnOnce() -> anyhow::Result<()>>,
+) -> Hop {
+    let echo = echo_thread(move || {
+        let d = b.recv()?;
+        if d.slot == u32::MAX {
+            return Ok(false);
+        }
+        b.send(&d.to(1))?;
+        Ok(true)
+    });
     let a2 = Arc::clone(&a);
-    let h = ping_pong(
-        iters,
-        move || {
+    Hop {
+        name,
+        ping: Box::new(move || {
             a.send(&desc(2, 1))?;
             a.recv()?;
             Ok(())
-        },
-        move || {
-            let d = b.recv()?;
-            if d.slot == u32::MAX {
-                return Ok(false);
-            }
-            b.send(&d.to(1))?;
-            Ok(true)
-        },
-        move || Ok(a2.send(&desc(2, u32::MAX))?),
-    )?;
-    Ok(h)
+        }),
+        finish: Box::new(move || {
+            a2.send(&desc(2, u32::MAX))?;
+            join(echo)?;
+            cleanup()
+        }),
+    }
 }
 
-fn hop_skmsg(iters: u32) -> anyhow::Result<Histogram<u64>> {
+fn hop_skmsg() -> anyhow::Result<Hop> {
     let mut dp = spright_ebpf::Dataplane::load(&spright_ebpf::DataplaneOptions::default())
         .context("the sk_msg hop needs the eBPF programs")?;
     let hub = TcpListener::bind("127.0.0.1:0")?;
@@ -163,68 +156,83 @@ fn hop_skmsg(iters: u32) -> anyhow::Result<Histogram<u64>> {
     };
     let a: Arc<dyn Transport> = Arc::new(SkMsgEndpoint::connect(hub_addr, |p| reg(&mut dp, p, 1))?);
     let b: Arc<dyn Transport> = Arc::new(SkMsgEndpoint::connect(hub_addr, |p| reg(&mut dp, p, 2))?);
-    let h = transport_pair(Arc::clone(&a), Arc::clone(&b), iters)?;
-    a.shutdown();
-    b.shutdown();
-    drop((a, b));
-    let _ = holder.join();
-    dp.detach()?;
-    Ok(h)
+    let (a2, b2) = (Arc::clone(&a), Arc::clone(&b));
+    Ok(transport_hop(
+        "hop/sk_msg-descriptor",
+        a,
+        b,
+        Box::new(move || {
+            a2.shutdown();
+            b2.shutdown();
+            drop((a2, b2));
+            let _ = holder.join();
+            Ok(dp.detach()?)
+        }),
+    ))
 }
 
-fn hop_unix_transport(iters: u32) -> anyhow::Result<Histogram<u64>> {
+fn hop_unix_transport() -> anyhow::Result<Hop> {
     let dir = std::env::temp_dir().join(format!("spright-bench-hop-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let a: Arc<dyn Transport> = Arc::new(UnixEndpoint::bind(&dir, 1)?);
     let b: Arc<dyn Transport> = Arc::new(UnixEndpoint::bind(&dir, 2)?);
-    let h = transport_pair(a, b, iters)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(h)
-}
-
-fn stream_pair<S: Read + Write + Send + 'static>(
-    mut a: S,
-    mut b: S,
-    iters: u32,
-) -> anyhow::Result<Histogram<u64>> {
-    let mut buf = [0u8; 16];
-    ping_pong(
-        iters,
-        move || {
-            a.write_all(&[7u8; 16])?;
-            a.read_exact(&mut buf)?;
+    Ok(transport_hop(
+        "hop/unix-transport-descriptor",
+        a,
+        b,
+        Box::new(move || {
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(())
-        },
-        move || {
-            let mut m = [0u8; 16];
-            match b.read_exact(&mut m) {
-                Ok(()) => {
-                    b.write_all(&m)?;
-                    Ok(true)
-                }
-                Err(_) => Ok(false),
+        }),
+    ))
+}
+
+/// 16-byte ping-pong over a connected stream pair; closing the ping side ends the echo.
+fn stream_hop<S: Read + Write + Send + 'static>(name: &'static str, a: S, mut b: S) -> Hop {
+    let echo = echo_thread(move || {
+        let mut m = [0u8; 16];
+        match b.read_exact(&mut m) {
+            Ok(()) => {
+                b.write_all(&m)?;
+                Ok(true)
             }
-        },
-        || Ok(()), // dropping the ping side closes the stream: the echo side sees EOF
-    )
+            Err(_) => Ok(false),
+        }
+    });
+    let a = Arc::new(std::sync::Mutex::new(a));
+    let a2 = Arc::clone(&a);
+    Hop {
+        name,
+        ping: Box::new(move || {
+            let mut s = a.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let mut buf = [0u8; 16];
+            s.write_all(&[7u8; 16])?;
+            s.read_exact(&mut buf)?;
+            Ok(())
+        }),
+        finish: Box::new(move || {
+            drop(a2);
+            join(echo)
+        }),
+    }
 }
 
-fn hop_raw_unix(iters: u32) -> anyhow::Result<Histogram<u64>> {
+fn hop_raw_unix() -> anyhow::Result<Hop> {
     let (a, b) = UnixStream::pair()?;
-    stream_pair(a, b, iters)
+    Ok(stream_hop("hop/raw-unix-socket", a, b))
 }
 
-fn hop_raw_tcp(iters: u32) -> anyhow::Result<Histogram<u64>> {
+fn hop_raw_tcp() -> anyhow::Result<Hop> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let a = TcpStream::connect(l.local_addr()?)?;
     let (b, _) = l.accept()?;
     a.set_nodelay(true)?;
     b.set_nodelay(true)?;
-    stream_pair(a, b, iters)
+    Ok(stream_hop("hop/raw-loopback-tcp", a, b))
 }
 
 /// One HTTP/1.1 keep-alive hop: hyper client to a hyper server echoing a 16-byte body.
-fn hop_http(iters: u32) -> anyhow::Result<Histogram<u64>> {
+fn hop_http() -> anyhow::Result<Hop> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::TokioIo;
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -251,39 +259,83 @@ fn hop_http(iters: u32) -> anyhow::Result<Histogram<u64>> {
             anyhow::Ok(())
         })
     });
-    pin_self(LOAD_CPU)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let h = rt.block_on(async move {
+    let mut tx = rt.block_on(async move {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
         tokio::spawn(conn);
-        let mut h = hist();
-        let body = Bytes::from_static(&[7u8; 16]);
-        for i in 0..WARMUP + iters {
+        anyhow::Ok(tx)
+    })?;
+    let body = Bytes::from_static(&[7u8; 16]);
+    let rt = Arc::new(rt);
+    let rt2 = Arc::clone(&rt);
+    Ok(Hop {
+        name: "hop/http1-keepalive",
+        ping: Box::new(move || {
             let req = hyper::Request::post("/")
                 .header("host", "bench")
                 .body(Full::new(body.clone()))?;
-            let t0 = Instant::now();
-            let r = tx.send_request(req).await?;
-            let _ = r.into_body().collect().await?;
-            if i >= WARMUP {
-                h.record(
+            rt.block_on(async {
+                let r = tx.send_request(req).await?;
+                let _ = r.into_body().collect().await?;
+                anyhow::Ok(())
+            })
+        }),
+        finish: Box::new(move || {
+            drop(rt2); // closes the connection once the ping closure is gone too
+            server
+                .join()
+                .map_err(|_| anyhow::anyhow!("server thread panicked"))?
+        }),
+    })
+}
+
+/// Round trips over every path, interleaved: `rounds` rounds, each running every path in
+/// turn, so drift in the machine's state (frequency, other load) falls on all paths alike.
+fn measure_hops(iters: u32, rounds: u32, same_core: bool) -> anyhow::Result<Vec<Row>> {
+    pin_self(if same_core { SUT_CPU } else { LOAD_CPU })?;
+    let mut hops = vec![
+        hop_skmsg()?,
+        hop_unix_transport()?,
+        hop_raw_unix()?,
+        hop_raw_tcp()?,
+        hop_http()?,
+    ];
+    let mut hists: Vec<Histogram<u64>> = hops.iter().map(|_| hist()).collect();
+    for h in &mut hops {
+        for _ in 0..WARMUP {
+            (h.ping)()?;
+        }
+    }
+    let per_round = (iters / rounds.max(1)).max(1);
+    for _ in 0..rounds.max(1) {
+        for (h, hist) in hops.iter_mut().zip(&mut hists) {
+            for _ in 0..per_round {
+                let t0 = Instant::now();
+                (h.ping)()?;
+                hist.record(
                     u64::try_from(t0.elapsed().as_nanos())
                         .unwrap_or(u64::MAX)
                         .max(1),
                 )?;
             }
         }
-        anyhow::Ok(h)
-    })?;
-    drop(rt);
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-    Ok(h)
+    }
+    let place = if same_core { "same core" } else { "cross core" };
+    let rows = hops
+        .iter()
+        .zip(&hists)
+        .map(|(h, hist)| hop_row(&format!("{} ({place})", h.name), hist))
+        .collect();
+    for h in hops {
+        let Hop { ping, finish, .. } = h;
+        drop(ping);
+        finish()?;
+    }
+    Ok(rows)
 }
 
 /// Child processes killed on drop.
@@ -434,24 +486,15 @@ fn measure_chain(
 /// Runs the whole dataplane bench and prints the table and the targets.
 pub fn run(args: DataplaneArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
-    eprintln!("per-hop round trips ({} each)...", args.hop_iters);
-    rows.push(hop_row(
-        "hop/sk_msg-descriptor",
-        &hop_skmsg(args.hop_iters)?,
-    ));
-    rows.push(hop_row(
-        "hop/unix-transport-descriptor",
-        &hop_unix_transport(args.hop_iters)?,
-    ));
-    rows.push(hop_row(
-        "hop/raw-unix-socket",
-        &hop_raw_unix(args.hop_iters)?,
-    ));
-    rows.push(hop_row(
-        "hop/raw-loopback-tcp",
-        &hop_raw_tcp(args.hop_iters)?,
-    ));
-    rows.push(hop_row("hop/http1-keepalive", &hop_http(args.hop_iters)?));
+    eprintln!(
+        "per-hop round trips ({} each, interleaved in 10 rounds, cross core then same core)...",
+        args.hop_iters
+    );
+    // Both placements: one core each (the wakeup crosses cores: an IPI, costly in a VM) and
+    // both ends on one core (the wakeup is a context switch).
+    rows.extend(measure_hops(args.hop_iters, 10, false)?);
+    rows.extend(measure_hops(args.hop_iters, 10, true)?);
+    pin_self(LOAD_CPU)?;
 
     let dir = std::env::temp_dir().join(format!("spright-bench-dp-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -550,14 +593,16 @@ fn targets(rows: &[Row], idle: f64) -> String {
         out.push_str(&format!("  {what:<58} {v:>8}  (goal {goal}) {verdict}\n"));
     };
     let p50 = |n: &str| find(rows, n, None).and_then(|r| r.p50_us);
-    line(
-        "sk_msg hop p50 / raw unix-socket p50",
-        p50("hop/sk_msg-descriptor")
-            .zip(p50("hop/raw-unix-socket"))
-            .map(|(a, b)| a / b),
-        &|v| v <= 1.2,
-        "<= 1.2",
-    );
+    for place in ["cross core", "same core"] {
+        line(
+            &format!("sk_msg hop p50 / raw unix-socket p50 ({place})"),
+            p50(&format!("hop/sk_msg-descriptor ({place})"))
+                .zip(p50(&format!("hop/raw-unix-socket ({place})")))
+                .map(|(a, b)| a / b),
+            &|v| v <= 1.2,
+            "<= 1.2",
+        );
+    }
     let rps = |n: &str| find(rows, n, Some(32)).and_then(|r| r.rps);
     let cpu = |n: &str| find(rows, n, Some(32)).and_then(|r| r.cpu_s_per_1k);
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);

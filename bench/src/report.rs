@@ -37,12 +37,12 @@ fn cell(v: Option<f64>, prec: usize) -> String {
 /// The rows as an aligned text table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<34} {:>5} {:>10} {:>10} {:>11} {:>12} {:>9}\n",
+        "{:<44} {:>5} {:>10} {:>10} {:>11} {:>12} {:>9}\n",
         "path", "conns", "p50 us", "p99 us", "req/s", "cpu s/1k", "idle %"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<34} {:>5} {:>10} {:>10} {:>11} {:>12} {:>9}\n",
+            "{:<44} {:>5} {:>10} {:>10} {:>11} {:>12} {:>9}\n",
             r.name,
             r.connections
                 .map_or_else(|| "-".to_owned(), |c| c.to_string()),
