@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("fetch") => fetch_main(&args[2], &args[3]),
+        Some("exec") => exec_main(&args[2], &args[3], &args[4..]),
         _ => run_tests(args.get(1).cloned()),
     }
 }
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 5] = [
+    let tests: [Test; 8] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -57,6 +58,18 @@ fn run_tests(filter: Option<String>) -> ExitCode {
         (
             "manifest_directory_adds_and_removes_pods",
             manifest_directory_adds_and_removes_pods,
+        ),
+        (
+            "queue_proxy_reports_the_kernel_counters",
+            queue_proxy_reports_the_kernel_counters,
+        ),
+        (
+            "standalone_queue_proxy_loads_the_programs_itself",
+            standalone_queue_proxy_loads_the_programs_itself,
+        ),
+        (
+            "queue_proxy_without_the_agent_falls_back_and_says_so",
+            queue_proxy_without_the_agent_falls_back_and_says_so,
         ),
     ];
     let mut failed = 0;
@@ -536,6 +549,7 @@ struct Truth {
     requests: u64,
     proxied: u64,
     in_flight_ns: u128,
+    proxied_in_flight_ns: u128,
 }
 
 /// `workers` keep-alive connections, each `per_worker` sequential requests
@@ -571,7 +585,11 @@ fn drive(
                     )
                     .expect("send");
                     read_response(&mut stream);
-                    truth.in_flight_ns += start.elapsed().as_nanos();
+                    let took = start.elapsed().as_nanos();
+                    truth.in_flight_ns += took;
+                    if proxied {
+                        truth.proxied_in_flight_ns += took;
+                    }
                     truth.requests += 1;
                     truth.proxied += u64::from(proxied);
                 }
@@ -585,6 +603,7 @@ fn drive(
         total.requests += t.requests;
         total.proxied += t.proxied;
         total.in_flight_ns += t.in_flight_ns;
+        total.proxied_in_flight_ns += t.proxied_in_flight_ns;
     }
     total
 }
@@ -708,11 +727,11 @@ fn counters_match_a_known_load() {
     let requests = plain.requests + chunked.requests;
     let proxied = plain.proxied + chunked.proxied;
     let truth_ns = (plain.in_flight_ns + chunked.in_flight_ns) as f64;
-    let proxied_truth_ns = plain.in_flight_ns as f64 / 2.0;
+    let proxied_truth_ns = (plain.proxied_in_flight_ns + chunked.proxied_in_flight_ns) as f64;
     let d = |key: &str| field(&c1, key) - field(&c0, key);
     eprintln!(
         "kernel: arrivals {} (truth {requests}), proxied {} (truth {proxied}), completions {}, \
-         in-flight {:.4} s (client {:.4} s), proxied in-flight {:.4} s (client ~{:.4} s)",
+         in-flight {:.4} s (client {:.4} s), proxied in-flight {:.4} s (client {:.4} s)",
         d("arrivals"),
         d("proxied_arrivals"),
         d("completions"),
@@ -892,4 +911,229 @@ fn every_response_framing_ends_its_request() {
     });
     let c2 = counters(&agent, &pod);
     assert_eq!(field(&c2, "completions"), field(&c2, "arrivals"));
+}
+
+// ---------------------------------------------------------------- queue-proxy-ebpf
+
+/// Runs `program` inside the pod's cgroup and namespace (replaces this process).
+fn exec_main(cgroup: &str, netns: &str, command: &[String]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    enter(Some(cgroup), netns);
+    let error = Command::new(&command[0]).args(&command[1..]).exec();
+    eprintln!("exec {}: {error}", command[0]);
+    ExitCode::FAILURE
+}
+
+/// queue-proxy-ebpf's binary, built by `cargo test --workspace` (or
+/// `cargo build -p queue-proxy-ebpf`) next to this test's directory.
+fn queue_proxy_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("queue-proxy-ebpf");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p queue-proxy-ebpf` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// The autoscaler's view: Knative's Stat message (stat.proto).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Stat {
+    #[prost(string, tag = "1")]
+    pod_name: String,
+    #[prost(double, tag = "2")]
+    average_concurrent_requests: f64,
+    #[prost(double, tag = "3")]
+    average_proxied_concurrent_requests: f64,
+    #[prost(double, tag = "4")]
+    request_count: f64,
+    #[prost(double, tag = "5")]
+    proxied_request_count: f64,
+    #[prost(double, tag = "6")]
+    process_uptime: f64,
+    #[prost(int64, tag = "7")]
+    timestamp: i64,
+}
+
+struct QueueProxy {
+    child: Child,
+    log: PathBuf,
+}
+
+impl QueueProxy {
+    /// Starts queue-proxy-ebpf in `pod` with the `accounting` variables.
+    fn start(pod: &TestPod, accounting: &[(&str, String)]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}-qp.log", pod.name));
+        let log_file = std::fs::File::create(&log).expect("qp log");
+        let env = [
+            ("SERVING_NAMESPACE", "default"),
+            ("SERVING_SERVICE", "hello"),
+            ("SERVING_CONFIGURATION", "hello"),
+            ("SERVING_REVISION", "hello-00001"),
+            ("SERVING_POD", pod.name.as_str()),
+            ("SERVING_POD_IP", &pod.pod_ip.to_string()),
+            ("QUEUE_SERVING_PORT", "8012"),
+            ("QUEUE_SERVING_TLS_PORT", "8112"),
+            ("USER_PORT", &SERVING_PORT.to_string()),
+            ("CONTAINER_CONCURRENCY", "0"),
+            ("REVISION_TIMEOUT_SECONDS", "300"),
+            ("SERVING_LOGGING_CONFIG", ""),
+            ("SERVING_LOGGING_LEVEL", "info"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into_iter()
+        .chain(accounting.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        let child = Command::new(std::env::current_exe().expect("exe"))
+            .args([
+                "exec",
+                pod.cgroup.to_str().expect("utf-8"),
+                &pod.netns,
+                queue_proxy_binary().to_str().expect("utf-8"),
+            ])
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn queue-proxy-ebpf");
+        let qp = Self { child, log };
+        wait_until("queue-proxy-ebpf to answer", || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((pod.pod_ip, 9090)),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        });
+        qp
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stat(&self, pod: &TestPod) -> Stat {
+        let mut stream =
+            TcpStream::connect(SocketAddr::from((pod.pod_ip, 9090))).expect("connect 9090");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: qp\r\nAccept: application/protobuf\r\nConnection: close\r\n\r\n")
+            .expect("scrape");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).expect("read stat");
+        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+        let head = String::from_utf8_lossy(&raw[..end]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        <Stat as prost::Message>::decode(&raw[end..]).expect("Stat protobuf")
+    }
+}
+
+impl Drop for QueueProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// queue-proxy-ebpf's variables for accounting through the agent on `port`.
+fn agent_env(pod: &TestPod, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("SPRIGHT_ACCOUNTING", "agent".to_owned()),
+        ("HOST_IP", pod.host_ip.to_string()),
+        ("SPRIGHT_AGENT_PORT", port.to_string()),
+    ]
+}
+
+fn queue_proxy_reports_the_kernel_counters() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    agent.register(&pod);
+    check_stats(
+        &pod,
+        &QueueProxy::start(&pod, &agent_env(&pod, agent.node_port)),
+    );
+}
+
+fn standalone_queue_proxy_loads_the_programs_itself() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let qp = QueueProxy::start(&pod, &[("SPRIGHT_ACCOUNTING", "standalone".to_owned())]);
+    check_stats(&pod, &qp);
+}
+
+/// Drives a known load through queue-proxy-ebpf and compares its Stat.
+fn check_stats(pod: &TestPod, qp: &QueueProxy) {
+    assert!(
+        qp.log().contains("request accounting in the kernel"),
+        "queue-proxy-ebpf did not select kernel accounting: {}",
+        qp.log()
+    );
+    // The first report needs one period since start; the next covers the load.
+    thread::sleep(Duration::from_millis(1100));
+    let _ = qp.stat(pod);
+    let window_start = Instant::now();
+    let truth = drive(SocketAddr::from((pod.pod_ip, 8012)), 4, 10, 2, "/sleep/100");
+    thread::sleep(Duration::from_millis(
+        1000u64.saturating_sub(window_start.elapsed().as_millis() as u64),
+    ));
+    let stat = qp.stat(pod);
+    let window = window_start.elapsed().as_secs_f64();
+    let truth_concurrency = truth.in_flight_ns as f64 / 1e9 / window;
+    eprintln!(
+        "stat over {window:.3} s: {stat:?}; truth: {} requests ({} proxied), concurrency {truth_concurrency:.3}",
+        truth.requests, truth.proxied
+    );
+    assert_eq!(stat.pod_name, pod.name);
+    assert!(
+        within(stat.request_count * window, truth.requests as f64, 0.05),
+        "request count"
+    );
+    assert!(
+        within(
+            stat.proxied_request_count * window,
+            truth.proxied as f64,
+            0.05
+        ),
+        "proxied request count"
+    );
+    assert!(
+        within(stat.average_concurrent_requests, truth_concurrency, 0.05),
+        "average concurrency"
+    );
+    assert!(
+        within(
+            stat.average_proxied_concurrent_requests,
+            truth.proxied_in_flight_ns as f64 / 1e9 / window,
+            0.05
+        ),
+        "average proxied concurrency"
+    );
+}
+
+fn queue_proxy_without_the_agent_falls_back_and_says_so() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    // No agent listens on this port.
+    let qp = QueueProxy::start(&pod, &agent_env(&pod, free_port()));
+    assert!(
+        qp.log().contains("falling back to userspace accounting"),
+        "no fallback message in the log: {}",
+        qp.log()
+    );
+    // Userspace accounting still reports: load over more than one period,
+    // then the last closed window holds requests.
+    let truth = drive(SocketAddr::from((pod.pod_ip, 8012)), 2, 30, 0, "/sleep/40");
+    let stat = qp.stat(&pod);
+    eprintln!("fallback stat: {stat:?} after {} requests", truth.requests);
+    assert_eq!(stat.pod_name, pod.name);
+    assert!(stat.request_count > 0.0, "{stat:?}");
+    assert!(stat.average_concurrent_requests > 0.0, "{stat:?}");
 }

@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::accounting::{RequestAccounting, WindowedStats};
+use crate::accounting::RequestAccounting;
 use crate::breaker::Breaker;
 use crate::chain::Chain;
 use crate::drain::{Drainer, QUIET_PERIOD};
@@ -60,7 +60,11 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         None => None,
     };
-    let accounting: Arc<dyn RequestAccounting> = Arc::new(WindowedStats::new(start));
+    // SPRIGHT_ACCOUNTING: userspace (default), agent or standalone (ebpf_accounting.rs).
+    let accounting_mode = crate::ebpf_accounting::Mode::from_env(|k| std::env::var(k).ok())
+        .map_err(|e| AppError::Config(e.to_string()))?;
+    let accounting: Arc<dyn RequestAccounting> =
+        crate::ebpf_accounting::select(&accounting_mode, cfg.user_port, start);
     let breaker = cfg
         .breaker_params()
         .map(|(cc, depth)| Breaker::new(cc, depth));

@@ -9,6 +9,7 @@ mod body;
 mod breaker;
 mod chain;
 mod drain;
+mod ebpf_accounting;
 mod env;
 mod forwarded;
 mod health;
