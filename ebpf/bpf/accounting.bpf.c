@@ -482,16 +482,22 @@ static __always_inline __u32 fresh(__u32 seq, __u32 len, __u8 *init, __u32 *next
 	return len - behind;
 }
 
+// Whether new bytes start a request: an upper-case method token and a space
+// ("GET ", "OPTIONS "), or, when the segment is shorter than that, nothing
+// but upper-case letters (a method split across segments).
 static __always_inline int looks_like_request(struct __sk_buff *skb, __u32 off, __u32 len,
 					      __u8 *head, int *h2)
 {
 	__u8 b[8] = {};
+	__u32 n = len < 8 ? len : 8;
 	int i;
 
 	*h2 = 0;
-	if (len < 4)
+	if (n == 0)
 		return 0;
-	if (bpf_skb_load_bytes(skb, off, b, len < 8 ? 4 : 8) < 0)
+	// 1..=8 in a form the verifier can follow.
+	n = ((n - 1) & 7) + 1;
+	if (bpf_skb_load_bytes(skb, off, b, n) < 0)
 		return 0;
 	if (b[0] == 'P' && b[1] == 'R' && b[2] == 'I' && b[3] == ' ') {
 		*h2 = 1;
@@ -499,6 +505,8 @@ static __always_inline int looks_like_request(struct __sk_buff *skb, __u32 off, 
 	}
 	*head = b[0] == 'H' && b[1] == 'E' && b[2] == 'A' && b[3] == 'D';
 	for (i = 0; i < 8; i++) {
+		if (i >= n)
+			return 1;
 		if (b[i] == ' ')
 			return i >= 3;
 		if (b[i] < 'A' || b[i] > 'Z')

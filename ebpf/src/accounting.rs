@@ -51,7 +51,11 @@
 //!   as one arrival; a new request seen while a response is still being
 //!   tracked ends the tracked one at that moment.
 //! - A request body still arriving after its response completed, if it starts
-//!   with an upper-case word and a space, would count as a request.
+//!   with an upper-case word and a space (or is a segment of fewer than 8
+//!   upper-case letters: a method split across segments is counted at its
+//!   first segment), would count as a request. A `HEAD` split inside its first
+//!   four bytes is taken for a request with a response body, so it ends with
+//!   the next request on the connection or with the connection.
 //! - HTTP/2 (h2c, prior knowledge `PRI * HTTP/2.0`) connections are marked
 //!   and not counted; upgrades from HTTP/1.1 to h2c are counted as one request
 //!   lasting the connection.

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 8] = [
+    let tests: [Test; 9] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -50,6 +50,10 @@ fn run_tests(filter: Option<String>) -> ExitCode {
         (
             "every_response_framing_ends_its_request",
             every_response_framing_ends_its_request,
+        ),
+        (
+            "split_headers_and_random_bytes_keep_the_counters_sane",
+            split_headers_and_random_bytes_keep_the_counters_sane,
         ),
         (
             "a_pod_that_disappears_leaves_nothing_behind",
@@ -1136,4 +1140,93 @@ fn queue_proxy_without_the_agent_falls_back_and_says_so() {
     assert_eq!(stat.pod_name, pod.name);
     assert!(stat.request_count > 0.0, "{stat:?}");
     assert!(stat.average_concurrent_requests > 0.0, "{stat:?}");
+}
+
+/// xorshift64*: deterministic random bytes without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn split_headers_and_random_bytes_keep_the_counters_sane() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    agent.register(&pod);
+
+    // A proxied request written a few bytes at a time: the header scanner
+    // keeps its place across segments.
+    let c0 = counters(&agent, &pod);
+    let mut stream = TcpStream::connect(pod.serving_addr()).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let request = b"GET /sleep/10 HTTP/1.1\r\nHost: pod\r\nK-Proxy-Request: activator\r\n\r\n";
+    for piece in request.chunks(3) {
+        stream.write_all(piece).expect("send");
+        thread::sleep(Duration::from_millis(1));
+    }
+    read_until(&mut stream, ends_with(b"\r\n\r\nok"));
+    drop(stream);
+    let c1 = counters(&agent, &pod);
+    assert_eq!(field(&c1, "arrivals") - field(&c0, "arrivals"), 1);
+    assert_eq!(
+        field(&c1, "proxied_arrivals") - field(&c0, "proxied_arrivals"),
+        1
+    );
+    assert_eq!(field(&c1, "proxied_concurrency"), 0);
+
+    // Random bytes, some shaped like requests, in random pieces, on
+    // connections closed at random points: whatever was counted ends.
+    let mut rng = Rng(0x5eed_1234_abcd_0001 ^ u64::from(std::process::id()));
+    let words: [&[u8]; 8] = [
+        b"GET ",
+        b"POST ",
+        b"/sleep/1 HTTP/1.1\r\n",
+        b"K-Proxy-Request: activator\r\n",
+        b"content-length: 5\r\n",
+        b"\r\n",
+        b"PRI * HTTP/2.0\r\n",
+        b"User-Agent: kube-probe/1\r\n",
+    ];
+    for _ in 0..40 {
+        let stream = TcpStream::connect(pod.serving_addr()).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        for _ in 0..rng.below(12) {
+            let mut piece: Vec<u8> = if rng.below(2) == 0 {
+                words[rng.below(words.len() as u64) as usize].to_vec()
+            } else {
+                (0..rng.below(64)).map(|_| rng.next() as u8).collect()
+            };
+            if rng.below(8) == 0 {
+                piece.extend_from_slice(b"\r\n\r\n");
+            }
+            if (&stream).write_all(&piece).is_err() {
+                break;
+            }
+        }
+        if rng.below(3) == 0 {
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger 0");
+        }
+        drop(stream);
+    }
+    wait_until("every counted request to end", || {
+        let c = counters(&agent, &pod);
+        field(&c, "concurrency") == 0
+            && field(&c, "proxied_concurrency") == 0
+            && field(&c, "completions") == field(&c, "arrivals")
+    });
 }
