@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 9] = [
+    let tests: [Test; 10] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -55,6 +55,7 @@ fn run_tests(filter: Option<String>) -> ExitCode {
             "split_headers_and_random_bytes_keep_the_counters_sane",
             split_headers_and_random_bytes_keep_the_counters_sane,
         ),
+        ("ipv6_requests_are_counted", ipv6_requests_are_counted),
         (
             "a_pod_that_disappears_leaves_nothing_behind",
             a_pod_that_disappears_leaves_nothing_behind,
@@ -128,6 +129,7 @@ struct TestPod {
     cgroup: PathBuf,
     host_ip: Ipv4Addr,
     pod_ip: Ipv4Addr,
+    pod_ip6: std::net::Ipv6Addr,
     server: Option<Child>,
 }
 
@@ -145,6 +147,8 @@ impl TestPod {
         let base = u8::try_from((n % 60) * 4).unwrap_or(0);
         let host_ip = Ipv4Addr::new(10, 213, third, base + 1);
         let pod_ip = Ipv4Addr::new(10, 213, third, base + 2);
+        let host_ip6: std::net::Ipv6Addr = format!("fd13:{third:x}:{n:x}::1").parse().expect("v6");
+        let pod_ip6: std::net::Ipv6Addr = format!("fd13:{third:x}:{n:x}::2").parse().expect("v6");
         let cgroup = Path::new(CGROUP_ROOT).join(format!("spright-test-{name}"));
         let pod = Self {
             name,
@@ -153,6 +157,7 @@ impl TestPod {
             cgroup: cgroup.clone(),
             host_ip,
             pod_ip,
+            pod_ip6,
             server: None,
         };
         run("ip", &["netns", "add", &netns]);
@@ -165,6 +170,18 @@ impl TestPod {
             "ip",
             &["addr", "add", &format!("{host_ip}/30"), "dev", &veth],
         );
+        run(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{host_ip6}/64"),
+                "dev",
+                &veth,
+                "nodad",
+            ],
+        );
         run("ip", &["link", "set", &veth, "up"]);
         let in_ns = |args: &[&str]| {
             let mut full = vec!["netns", "exec", netns.as_str()];
@@ -172,6 +189,16 @@ impl TestPod {
             run("ip", &full);
         };
         in_ns(&["ip", "addr", "add", &format!("{pod_ip}/30"), "dev", &peer]);
+        in_ns(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{pod_ip6}/64"),
+            "dev",
+            &peer,
+            "nodad",
+        ]);
         in_ns(&["ip", "link", "set", &peer, "up"]);
         in_ns(&["ip", "link", "set", "lo", "up"]);
         std::fs::create_dir(&cgroup).unwrap_or_else(|e| {
@@ -458,7 +485,8 @@ fn enter(cgroup: Option<&str>, netns: &str) {
 /// <ms>; `GET /chunked/<ms>` the same body chunked, in two writes. Keep-alive.
 fn upstream(cgroup: &str, netns: &str, port: u16) {
     enter(Some(cgroup), netns);
-    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind upstream");
+    // Dual-stack: IPv4 and IPv6 clients.
+    let listener = TcpListener::bind(("::", port)).expect("bind upstream");
     println!("ready");
     let _ = std::io::stdout().flush();
     for stream in listener.incoming().flatten() {
@@ -1229,4 +1257,36 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
             && field(&c, "proxied_concurrency") == 0
             && field(&c, "completions") == field(&c, "arrivals")
     });
+}
+
+fn ipv6_requests_are_counted() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    agent.register(&pod);
+    let c0 = counters(&agent, &pod);
+    let truth = drive(
+        SocketAddr::from((pod.pod_ip6, SERVING_PORT)),
+        2,
+        5,
+        1,
+        "/sleep/50",
+    );
+    let c1 = counters(&agent, &pod);
+    let d = |key: &str| field(&c1, key) - field(&c0, key);
+    eprintln!(
+        "ipv6: arrivals {} (truth {}), in-flight {:.4} s (client {:.4} s)",
+        d("arrivals"),
+        truth.requests,
+        d("weighted_ns") as f64 / 1e9,
+        truth.in_flight_ns as f64 / 1e9
+    );
+    assert_eq!(d("arrivals"), truth.requests);
+    assert_eq!(d("proxied_arrivals"), truth.proxied);
+    assert_eq!(d("completions"), truth.requests);
+    assert!(within(
+        d("weighted_ns") as f64,
+        truth.in_flight_ns as f64,
+        0.05
+    ));
 }
