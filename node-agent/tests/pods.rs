@@ -363,25 +363,9 @@ impl Agent {
         format!("http://{}:{}/v1/counters", pod.host_ip, self.node_port)
     }
 
-    /// Idle check: no context switch in any agent thread over `period`.
+    /// Context switches of every agent thread so far.
     fn context_switches(&self) -> u64 {
-        let mut total = 0;
-        let dir = format!("/proc/{}/task", self.child.id());
-        for task in std::fs::read_dir(dir).expect("tasks").flatten() {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            for line in status.lines() {
-                if line.starts_with("voluntary_ctxt_switches")
-                    || line.starts_with("nonvoluntary_ctxt_switches")
-                {
-                    total += line
-                        .split_whitespace()
-                        .last()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0);
-                }
-            }
-        }
-        total
+        context_switches(self.child.id())
     }
 }
 
@@ -1094,6 +1078,28 @@ fn queue_proxy_reports_the_kernel_counters() {
     );
 }
 
+fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if line.starts_with("voluntary_ctxt_switches")
+                || line.starts_with("nonvoluntary_ctxt_switches")
+            {
+                total += line
+                    .split_whitespace()
+                    .last()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
 fn standalone_queue_proxy_loads_the_programs_itself() {
     let mut pod = TestPod::new();
     pod.start_server();
@@ -1118,6 +1124,14 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
     ));
     let stat = qp.stat(pod);
     let window = window_start.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(300));
+    let before = context_switches(qp.child.id());
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        context_switches(qp.child.id()),
+        before,
+        "the idle sidecar woke up"
+    );
     let truth_concurrency = truth.in_flight_ns as f64 / 1e9 / window;
     eprintln!(
         "stat over {window:.3} s: {stat:?}; truth: {} requests ({} proxied), concurrency {truth_concurrency:.3}",
