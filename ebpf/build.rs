@@ -1,15 +1,17 @@
 //! Compiles the eBPF programs with clang-19: bpf/dataplane.bpf.c into
-//! `$OUT_DIR/dataplane.bpf.o` and bpf/accounting.bpf.c into
-//! `$OUT_DIR/accounting.bpf.o`, which the loaders embed.
+//! `$OUT_DIR/dataplane.bpf.o`, bpf/accounting.bpf.c into
+//! `$OUT_DIR/accounting.bpf.o` and bpf/steering.bpf.c into
+//! `$OUT_DIR/steering.bpf.o`, which the loaders embed.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// (source, object) pairs.
-const PROGRAMS: [(&str, &str); 2] = [
+const PROGRAMS: [(&str, &str); 3] = [
     ("bpf/dataplane.bpf.c", "dataplane.bpf.o"),
     ("bpf/accounting.bpf.c", "accounting.bpf.o"),
+    ("bpf/steering.bpf.c", "steering.bpf.o"),
 ];
 const CLANG: &str = "/usr/bin/clang-19";
 const HELPERS: &str = "/usr/include/bpf/bpf_helpers.h";

@@ -270,23 +270,7 @@ impl PodAccounting {
     /// before this call are not counted.
     pub fn attach(cgroup_path: &Path, port: u16) -> Result<Self, EbpfError> {
         let cgroup = open_cgroup_v2(cgroup_path)?;
-        raise_memlock_if_needed()?;
-        let mut ebpf = Ebpf::load(OBJECT)
-            .map_err(|e| EbpfError::classify("creating eBPF maps", e, EbpfError::Object))?;
-
-        let mut config: Array<MapData, RawConfig> =
-            Array::try_from(take_map(&mut ebpf, names::MAP_CONFIG)?)
-                .map_err(|e| map_type_error(names::MAP_CONFIG, e))?;
-        config
-            .set(
-                0,
-                RawConfig {
-                    port: u32::from(port),
-                    pad: 0,
-                },
-                0,
-            )
-            .map_err(|e| map_error(names::MAP_CONFIG, "setting the serving port".into(), e))?;
+        let mut ebpf = load_with_port(OBJECT, names::MAP_CONFIG, port)?;
         let stats = Array::try_from(take_map(&mut ebpf, names::MAP_STATS)?)
             .map_err(|e| map_type_error(names::MAP_STATS, e))?;
 
@@ -386,6 +370,36 @@ impl Drop for PodAccounting {
             tracing::warn!(%error, "detaching request accounting failed");
         }
     }
+}
+
+/// Loads `object` and writes `port` into its one-entry config array
+/// (`struct { __u32 port; __u32 pad; }`): the accounting and steering objects.
+pub(crate) fn load_with_port(
+    object: &[u8],
+    config_map: &'static str,
+    port: u16,
+) -> Result<Ebpf, EbpfError> {
+    raise_memlock_if_needed()?;
+    let mut ebpf = Ebpf::load(object)
+        .map_err(|e| EbpfError::classify("creating eBPF maps", e, EbpfError::Object))?;
+    // Borrowed, not taken: the map must live until the programs are loaded.
+    let map = ebpf.map_mut(config_map).ok_or(EbpfError::MissingMap {
+        name: config_map,
+        detail: "not in the object".to_owned(),
+    })?;
+    let mut config: Array<&mut MapData, RawConfig> =
+        Array::try_from(map).map_err(|e| map_type_error(config_map, e))?;
+    config
+        .set(
+            0,
+            RawConfig {
+                port: u32::from(port),
+                pad: 0,
+            },
+            0,
+        )
+        .map_err(|e| map_error(config_map, format!("setting port {port}"), e))?;
+    Ok(ebpf)
 }
 
 fn attach_programs(ebpf: &mut Ebpf, cgroup: &File) -> Result<Links, EbpfError> {

@@ -37,6 +37,7 @@
 //! embedded in this crate. Loading needs root (CAP_BPF and CAP_NET_ADMIN).
 
 pub mod accounting;
+pub mod steering;
 
 use std::error::Error as StdError;
 use std::fs::{self, File};

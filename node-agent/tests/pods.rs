@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 10] = [
+    let tests: [Test; 11] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -56,6 +56,10 @@ fn run_tests(filter: Option<String>) -> ExitCode {
             split_headers_and_random_bytes_keep_the_counters_sane,
         ),
         ("ipv6_requests_are_counted", ipv6_requests_are_counted),
+        (
+            "event_driven_steering_skips_the_sidecar",
+            event_driven_steering_skips_the_sidecar,
+        ),
         (
             "a_pod_that_disappears_leaves_nothing_behind",
             a_pod_that_disappears_leaves_nothing_behind,
@@ -1303,4 +1307,49 @@ fn ipv6_requests_are_counted() {
         truth.in_flight_ns as f64,
         0.05
     ));
+}
+
+/// Binds a listener inside the pod's namespace (from a thread that joined it).
+fn listen_in(pod: &TestPod, port: u16) -> TcpListener {
+    let netns = pod.netns.clone();
+    thread::spawn(move || {
+        enter(None, &netns);
+        TcpListener::bind(("::", port)).expect("bind in the pod")
+    })
+    .join()
+    .expect("listener thread")
+}
+
+fn event_driven_steering_skips_the_sidecar() {
+    use spright_ebpf::steering::Steering;
+    let pod = TestPod::new();
+    let user = listen_in(&pod, SERVING_PORT);
+    // The sidecar's own listener on the serving port.
+    let sidecar = listen_in(&pod, 8012);
+    sidecar.set_nonblocking(true).expect("nonblocking");
+    let mut steering = Steering::attach(Path::new(&format!("/var/run/netns/{}", pod.netns)), 8012)
+        .unwrap_or_else(|e| panic!("attaching sk_lookup: {e}"));
+    steering.set_target(&user).expect("target");
+
+    // A connection to 8012 lands on the user container's socket.
+    let mut client = TcpStream::connect((pod.pod_ip, 8012)).expect("connect 8012");
+    let (mut accepted, _) = user.accept().expect("user accepts");
+    client.write_all(b"ping").expect("send");
+    let mut buf = [0u8; 4];
+    accepted.read_exact(&mut buf).expect("read");
+    assert_eq!(&buf, b"ping");
+    accepted.write_all(b"pong").expect("answer");
+    client.read_exact(&mut buf).expect("read answer");
+    assert_eq!(&buf, b"pong");
+    assert_eq!(steering.steered().expect("count"), 1);
+    // The sidecar saw nothing.
+    assert!(matches!(sidecar.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+
+    // Without a target, the sidecar answers on its port again.
+    steering.clear_target().expect("clear");
+    let _second = TcpStream::connect((pod.pod_ip, 8012)).expect("connect 8012");
+    sidecar.set_nonblocking(false).expect("blocking");
+    sidecar.accept().expect("the sidecar accepts");
+    assert_eq!(steering.steered().expect("count"), 1);
+    steering.detach().expect("detach");
 }
