@@ -9,6 +9,11 @@
 //! lookup applies, so the sidecar's own listener on the serving port keeps
 //! answering.
 //!
+//! A steered connection keeps the port it was addressed to: the user
+//! container's accepted socket has the serving port (8012) as its local port.
+//! So in this mode the request accounting must be attached for the serving
+//! port, not the user port.
+//!
 //! This is only the kernel half. The target socket must come from the user
 //! container. The node agent would take it with `pidfd_getfd`, which needs
 //! CAP_SYS_PTRACE; that part is not built yet. Loading needs root (CAP_BPF,

@@ -1334,6 +1334,8 @@ fn event_driven_steering_skips_the_sidecar() {
     // A connection to 8012 lands on the user container's socket.
     let mut client = TcpStream::connect((pod.pod_ip, 8012)).expect("connect 8012");
     let (mut accepted, _) = user.accept().expect("user accepts");
+    // The steered connection keeps the port it was addressed to.
+    assert_eq!(accepted.local_addr().expect("local").port(), 8012);
     client.write_all(b"ping").expect("send");
     let mut buf = [0u8; 4];
     accepted.read_exact(&mut buf).expect("read");
