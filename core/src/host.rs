@@ -328,7 +328,11 @@ fn serve_function(conn: &ControlConn, shared: &Arc<Shared>) {
         }
     }
     let requests = shared.pool.reclaim(id);
-    warn!(function = %function, id, pid, reclaimed = requests.len(), free = shared.pool.free_count(), "function detached; slots reclaimed");
+    if requests.is_empty() {
+        info!(function = %function, id, pid, free = shared.pool.free_count(), "function detached");
+    } else {
+        warn!(function = %function, id, pid, reclaimed = requests.len(), free = shared.pool.free_count(), "function detached with requests in flight; slots reclaimed");
+    }
     (shared.on_event)(HostEvent::Died {
         function,
         id,
