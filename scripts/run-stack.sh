@@ -5,6 +5,8 @@
 # requests, prints what happens, and keeps serving on http://127.0.0.1:8080 until Ctrl-C.
 #   ONCE=1 scripts/run-stack.sh   stops after the sample requests.
 set -euo pipefail
+# Toolchains where this kind of machine installs them, in case PATH lacks them.
+export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin:$HOME/go/bin"
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -p spright-gateway -p spright-sample-chain

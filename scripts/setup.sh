@@ -3,6 +3,8 @@
 # the eBPF toolchain, the real peers the tests and benchmarks run against, and Knative's own
 # binaries as the oracle. Safe to run again: it skips what is already there.
 set -euo pipefail
+# Toolchains where this kind of machine installs them, in case PATH lacks them.
+export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin:$HOME/go/bin"
 
 APT_PACKAGES=(
   clang-19 llvm-19 libbpf-dev linux-libc-dev bpftool   # eBPF programs, built from source by ebpf/build.rs

@@ -3,6 +3,8 @@
 # binary, and runs every test (unit, kernel eBPF, end-to-end against the real peers).
 # Needs root (the eBPF and network-namespace tests load real programs).
 set -euo pipefail
+# Toolchains where this kind of machine installs them, in case PATH lacks them.
+export PATH="$PATH:/usr/local/go/bin:$HOME/.cargo/bin:$HOME/go/bin"
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$HOME/go/bin:$PATH"
