@@ -97,19 +97,8 @@ impl ControlConn {
 
     /// Connects to the owner's control socket.
     pub fn connect(path: &Path) -> Result<Self, ControlError> {
-        let map = |source| ControlError::Connect {
-            path: path.to_owned(),
-            source,
-        };
-        let fd = nix::sys::socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(map)?;
-        let addr = UnixAddr::new(path).map_err(map)?;
-        nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(map)?;
+        let (fd, addr) = seqpacket(path)?;
+        nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(connect_error(path))?;
         Ok(Self { fd })
     }
 
@@ -180,6 +169,27 @@ impl ControlConn {
     }
 }
 
+/// The error for a control socket at `path`.
+fn connect_error(path: &Path) -> impl Fn(nix::Error) -> ControlError + Copy + '_ {
+    move |source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A new SOCK_SEQPACKET Unix socket and the address of `path`.
+fn seqpacket(path: &Path) -> Result<(OwnedFd, UnixAddr), ControlError> {
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(connect_error(path))?;
+    let addr = UnixAddr::new(path).map_err(connect_error(path))?;
+    Ok((fd, addr))
+}
+
 /// The owner's listening control socket.
 #[derive(Debug)]
 pub struct ControlListener {
@@ -190,19 +200,9 @@ pub struct ControlListener {
 impl ControlListener {
     /// Binds `path` (replacing a stale socket file).
     pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        let map = |source| ControlError::Connect {
-            path: path.to_owned(),
-            source,
-        };
+        let map = connect_error(path);
         let _ = std::fs::remove_file(path);
-        let fd = nix::sys::socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(map)?;
-        let addr = UnixAddr::new(path).map_err(map)?;
+        let (fd, addr) = seqpacket(path)?;
         nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(map)?;
         nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128).map_err(map)?)
             .map_err(map)?;

@@ -81,6 +81,18 @@ impl Stack {
         http(self.addr, "POST", path, body).expect("request")
     }
 
+    /// Sends `n` motion requests from threads; join the handles for the answers.
+    fn post_in_background(&self, n: usize) -> Vec<std::thread::JoinHandle<Resp>> {
+        (0..n)
+            .map(|_| {
+                let addr = self.addr;
+                std::thread::spawn(move || {
+                    http(addr, "POST", "/motion", sample_body(16).as_bytes()).expect("request")
+                })
+            })
+            .collect()
+    }
+
     fn metrics(&self) -> String {
         http(self.addr, "GET", "/metrics", b"")
             .expect("metrics")
@@ -234,14 +246,7 @@ fn pool_exhaustion_is_a_clear_503_and_loses_nothing_on_both_transports() {
         let detect = stack.pid_of("detect");
         kill(Pid::from_raw(detect), Signal::SIGSTOP).expect("stop detect");
         // Four requests fill the pool: they wait at the stopped function.
-        let held: Vec<_> = (0..4)
-            .map(|_| {
-                let addr = stack.addr;
-                std::thread::spawn(move || {
-                    http(addr, "POST", "/motion", sample_body(16).as_bytes()).expect("request")
-                })
-            })
-            .collect();
+        let held = stack.post_in_background(4);
         assert!(
             wait_until(Duration::from_secs(10), || stack.free_slots() == 0.0),
             "{t}: the pool did not fill"
@@ -267,14 +272,7 @@ fn function_killed_mid_chain_gets_502_and_its_slots_come_back_on_both_transports
         let mut stack = Stack::start(t, 16);
         let detect = stack.pid_of("detect");
         kill(Pid::from_raw(detect), Signal::SIGSTOP).expect("stop detect");
-        let held: Vec<_> = (0..3)
-            .map(|_| {
-                let addr = stack.addr;
-                std::thread::spawn(move || {
-                    http(addr, "POST", "/motion", sample_body(16).as_bytes()).expect("request")
-                })
-            })
-            .collect();
+        let held = stack.post_in_background(3);
         assert!(
             wait_until(Duration::from_secs(10), || stack.free_slots() == 13.0),
             "{t}: requests did not reach detect"
