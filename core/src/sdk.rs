@@ -133,9 +133,8 @@ pub struct Function {
     name: String,
     id: u32,
     pool: Arc<Pool>,
-    transport: Box<dyn Transport>,
+    transport: Arc<dyn Transport>,
     routing: RoutingTable,
-    _control: ControlConn,
 }
 
 impl std::fmt::Debug for Function {
@@ -183,7 +182,7 @@ impl Function {
                 }),
             }
         };
-        let transport: Box<dyn Transport> = match welcome.transport {
+        let transport: Arc<dyn Transport> = match welcome.transport {
             TransportKind::SkMsg => {
                 let hub = welcome.hub.ok_or(SdkError::Incomplete("the hub address"))?;
                 let mut control_err = None;
@@ -198,7 +197,7 @@ impl Function {
                     })
                 });
                 match (ep, control_err) {
-                    (Ok(ep), _) => Box::new(ep),
+                    (Ok(ep), _) => Arc::new(ep),
                     (Err(_), Some(e)) => return Err(e.into()),
                     (Err(e), None) => return Err(e.into()),
                 }
@@ -210,17 +209,17 @@ impl Function {
                 let ep = UnixEndpoint::bind(&dir, welcome.id)?;
                 conn.send(&FunctionMessage::Register { port: None }, None)?;
                 registered(&conn)?;
-                Box::new(ep)
+                Arc::new(ep)
             }
         };
         conn.send(&FunctionMessage::Attached, None)?;
+        watch_owner(conn, Arc::clone(&transport));
         Ok(Self {
             name: name.to_owned(),
             id: welcome.id,
             pool,
             transport,
             routing: welcome.routing,
-            _control: conn,
         })
     }
 
@@ -356,6 +355,22 @@ impl Function {
         };
         slot.set_route(chain, hop);
         Ok(Some(slot.send_to(dst)?))
+    }
+}
+
+/// Holds the control connection for the function's life and ends `run` when the owner goes
+/// away (the connection closes): a function never outlives its dataplane, whatever the
+/// transport. The thread sleeps in the kernel until then.
+fn watch_owner(conn: ControlConn, transport: Arc<dyn Transport>) {
+    let spawned = std::thread::Builder::new()
+        .name("spright-owner-watch".into())
+        .spawn(move || {
+            while let Ok(_) | Err(ControlError::Malformed(_)) = conn.recv::<OwnerMessage>() {}
+            warn!("the dataplane owner went away; stopping");
+            transport.shutdown();
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot watch the dataplane owner; the function will not notice it leave");
     }
 }
 

@@ -306,3 +306,31 @@ fn function_killed_mid_chain_gets_502_and_its_slots_come_back_on_both_transports
         assert!(stack.gateway.running());
     }
 }
+
+/// Whether `pid` has exited (gone, or a zombie waiting for its new parent to reap it).
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+#[test]
+fn functions_stop_when_the_gateway_dies_on_both_transports() {
+    for t in TRANSPORTS {
+        let mut stack = Stack::start(t, 16);
+        let pids: Vec<i32> = spright_sample_chain::STEPS
+            .iter()
+            .map(|f| stack.pid_of(f))
+            .collect();
+        let _ = stack.gateway.child.kill(); // SIGKILL: no chance to stop its children
+        let _ = stack.gateway.child.wait();
+        assert!(
+            wait_until(Duration::from_secs(10), || pids.iter().all(|p| exited(*p))),
+            "{t}: functions outlived their gateway: {:?}",
+            pids.iter().filter(|p| !exited(**p)).collect::<Vec<_>>()
+        );
+    }
+}
