@@ -60,6 +60,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         }
         None => None,
     };
+    // Data path per revision: SPRIGHT_DATAPLANE_MODE or the podinfo annotation (mode.rs).
+    let (dataplane, mode_source) =
+        crate::mode::from_process().map_err(|e| AppError::Config(e.to_string()))?;
+    tracing::info!(mode = %dataplane, source = ?mode_source, "data path mode");
     // SPRIGHT_ACCOUNTING: userspace (default), agent or standalone (ebpf_accounting.rs).
     let accounting_mode = crate::ebpf_accounting::Mode::from_env(|k| std::env::var(k).ok())
         .map_err(|e| AppError::Config(e.to_string()))?;

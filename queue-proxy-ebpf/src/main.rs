@@ -14,6 +14,7 @@ mod env;
 mod forwarded;
 mod health;
 mod metrics;
+mod mode;
 mod proxy;
 mod readiness;
 mod reqlog;
