@@ -1,17 +1,19 @@
 //! Compiles the eBPF programs with clang-19: bpf/dataplane.bpf.c into
 //! `$OUT_DIR/dataplane.bpf.o`, bpf/accounting.bpf.c into
-//! `$OUT_DIR/accounting.bpf.o` and bpf/steering.bpf.c into
-//! `$OUT_DIR/steering.bpf.o`, which the loaders embed.
+//! `$OUT_DIR/accounting.bpf.o`, bpf/steering.bpf.c into
+//! `$OUT_DIR/steering.bpf.o` and bpf/loopback.bpf.c into
+//! `$OUT_DIR/loopback.bpf.o`, which the loaders embed.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 /// (source, object) pairs.
-const PROGRAMS: [(&str, &str); 3] = [
+const PROGRAMS: [(&str, &str); 4] = [
     ("bpf/dataplane.bpf.c", "dataplane.bpf.o"),
     ("bpf/accounting.bpf.c", "accounting.bpf.o"),
     ("bpf/steering.bpf.c", "steering.bpf.o"),
+    ("bpf/loopback.bpf.c", "loopback.bpf.o"),
 ];
 const CLANG: &str = "/usr/bin/clang-19";
 const HELPERS: &str = "/usr/include/bpf/bpf_helpers.h";

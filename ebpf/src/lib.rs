@@ -37,6 +37,7 @@
 //! embedded in this crate. Loading needs root (CAP_BPF and CAP_NET_ADMIN).
 
 pub mod accounting;
+pub mod loopback;
 pub mod steering;
 
 use std::error::Error as StdError;
@@ -208,6 +209,9 @@ pub enum EbpfError {
         #[source]
         source: PinError,
     },
+    /// The user ports given to [`loopback::Loopback::attach`] are unusable.
+    #[error("loopback redirect: {0}")]
+    UserPorts(String),
     /// RLIMIT_MEMLOCK could not be raised (kernels before 5.11 charge BPF memory to it).
     #[error("raising RLIMIT_MEMLOCK for eBPF maps failed (run as root or raise `ulimit -l`): {0}")]
     Memlock(#[source] nix::Error),
