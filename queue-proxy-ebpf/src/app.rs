@@ -65,10 +65,22 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         crate::mode::from_process().map_err(|e| AppError::Config(e.to_string()))?;
     tracing::info!(mode = %dataplane, source = ?mode_source, "data path mode");
     // SPRIGHT_ACCOUNTING: userspace (default), agent or standalone (ebpf_accounting.rs).
-    let accounting_mode = crate::ebpf_accounting::Mode::from_env(|k| std::env::var(k).ok())
+    // Event-driven mode defaults to kernel accounting (eproxy.rs).
+    let event_driven = dataplane == crate::mode::DataplaneMode::EventDriven;
+    let accounting_mode = crate::eproxy::accounting_mode(event_driven, |k| std::env::var(k).ok())
         .map_err(|e| AppError::Config(e.to_string()))?;
-    let accounting: Arc<dyn RequestAccounting> =
-        crate::ebpf_accounting::select(&accounting_mode, cfg.user_port, start);
+    let accounting: Arc<dyn RequestAccounting> = crate::ebpf_accounting::select(
+        &accounting_mode,
+        if event_driven {
+            cfg.serving_port
+        } else {
+            crate::loopback::accounting_port(dataplane, cfg.serving_port, cfg.user_port)
+        },
+        start,
+    );
+    // Full mode: the hop to the user container through a sockmap (loopback.rs), until return.
+    let _full_mode = crate::loopback::attach(dataplane, &accounting_mode, cfg.user_port);
+    let _steering = crate::eproxy::steer(event_driven, &accounting_mode, &cfg);
     let breaker = cfg
         .breaker_params()
         .map(|(cc, depth)| Breaker::new(cc, depth));
@@ -110,6 +122,10 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         ))
     });
     let drainer = Drainer::new(QUIET_PERIOD);
+    let queue_probe = event_driven.then(|| crate::eproxy::QueueProbe {
+        prober: prober.clone(),
+        drainer: Arc::clone(&drainer),
+    });
     let proxy = Proxy::new(cfg.user_port, max_idle);
     let hijacks = Arc::clone(&proxy.hijacks);
     let chain = Arc::new(Chain {
@@ -174,7 +190,18 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let d = Arc::clone(&drainer);
     servers.spawn(server::serve(
         admin_l,
-        move |req, _| server::admin(req, Arc::clone(&d), term_rx.clone()),
+        move |req, _| {
+            let (d, term, probe) = (Arc::clone(&d), term_rx.clone(), queue_probe.clone());
+            async move {
+                // Event-driven mode: activator-lite's readiness probe (eproxy.rs).
+                if let Some(p) = probe
+                    && let Some(r) = p.answer(req.headers()).await
+                {
+                    return r;
+                }
+                server::admin(req, d, term).await
+            }
+        },
         stop_rx.clone(),
         Plain,
     ));

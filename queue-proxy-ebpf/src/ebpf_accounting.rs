@@ -250,7 +250,7 @@ impl CounterSource for LocalSource {
 }
 
 /// This process's cgroup v2 directory (the `0::` line of /proc/self/cgroup).
-fn own_cgroup() -> Result<PathBuf, String> {
+pub(crate) fn own_cgroup() -> Result<PathBuf, String> {
     let text = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
     let relative = text
