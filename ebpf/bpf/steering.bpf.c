@@ -1,22 +1,35 @@
 // SPDX-License-Identifier: GPL-2.0
 //
-// Event-driven mode (EPROXY) steering: an sk_lookup program attached to a
-// pod's network namespace hands every new TCP connection to the serving port
-// (`steer_config.port`, e.g. 8012) straight to the socket in `steer_target`
-// (the user container's listening socket), so no userspace proxy sits in the
-// data path. Connections to other ports, and all connections while
-// `steer_target` is empty, take the normal lookup. `steer_count` counts the
-// connections steered. Names are the interface with ebpf/src/steering.rs.
+// Event-driven mode (EPROXY) steering, two programs sharing one target map:
+//
+// - `steer_lookup` (sk_lookup, attached to the pod's network namespace) hands
+//   every new TCP connection to the serving port (`steer_config.port`, e.g.
+//   8012) straight to the user container's listening socket in `steer_target`,
+//   so no userspace proxy sits in the data path. Slot 0 holds an AF_INET
+//   listener, slot 1 an AF_INET6 one; an IPv4 connection takes slot 0, else a
+//   dual-stack slot 1. Connections to other ports, and all connections while
+//   the target is empty (or refuses them), take the normal lookup, which finds
+//   the sidecar's own listener on the serving port.
+// - `steer_listen` (sock_ops, attached to the pod's cgroup) re-targets in the
+//   kernel: when a process of the pod calls listen(2) on the user port
+//   (`steer_config.user_port`), its socket becomes the target of its family's
+//   slot. A restarted user container is steered to from its first listen(2);
+//   a closed listener leaves the sockmap by itself, and connections fall back
+//   to the sidecar in between.
+//
+// `steer_count[0]` counts connections steered, `steer_count[1]` listeners
+// taken by `steer_listen`. Names are the interface with ebpf/src/steering.rs.
 
 #include <linux/bpf.h>
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
 
 #define IPPROTO_TCP 6
+#define AF_INET6 10
 
 struct steer_cfg {
 	__u32 port;
-	__u32 pad;
+	__u32 user_port;
 };
 
 struct {
@@ -28,17 +41,25 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } steer_target SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u64);
 } steer_count SEC(".maps");
+
+static __always_inline void count(__u32 key)
+{
+	__u64 *n = bpf_map_lookup_elem(&steer_count, &key);
+
+	if (n)
+		*n += 1;
+}
 
 SEC("sk_lookup")
 int steer_lookup(struct bpf_sk_lookup *ctx)
@@ -46,7 +67,6 @@ int steer_lookup(struct bpf_sk_lookup *ctx)
 	__u32 key = 0;
 	struct steer_cfg *cfg;
 	struct bpf_sock *sk;
-	__u64 *count;
 	long err;
 
 	if (ctx->protocol != IPPROTO_TCP)
@@ -54,17 +74,36 @@ int steer_lookup(struct bpf_sk_lookup *ctx)
 	cfg = bpf_map_lookup_elem(&steer_config, &key);
 	if (!cfg || cfg->port == 0 || ctx->local_port != cfg->port)
 		return SK_PASS;
+	key = ctx->family == AF_INET6 ? 1 : 0;
 	sk = bpf_map_lookup_elem(&steer_target, &key);
+	if (!sk && key == 0) {
+		key = 1;
+		sk = bpf_map_lookup_elem(&steer_target, &key);
+	}
 	if (!sk)
 		return SK_PASS;
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	if (err == 0) {
-		count = bpf_map_lookup_elem(&steer_count, &key);
-		if (count)
-			*count += 1;
-	}
+	if (err == 0)
+		count(0);
 	return SK_PASS;
+}
+
+SEC("sockops")
+int steer_listen(struct bpf_sock_ops *skops)
+{
+	__u32 key = 0;
+	struct steer_cfg *cfg;
+
+	if (skops->op != BPF_SOCK_OPS_TCP_LISTEN_CB)
+		return 1;
+	cfg = bpf_map_lookup_elem(&steer_config, &key);
+	if (!cfg || cfg->user_port == 0 || skops->local_port != cfg->user_port)
+		return 1;
+	key = skops->family == AF_INET6 ? 1 : 0;
+	if (bpf_sock_map_update(skops, &steer_target, &key, BPF_ANY) == 0)
+		count(1);
+	return 1;
 }
 
 char LICENSE[] SEC("license") = "GPL";

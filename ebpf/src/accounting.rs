@@ -379,6 +379,17 @@ pub(crate) fn load_with_port(
     config_map: &'static str,
     port: u16,
 ) -> Result<Ebpf, EbpfError> {
+    load_with_config(object, config_map, port, 0)
+}
+
+/// [`load_with_port`] with the config's second word set to `extra` (the
+/// steering object's user port).
+pub(crate) fn load_with_config(
+    object: &[u8],
+    config_map: &'static str,
+    port: u16,
+    extra: u32,
+) -> Result<Ebpf, EbpfError> {
     raise_memlock_if_needed()?;
     let mut ebpf = Ebpf::load(object)
         .map_err(|e| EbpfError::classify("creating eBPF maps", e, EbpfError::Object))?;
@@ -394,7 +405,7 @@ pub(crate) fn load_with_port(
             0,
             RawConfig {
                 port: u32::from(port),
-                pad: 0,
+                pad: extra,
             },
             0,
         )

@@ -40,7 +40,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub use config::Config;
-pub use pod::PodSpec;
+pub use pod::{PodMode, PodSpec};
 pub use registry::{CountersJson, PodReport, Registry, RegistryError, Source};
 
 /// Largest registration body accepted.

@@ -5,10 +5,20 @@
 //!  "cgroup": "/sys/fs/cgroup/unified/kubepods/pod1234", "netns": "/var/run/netns/pod1234"}
 //! ```
 //!
-//! `port` is the serving port whose requests are counted (the user container's
-//! port, `USER_PORT`). `cgroup` is the pod's cgroup v2 directory; instead of it,
-//! `pid` (any process of the pod) lets the agent read the cgroup from
-//! `/proc/<pid>/cgroup`. `netns` is optional and only checked for existence.
+//! `port` is the user container's port (`USER_PORT`). `cgroup` is the pod's
+//! cgroup v2 directory; instead of it, `pid` (any process of the pod) lets the
+//! agent read the cgroup from `/proc/<pid>/cgroup`.
+//!
+//! `mode` is the revision's data path (the pod annotation
+//! `spright.dev/dataplane-mode`): `userspace` (default) counts the requests
+//! the sidecar forwards to `port`; `full` short-circuits the sidecar's hop to
+//! `port` through a sockmap (`spright_ebpf::loopback`) and counts requests on
+//! the serving port `serving_port` (default 8012, `QUEUE_SERVING_PORT`), since
+//! redirected bytes skip the TCP stack; `event-driven` steers the serving port
+//! in the kernel to the user container's socket listening on `port` and counts
+//! requests on the serving port. Event-driven mode needs the pod's network namespace: `netns`,
+//! or `/proc/<pid>/ns/net` when `pid` is given. Elsewhere `netns` is optional
+//! and only checked for existence.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -37,6 +47,32 @@ pub struct PodSpec {
     /// Network namespace path of the pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// The revision's data path.
+    #[serde(default)]
+    pub mode: PodMode,
+    /// The sidecar's serving port (event-driven mode steers it).
+    #[serde(default = "default_serving_port")]
+    pub serving_port: u16,
+}
+
+/// Knative's `QUEUE_SERVING_PORT` for HTTP/1 revisions.
+pub const DEFAULT_SERVING_PORT: u16 = 8012;
+
+fn default_serving_port() -> u16 {
+    DEFAULT_SERVING_PORT
+}
+
+/// A revision's data path, as in the annotation `spright.dev/dataplane-mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodMode {
+    /// The userspace proxy; the agent counts requests to the user port.
+    #[default]
+    Userspace,
+    /// The userspace proxy, its hop to the user container through a sockmap.
+    Full,
+    /// EPROXY: the serving port is steered to the user container.
+    EventDriven,
 }
 
 /// Why a pod specification is refused.
@@ -53,6 +89,12 @@ pub enum SpecError {
     /// Port 0.
     #[error("invalid serving port 0")]
     Port,
+    /// Event-driven mode with the serving port equal to the user port.
+    #[error("pod {0}: in event-driven mode serving_port and port must differ")]
+    SamePorts(String),
+    /// Event-driven mode without a way to the network namespace.
+    #[error("pod {0}: event-driven mode needs the pod's network namespace (`netns` or `pid`)")]
+    NoNetns(String),
     /// Neither cgroup nor pid.
     #[error("pod {0}: give its cgroup v2 directory (`cgroup`) or one of its processes (`pid`)")]
     NoCgroup(String),
@@ -100,8 +142,16 @@ impl PodSpec {
         if !valid_name(&self.name) {
             return Err(SpecError::Name(self.name.clone()));
         }
-        if self.port == 0 {
+        if self.port == 0 || self.serving_port == 0 {
             return Err(SpecError::Port);
+        }
+        if self.mode == PodMode::EventDriven {
+            if self.port == self.serving_port {
+                return Err(SpecError::SamePorts(self.name.clone()));
+            }
+            if self.netns.is_none() && self.pid.is_none() {
+                return Err(SpecError::NoNetns(self.name.clone()));
+            }
         }
         if self.cgroup.is_none() && self.pid.is_none() {
             return Err(SpecError::NoCgroup(self.name.clone()));
@@ -150,6 +200,25 @@ impl PodSpec {
             });
         }
         Ok(path)
+    }
+}
+
+impl PodSpec {
+    /// The port the kernel counts requests on: the user port the sidecar
+    /// forwards to over TCP in userspace mode, else the serving port.
+    pub fn counted_port(&self) -> u16 {
+        match self.mode {
+            PodMode::Userspace => self.port,
+            PodMode::Full | PodMode::EventDriven => self.serving_port,
+        }
+    }
+
+    /// The pod's network namespace: `netns`, else that of `pid`.
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        self.netns.clone().or_else(|| {
+            self.pid
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+        })
     }
 }
 
@@ -215,6 +284,40 @@ mod tests {
     }
 
     #[test]
+    fn modes_parse_and_event_driven_needs_a_namespace() {
+        let spec = PodSpec::parse(
+            br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"event-driven"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.mode, PodMode::EventDriven);
+        assert_eq!(spec.counted_port(), DEFAULT_SERVING_PORT);
+        assert_eq!(spec.netns_path(), Some(PathBuf::from("/proc/1/ns/net")));
+        let spec = PodSpec::parse(br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1}"#).unwrap();
+        assert_eq!((spec.mode, spec.counted_port()), (PodMode::Userspace, 8080));
+        let full = br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"full"}"#;
+        let full = PodSpec::parse(full).unwrap();
+        assert_eq!((full.mode, full.counted_port()), (PodMode::Full, 8012));
+        for (input, needle) in [
+            (
+                &br#"{"name":"a","ip":"10.0.0.1","port":8080,"cgroup":"/x","mode":"event-driven"}"#
+                    [..],
+                "network namespace",
+            ),
+            (
+                br#"{"name":"a","ip":"10.0.0.1","port":8012,"pid":1,"mode":"event-driven"}"#,
+                "must differ",
+            ),
+            (
+                br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"ebpf"}"#,
+                "unknown variant",
+            ),
+        ] {
+            let err = PodSpec::parse(input).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
     fn cgroups_outside_the_root_are_refused() {
         for path in [
             "/etc",
@@ -229,6 +332,8 @@ mod tests {
                 cgroup: Some(path.into()),
                 pid: None,
                 netns: None,
+                mode: PodMode::Userspace,
+                serving_port: DEFAULT_SERVING_PORT,
             };
             assert!(
                 matches!(
@@ -251,6 +356,8 @@ mod tests {
             cgroup: None,
             pid: Some(std::process::id()),
             netns: None,
+            mode: PodMode::Userspace,
+            serving_port: DEFAULT_SERVING_PORT,
         };
         // Our own process is in some cgroup; it resolves or is refused as the root.
         match own.resolve_cgroup(Path::new(ROOT)) {

@@ -14,8 +14,10 @@ use std::sync::Mutex;
 use serde::Serialize;
 use spright_ebpf::EbpfError;
 use spright_ebpf::accounting::{PodAccounting, PodCounters};
+use spright_ebpf::loopback::Loopback;
+use spright_ebpf::steering::Steering;
 
-use crate::pod::{PodSpec, SpecError};
+use crate::pod::{PodMode, PodSpec, SpecError};
 
 /// Where a registration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,10 +92,18 @@ pub struct PodInfo {
     pub cgroup: PathBuf,
     /// Origin of the registration.
     pub source: Source,
-    /// Kernel program ids (ingress, egress, sock_ops).
+    /// Kernel program ids (ingress, egress, sock_ops; in event-driven mode
+    /// also sk_lookup and the listen hook).
     pub program_ids: Vec<u32>,
     /// Kernel map ids.
     pub map_ids: Vec<u32>,
+    /// Event-driven mode: connections steered to the user container so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steered: Option<u64>,
+    /// Event-driven mode: user-container listeners taken as steering target
+    /// (at attach time and by the in-kernel listen hook).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listeners_taken: Option<u64>,
 }
 
 /// A pod's counters as served to its sidecar.
@@ -150,6 +160,12 @@ struct Pod {
     cgroup: PathBuf,
     source: Source,
     accounting: PodAccounting,
+    /// Event-driven mode: the serving port's steering.
+    steering: Option<Steering>,
+    /// Full mode: the sidecar's hop to the user container through a sockmap.
+    loopback: Option<Loopback>,
+    /// Listeners taken from the pod's processes at attach time.
+    listeners_at_attach: u64,
     /// The cgroup had processes at some point since attach.
     was_populated: bool,
 }
@@ -213,11 +229,22 @@ impl Registry {
                 owner: owner.spec.name.clone(),
             });
         }
-        let accounting =
-            PodAccounting::attach(&cgroup, spec.port).map_err(|source| RegistryError::Ebpf {
-                name: spec.name.clone(),
-                source: Box::new(source),
-            })?;
+        let ebpf_error = |source| RegistryError::Ebpf {
+            name: spec.name.clone(),
+            source: Box::new(source),
+        };
+        let accounting = PodAccounting::attach(&cgroup, spec.counted_port()).map_err(ebpf_error)?;
+        let (steering, listeners_at_attach) = match spec.mode {
+            PodMode::EventDriven => {
+                let (steering, taken) = steer(&spec, &cgroup).map_err(ebpf_error)?;
+                (Some(steering), taken)
+            }
+            PodMode::Userspace | PodMode::Full => (None, 0),
+        };
+        let loopback = match spec.mode {
+            PodMode::Full => Some(Loopback::attach(&cgroup, &[spec.port]).map_err(ebpf_error)?),
+            PodMode::Userspace | PodMode::EventDriven => None,
+        };
         (self.watch)(&events_path(&cgroup), true);
         let pod = Pod {
             was_populated: populated(&cgroup).unwrap_or(false),
@@ -225,9 +252,12 @@ impl Registry {
             cgroup,
             source,
             accounting,
+            steering,
+            loopback,
+            listeners_at_attach,
         };
         let info = info(&pod);
-        tracing::info!(pod = %pod.spec.name, cgroup = %pod.cgroup.display(), port = pod.spec.port, "attached request accounting");
+        tracing::info!(pod = %pod.spec.name, cgroup = %pod.cgroup.display(), mode = ?pod.spec.mode, port = pod.spec.counted_port(), "attached request accounting");
         pods.insert(pod.spec.name.clone(), pod);
         Ok(info)
     }
@@ -245,6 +275,22 @@ impl Registry {
     fn release(&self, pod: Pod, why: &str) {
         (self.watch)(&events_path(&pod.cgroup), false);
         let name = pod.spec.name.clone();
+        if let Some(loopback) = pod.loopback {
+            match loopback.detach() {
+                Ok(()) => {
+                    tracing::info!(pod = %name, reason = why, "detached the loopback redirect")
+                }
+                Err(error) => {
+                    tracing::warn!(pod = %name, %error, "detaching the loopback redirect failed")
+                }
+            }
+        }
+        if let Some(steering) = pod.steering {
+            match steering.detach() {
+                Ok(()) => tracing::info!(pod = %name, reason = why, "detached steering"),
+                Err(error) => tracing::warn!(pod = %name, %error, "detaching steering failed"),
+            }
+        }
         match pod.accounting.detach() {
             Ok(()) => tracing::info!(pod = %name, reason = why, "detached request accounting"),
             Err(error) => {
@@ -343,13 +389,54 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 fn info(pod: &Pod) -> PodInfo {
     let ids = pod.accounting.ids().ok();
+    let mut program_ids = ids.as_ref().map(|i| i.programs.clone()).unwrap_or_default();
+    let mut map_ids = ids.map(|i| i.maps).unwrap_or_default();
+    let steering = pod.steering.as_ref();
+    if let Some(ids) = steering.and_then(|s| s.ids().ok()) {
+        program_ids.extend(ids.programs);
+        map_ids.extend(ids.maps);
+    }
+    if let Some(ids) = pod.loopback.as_ref().and_then(|l| l.ids().ok()) {
+        program_ids.extend(ids.programs);
+        map_ids.extend(ids.maps);
+    }
+    map_ids.sort_unstable();
+    map_ids.dedup();
     PodInfo {
         spec: pod.spec.clone(),
         cgroup: pod.cgroup.clone(),
         source: pod.source,
-        program_ids: ids.as_ref().map(|i| i.programs.clone()).unwrap_or_default(),
-        map_ids: ids.map(|i| i.maps).unwrap_or_default(),
+        program_ids,
+        map_ids,
+        steered: steering.and_then(|s| s.steered().ok()),
+        listeners_taken: steering
+            .and_then(|s| s.listeners_taken().ok())
+            .map(|n| n + pod.listeners_at_attach),
     }
+}
+
+/// Event-driven mode: attaches the steering of the serving port to the pod's
+/// network namespace with the in-kernel listen hook on its cgroup, and makes
+/// the user container's current listeners the target. Returns the steering
+/// and the number of listeners taken now (none is fine: the user container
+/// may not listen yet, the hook takes its socket at `listen(2)`).
+fn steer(spec: &PodSpec, cgroup: &Path) -> Result<(Steering, u64), EbpfError> {
+    let netns = spec.netns_path().unwrap_or_default();
+    let mut steering = Steering::attach_pod(&netns, cgroup, spec.serving_port, spec.port)?;
+    let mut taken = 0;
+    match spright_ebpf::steering::pod_listeners(cgroup, spec.port) {
+        Ok(listeners) => {
+            for listener in &listeners {
+                steering.set_target(listener)?;
+                taken += 1;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(pod = %spec.name, %error, "cannot take the user container's listener now; steering starts at its next listen(2)");
+        }
+    }
+    tracing::info!(pod = %spec.name, netns = %netns.display(), serving_port = spec.serving_port, user_port = spec.port, listeners = taken, "steering the serving port to the user container");
+    Ok((steering, taken))
 }
 
 #[cfg(test)]

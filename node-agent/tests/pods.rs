@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 11] = [
+    let tests: [Test; 13] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -63,6 +63,14 @@ fn run_tests(filter: Option<String>) -> ExitCode {
         (
             "a_pod_that_disappears_leaves_nothing_behind",
             a_pod_that_disappears_leaves_nothing_behind,
+        ),
+        (
+            "event_driven_pod_through_the_agent",
+            event_driven_pod_through_the_agent,
+        ),
+        (
+            "standalone_event_driven_sidecar_steers_itself",
+            standalone_event_driven_sidecar_steers_itself,
         ),
         (
             "manifest_directory_adds_and_removes_pods",
@@ -1354,4 +1362,249 @@ fn event_driven_steering_skips_the_sidecar() {
     sidecar.accept().expect("the sidecar accepts");
     assert_eq!(steering.steered().expect("count"), 1);
     steering.detach().expect("detach");
+}
+
+// ---------------------------------------------------------------- event-driven mode (EPROXY)
+
+/// The sidecar's variables for event-driven mode: its own request metrics on
+/// 9091 (to show it sees no request) and a one-shot TCP readiness probe.
+fn event_driven_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("SPRIGHT_DATAPLANE_MODE", "event-driven".to_owned()),
+        (
+            "OBSERVABILITY_CONFIG",
+            r#"{"requestMetrics":{"protocol":"prometheus"}}"#.to_owned(),
+        ),
+        (
+            "SERVING_READINESS_PROBE",
+            format!(
+                r#"{{"tcpSocket":{{"port":{SERVING_PORT},"host":"127.0.0.1"}},"periodSeconds":1,"timeoutSeconds":1}}"#
+            ),
+        ),
+    ]
+}
+
+/// Requests the sidecar itself served (its request metrics on 9091).
+fn sidecar_requests(pod: &TestPod) -> u64 {
+    let (status, body) = http(
+        SocketAddr::from((pod.pod_ip, 9091)),
+        "GET",
+        "/metrics",
+        None,
+    )
+    .expect("sidecar metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| l.starts_with("kn_serving_invocation_duration_seconds_count"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// activator-lite's readiness probe on the admin port.
+fn queue_probe(pod: &TestPod) -> (u16, String) {
+    let mut stream =
+        TcpStream::connect(SocketAddr::from((pod.pod_ip, 8022))).expect("connect 8022");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: qp\r\nK-Network-Probe: queue\r\nUser-Agent: activator-lite\r\nConnection: close\r\n\r\n")
+        .expect("probe");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("probe answer");
+    parse_response(&raw).expect("probe response")
+}
+
+/// One request to the serving port on a fresh connection that the user
+/// container closes after answering.
+fn one_request(pod: &TestPod) -> (u16, String) {
+    http(
+        SocketAddr::from((pod.pod_ip, 8012)),
+        "GET",
+        "/close/0",
+        None,
+    )
+    .expect("request to the serving port")
+}
+
+/// The sk_lookup links attached to the pod's network namespace, from
+/// `bpftool link show` (bpftool 7.1's `bpftool net` does not list sk_lookup).
+fn sk_lookup_links(pod: &TestPod) -> Vec<serde_json::Value> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(format!("/var/run/netns/{}", pod.netns))
+        .expect("netns")
+        .ino();
+    let out = Command::new("bpftool")
+        .args(["link", "show", "-j"])
+        .output()
+        .expect("bpftool link show");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["attach_type"] == "sk_lookup" && l["netns_ino"] == ino)
+        .cloned()
+        .collect()
+}
+
+/// The sidecar sees no request while a known load is steered past it; its
+/// Stat (from the kernel counters) matches the load; a restarted user
+/// container is steered to again.
+fn check_event_driven(pod: &mut TestPod, qp: &QueueProxy, steered: &dyn Fn() -> (u64, u64)) {
+    assert!(
+        qp.log().contains("\"mode\":\"event-driven\""),
+        "mode not logged: {}",
+        qp.log()
+    );
+    let served_before = sidecar_requests(pod);
+    let (steered_before, taken_before) = steered();
+    let switches_before = context_switches(qp.child.id());
+    check_stats(pod, qp);
+    let served = sidecar_requests(pod) - served_before;
+    let (steered_after, taken_after) = steered();
+    eprintln!(
+        "event-driven: sidecar served {served}, kernel steered {} connections",
+        steered_after - steered_before
+    );
+    assert_eq!(served, 0, "requests took the userspace hop");
+    // check_stats drives 4 keep-alive connections.
+    assert_eq!(steered_after - steered_before, 4, "connections steered");
+    assert_eq!(taken_after, taken_before, "no listen(2) during the load");
+    // Besides the two scrapes and the metrics reads, the sidecar did nothing
+    // per request: far fewer wake-ups than the 40 requests would need.
+    let switches = context_switches(qp.child.id()) - switches_before;
+    eprintln!("event-driven: sidecar context switches during the load {switches}");
+
+    // activator-lite's probe: ready while the user container listens.
+    assert_eq!(queue_probe(pod), (200, "queue".to_owned()));
+
+    // The user container stops: its listener leaves the sockmap, the
+    // sidecar's own listener takes the connections (and answers 502), and
+    // the probe says not ready.
+    pod.stop_server();
+    let served_before = sidecar_requests(pod);
+    let (status, _) = one_request(pod);
+    assert_eq!(status, 502, "the sidecar's fallback answers");
+    assert_eq!(sidecar_requests(pod) - served_before, 1);
+    assert_eq!(queue_probe(pod).0, 503);
+
+    // It restarts: its listen(2) makes its socket the target again.
+    pod.start_server();
+    let (steered_before, _) = steered();
+    let served_before = sidecar_requests(pod);
+    let (status, body) = one_request(pod);
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let (steered_after, taken_after) = steered();
+    assert_eq!(
+        steered_after - steered_before,
+        1,
+        "restarted container steered"
+    );
+    assert_eq!(taken_after, taken_before + 1, "new listener taken");
+    assert_eq!(sidecar_requests(pod), served_before);
+    assert_eq!(queue_probe(pod), (200, "queue".to_owned()));
+}
+
+fn event_driven_pod_through_the_agent() {
+    let mut pod = TestPod::new();
+    // The user container listens before the pod is registered: the agent
+    // takes its socket with pidfd_getfd.
+    pod.start_server();
+    let agent = Agent::start(None);
+    let spec = pod.spec().trim_end_matches('}').to_owned() + r#","mode":"event-driven"}"#;
+    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
+    assert_eq!(status, 201, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let (programs, maps) = ids(&info);
+    assert_eq!(
+        programs.len(),
+        5,
+        "accounting (3), sk_lookup and listen hook: {info}"
+    );
+    assert_eq!(info["listeners_taken"], 1, "{info}");
+    let links = sk_lookup_links(&pod);
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert!(programs.contains(&links[0]["prog_id"].as_u64().expect("prog_id")));
+
+    let mut env = agent_env(&pod, agent.node_port);
+    env.extend(event_driven_env());
+    let qp = QueueProxy::start(&pod, &env);
+    let steered = || {
+        let pods = agent.pods();
+        let p = &pods[0];
+        (
+            p["steered"].as_u64().expect("steered"),
+            p["listeners_taken"].as_u64().expect("listeners_taken"),
+        )
+    };
+    check_event_driven(&mut pod, &qp, &steered);
+
+    // The pod goes away (its processes exit): nothing is left behind.
+    drop(qp);
+    pod.stop_server();
+    wait_until("the agent to notice", || {
+        agent.pods().as_array().map(Vec::len) == Some(0)
+    });
+    assert_gone(&programs, &maps);
+    assert_eq!(sk_lookup_links(&pod), Vec::<serde_json::Value>::new());
+}
+
+fn standalone_event_driven_sidecar_steers_itself() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let mut env = vec![("SPRIGHT_ACCOUNTING", "standalone".to_owned())];
+    env.extend(event_driven_env());
+    let qp = QueueProxy::start(&pod, &env);
+    assert!(
+        qp.log()
+            .contains("steered in the kernel to the user container"),
+        "{}",
+        qp.log()
+    );
+    // The sidecar's own programs: read the steering count from the kernel
+    // (pod netns -> sk_lookup link -> program -> its steer_count map).
+    let bpftool = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new("bpftool")
+            .args(args)
+            .arg("-j")
+            .output()
+            .expect("bpftool");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let links = sk_lookup_links(&pod);
+    assert_eq!(links.len(), 1, "{links:?}");
+    let prog = links[0]["prog_id"].as_u64().expect("prog_id").to_string();
+    let count_map = bpftool(&["prog", "show", "id", &prog])["map_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .find(|id| bpftool(&["map", "show", "id", &id.to_string()])["name"] == "steer_count")
+        .expect("steer_count map")
+        .to_string();
+    let steered = || {
+        let dump = bpftool(&["map", "dump", "id", &count_map]);
+        let sum = |key: u64| -> u64 {
+            dump.as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["formatted"]["key"] == key)
+                .flat_map(|e| {
+                    e["formatted"]["values"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|c| c["value"].as_u64())
+                .sum()
+        };
+        (sum(0), sum(1))
+    };
+    check_event_driven(&mut pod, &qp, &steered);
+    // The sidecar goes: its programs go with it.
+    drop(qp);
+    wait_until("the sidecar's sk_lookup link to go", || {
+        sk_lookup_links(&pod).is_empty()
+    });
 }

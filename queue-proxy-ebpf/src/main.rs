@@ -14,7 +14,6 @@ mod env;
 mod eproxy;
 mod forwarded;
 mod health;
-mod loopback;
 mod metrics;
 mod mode;
 mod proxy;
