@@ -69,14 +69,17 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let event_driven = dataplane == crate::mode::DataplaneMode::EventDriven;
     let accounting_mode = crate::eproxy::accounting_mode(event_driven, |k| std::env::var(k).ok())
         .map_err(|e| AppError::Config(e.to_string()))?;
-    // Event-driven mode counts the serving port (steered connections keep it).
-    let accounting_port = if event_driven {
-        cfg.serving_port
-    } else {
-        cfg.user_port
-    };
-    let accounting: Arc<dyn RequestAccounting> =
-        crate::ebpf_accounting::select(&accounting_mode, accounting_port, start);
+    let accounting: Arc<dyn RequestAccounting> = crate::ebpf_accounting::select(
+        &accounting_mode,
+        if event_driven {
+            cfg.serving_port
+        } else {
+            crate::loopback::accounting_port(dataplane, cfg.serving_port, cfg.user_port)
+        },
+        start,
+    );
+    // Full mode: the hop to the user container through a sockmap (loopback.rs), until return.
+    let _full_mode = crate::loopback::attach(dataplane, &accounting_mode, cfg.user_port);
     let _steering = crate::eproxy::steer(event_driven, &accounting_mode, &cfg);
     let breaker = cfg
         .breaker_params()

@@ -14,6 +14,7 @@ mod env;
 mod eproxy;
 mod forwarded;
 mod health;
+mod loopback;
 mod metrics;
 mod mode;
 mod proxy;
