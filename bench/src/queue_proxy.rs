@@ -22,6 +22,10 @@ use anyhow::{Context, Result, bail};
 
 use crate::measure::{WrkResult, cpu_seconds, parse_wrk, peak_rss_kb};
 
+/// Event-driven mode (EPROXY) rows: qp_eproxy.rs.
+#[path = "qp_eproxy.rs"]
+mod eproxy;
+
 /// Knative's fixed ports (admin, autoscaler stats) the queue-proxies bind.
 const FIXED_PORTS: [u16; 2] = [8022, 9090];
 const UPSTREAM_PORT: u16 = 18080;
@@ -448,6 +452,13 @@ fn run_in(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<Vec<Row
             }
             rows.extend(r);
         }
+    }
+    match eproxy::rows(args, ours, dir, _upstream.pid()) {
+        Ok((r, text)) => {
+            rows.extend(r);
+            print!("{text}");
+        }
+        Err(e) => eprintln!("{}: skipped: {e:#}", eproxy::ROW_NAME),
     }
 
     let proxy_conf = nginx_conf(

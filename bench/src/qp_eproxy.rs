@@ -1,0 +1,338 @@
+//! Event-driven mode (EPROXY) rows of `spright-bench queue-proxy`, measured beside a direct
+//! baseline in the same run (interleaved per connection count: direct, event-driven).
+//!
+//! The upstream nginx of the queue-proxy bench is moved into a cgroup of its own, the emulated
+//! pod. queue-proxy-ebpf then runs in event-driven mode with standalone accounting on that
+//! cgroup: it steers its serving port in the host network namespace (loopback) to nginx's
+//! listener and counts requests in the kernel. wrk connects to the serving port; no userspace
+//! proxy is on the path. Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_PTRACE); without it the
+//! rows are skipped with the reason.
+//!
+//! CPU per 10,000 requests, for every row:
+//! - `sidecar`: queue-proxy-ebpf (utime + stime);
+//! - `upstream`: nginx;
+//! - `procs`: the two together;
+//! - `machine`: busy time of every core (user, system, irq, softirq: /proc/stat) minus wrk's
+//!   own CPU. It includes the kernel's share of the connection work (system time) wherever it
+//!   ran, and whatever else the machine did meanwhile: compare it on a quiet machine.
+//!
+//! No node agent takes part (standalone); with the agent the sidecar's work is the same and the
+//! agent only wakes up when the counters are scraped.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+
+use super::{QueueProxyBenchArgs, Row, Running, UPSTREAM_PORT};
+use crate::measure::{cpu_seconds, peak_rss_kb};
+
+/// The event-driven sidecar's ports (its serving port is steered).
+const SERVING_PORT: u16 = 18014;
+const ADMIN_PORT: u16 = 18023;
+const STATS_PORT: u16 = 19091;
+/// The row name in the queue-proxy table.
+pub const ROW_NAME: &str = "ours-event-driven";
+
+/// One measurement with every process's CPU.
+#[derive(Debug, Clone)]
+struct Measured {
+    name: &'static str,
+    connections: u32,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    sidecar: Option<f64>,
+    upstream: f64,
+    machine: f64,
+    rss_kb: Option<u64>,
+}
+
+impl Measured {
+    fn per_10k(&self, seconds: f64) -> f64 {
+        if self.requests == 0 {
+            return f64::NAN;
+        }
+        seconds / self.requests as f64 * 10_000.0
+    }
+
+    fn procs(&self) -> f64 {
+        self.upstream + self.sidecar.unwrap_or(0.0)
+    }
+}
+
+/// Busy seconds of all cores so far (/proc/stat `cpu` line).
+fn machine_busy() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 =
+        v.iter().take(8).sum::<f64>() - v.get(3).unwrap_or(&0.0) - v.get(4).unwrap_or(&0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(busy / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// CPU seconds of the children this process has waited for (wrk).
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN is a valid `who`.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &raw mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn measure_one(
+    args: &QueueProxyBenchArgs,
+    name: &'static str,
+    port: u16,
+    connections: u32,
+    upstream: u32,
+    sidecar: Option<u32>,
+) -> Result<Measured> {
+    let side = || sidecar.map(cpu_seconds).transpose();
+    let (s0, u0, m0, w0) = (
+        side()?,
+        cpu_seconds(upstream)?,
+        machine_busy()?,
+        children_cpu(),
+    );
+    let w = super::wrk(args.load_cpu, port, connections, args.duration)?;
+    let (s1, u1, m1, w1) = (
+        side()?,
+        cpu_seconds(upstream)?,
+        machine_busy()?,
+        children_cpu(),
+    );
+    if w.errors > 0 {
+        eprintln!(
+            "warning: {name} at {connections} connections: {} errors",
+            w.errors
+        );
+    }
+    Ok(Measured {
+        name,
+        connections,
+        rps: w.rps,
+        p50_us: w.p50_us,
+        p99_us: w.p99_us,
+        requests: w.requests,
+        sidecar: s0.zip(s1).map(|(a, b)| b - a),
+        upstream: u1 - u0,
+        machine: (m1 - m0) - (w1 - w0),
+        rss_kb: sidecar.map(peak_rss_kb).transpose()?,
+    })
+}
+
+/// The emulated pod's cgroup with the upstream in it; puts the upstream back on drop.
+struct PodCgroup {
+    path: PathBuf,
+    upstream: u32,
+    home: PathBuf,
+}
+
+impl PodCgroup {
+    fn new(upstream: u32) -> Result<Self> {
+        let root = Path::new(spright_ebpf::DEFAULT_CGROUP_PATH);
+        let own = std::fs::read_to_string(format!("/proc/{upstream}/cgroup"))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("the upstream has no cgroup v2 entry")?;
+        let home = root.join(rel.trim_start_matches('/'));
+        let path = root.join(format!("spright-bench-eproxy-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating {} (cgroup v2, root)", path.display()))?;
+        let cg = Self {
+            path,
+            upstream,
+            home,
+        };
+        std::fs::write(cg.path.join("cgroup.procs"), upstream.to_string())
+            .context("moving the upstream into the pod cgroup")?;
+        Ok(cg)
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), self.upstream.to_string());
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+fn start_sidecar(
+    args: &QueueProxyBenchArgs,
+    ours: &Path,
+    cgroup: &Path,
+    log: &Path,
+) -> Result<Running> {
+    super::wait_free(&[SERVING_PORT, ADMIN_PORT, STATS_PORT])?;
+    let mut child = super::pinned(args.proxy_cpu, ours)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(super::queue_env(0))
+        .envs([
+            ("QUEUE_SERVING_PORT", SERVING_PORT.to_string()),
+            ("QUEUE_ADMIN_PORT", ADMIN_PORT.to_string()),
+            ("QUEUE_AUTOSCALING_METRICS_PORT", STATS_PORT.to_string()),
+            ("SERVING_LOGGING_LEVEL", "info".to_owned()),
+            ("SPRIGHT_DATAPLANE_MODE", "event-driven".to_owned()),
+            ("SPRIGHT_ACCOUNTING", "standalone".to_owned()),
+            ("SPRIGHT_ACCOUNTING_CGROUP", cgroup.display().to_string()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", ours.display()))?;
+    super::wait_ports(
+        &[SERVING_PORT, ADMIN_PORT, STATS_PORT],
+        &mut child,
+        "queue-proxy-ebpf (event-driven)",
+    )?;
+    let running = Running { child };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if !text.contains("steered in the kernel to the user container") {
+        bail!(
+            "queue-proxy-ebpf did not steer (root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE needed): {}",
+            text.lines()
+                .filter(|l| l.contains("\"level\":\"warn\""))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    Ok(running)
+}
+
+/// Measures direct and event-driven interleaved; returns the rows for the queue-proxy table
+/// and the detailed report. `upstream` is the pid of the bench's upstream nginx.
+pub fn rows(
+    args: &QueueProxyBenchArgs,
+    ours: &Path,
+    dir: &Path,
+    upstream: u32,
+) -> Result<(Vec<Row>, String)> {
+    let cgroup = PodCgroup::new(upstream)?;
+    let sidecar = start_sidecar(args, ours, &cgroup.path, &dir.join("eproxy-sidecar.log"))?;
+    super::wrk(args.load_cpu, SERVING_PORT, 4, 1)?;
+    let mut measured = Vec::new();
+    for &c in &args.connections {
+        measured.push(measure_one(
+            args,
+            "direct",
+            UPSTREAM_PORT,
+            c,
+            upstream,
+            None,
+        )?);
+        measured.push(measure_one(
+            args,
+            ROW_NAME,
+            SERVING_PORT,
+            c,
+            upstream,
+            Some(sidecar.pid()),
+        )?);
+    }
+    drop(sidecar);
+    drop(cgroup);
+    let rows = measured
+        .iter()
+        .filter(|m| m.sidecar.is_some())
+        .map(|m| Row {
+            name: ROW_NAME,
+            connections: m.connections,
+            container_concurrency: 0,
+            rps: m.rps,
+            p50_us: m.p50_us,
+            p99_us: m.p99_us,
+            requests: m.requests,
+            cpu_s_per_10k: m.sidecar.map(|s| m.per_10k(s)),
+            rss_kb: m.rss_kb,
+            idle_cpu_s: None,
+        })
+        .collect();
+    Ok((rows, report(&measured)))
+}
+
+fn report(measured: &[Measured]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nevent-driven mode (EPROXY) beside direct, CPU seconds per 10k requests:\n{:<18} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "path", "conns", "rps", "p50_us", "p99_us", "sidecar", "upstream", "procs", "machine"
+    );
+    for m in measured {
+        let _ = writeln!(
+            s,
+            "{:<18} {:>5} {:>10.0} {:>9.1} {:>9.1} {:>9} {:>9.4} {:>9.4} {:>9.4}",
+            m.name,
+            m.connections,
+            m.rps,
+            m.p50_us,
+            m.p99_us,
+            m.sidecar
+                .map_or_else(|| "-".to_owned(), |v| format!("{:.4}", m.per_10k(v))),
+            m.per_10k(m.upstream),
+            m.per_10k(m.procs()),
+            m.per_10k(m.machine),
+        );
+    }
+    for pair in measured.chunks(2) {
+        if let [d, e] = pair {
+            let ratio = |a: f64, b: f64| a / b;
+            let _ = writeln!(
+                s,
+                "{} conns: event-driven/direct: added p50 {:.1} us ({:+.1}%), throughput {:.2}x, CPU per request: processes {:.2}x, machine {:.2}x",
+                e.connections,
+                e.p50_us - d.p50_us,
+                (e.p50_us / d.p50_us - 1.0) * 100.0,
+                ratio(e.rps, d.rps),
+                ratio(e.per_10k(e.procs()), d.per_10k(d.procs())),
+                ratio(e.per_10k(e.machine), d.per_10k(d.machine)),
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_and_children_cpu_read() {
+        assert!(machine_busy().expect("/proc/stat") > 0.0);
+        assert!(children_cpu() >= 0.0);
+    }
+
+    #[test]
+    fn report_pairs_rows() {
+        let m = |name, p50, sidecar| Measured {
+            name,
+            connections: 1,
+            rps: 10_000.0,
+            p50_us: p50,
+            p99_us: 2.0 * p50,
+            requests: 10_000,
+            sidecar,
+            upstream: 1.0,
+            machine: 2.0,
+            rss_kb: None,
+        };
+        let r = report(&[m("direct", 50.0, None), m(ROW_NAME, 55.0, Some(0.0))]);
+        assert!(r.contains("added p50 5.0 us (+10.0%)"), "{r}");
+        assert!(r.contains("processes 1.00x"), "{r}");
+    }
+}
