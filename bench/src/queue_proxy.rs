@@ -26,6 +26,10 @@ use crate::measure::{WrkResult, cpu_seconds, parse_wrk, peak_rss_kb};
 #[path = "qp_eproxy.rs"]
 mod eproxy;
 
+/// Full mode rows: qp_full.rs.
+#[path = "qp_full.rs"]
+mod full;
+
 /// Knative's fixed ports (admin, autoscaler stats) the queue-proxies bind.
 const FIXED_PORTS: [u16; 2] = [8022, 9090];
 const UPSTREAM_PORT: u16 = 18080;
@@ -459,6 +463,14 @@ fn run_in(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<Vec<Row
             print!("{text}");
         }
         Err(e) => eprintln!("{}: skipped: {e:#}", eproxy::ROW_NAME),
+    }
+
+    match full::rows(args, ours, dir) {
+        Ok((r, text)) => {
+            rows.extend(r);
+            print!("{text}");
+        }
+        Err(e) => eprintln!("{}: skipped: {e:#}", full::ROW_NAME),
     }
 
     let proxy_conf = nginx_conf(

@@ -1,0 +1,488 @@
+//! Full mode rows of `spright-bench queue-proxy`: queue-proxy-ebpf with the hop to the user
+//! container redirected through a sockmap and the accounting in the kernel
+//! (`ours-full-ebpf`), measured interleaved with queue-proxy-ebpf in userspace mode
+//! (`ours-userspace`) in the same run: for each connection count, [`ROUNDS`] rounds of
+//! userspace, full, userspace, full...; the ratios are given per round and as their median.
+//!
+//! The emulated pod is a cgroup of its own holding the full-mode sidecar and its own upstream
+//! nginx (both start inside it, so every socket they create belongs to it); the sidecar runs
+//! with `SPRIGHT_DATAPLANE_MODE=full` and `SPRIGHT_ACCOUNTING=standalone` on that cgroup. The
+//! userspace-mode sidecar and its upstream nginx (same configuration, another port) stay
+//! outside it, so the redirect never touches them. Everything is pinned to the proxy core,
+//! wrk to the load core. Needs root (CAP_BPF, CAP_NET_ADMIN); without it the rows are
+//! skipped with the reason.
+//!
+//! CPU per 10,000 requests, for every row:
+//! - `sidecar`, `upstream`: utime + stime of queue-proxy-ebpf and of nginx;
+//! - `procs`: the two together;
+//! - `core`: busy time of the proxy core (user, system, irq, softirq from /proc/stat), so the
+//!   kernel's work that lands on that core (loopback softirq, the sockmap's copy) counts
+//!   wherever it is charged; anything else running on that core counts too (noisy machine).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use super::{QueueProxyBenchArgs, Row, Running};
+use crate::measure::{cpu_seconds, peak_rss_kb};
+
+/// The row name in the queue-proxy table.
+pub const ROW_NAME: &str = "ours-full-ebpf";
+/// The interleaved userspace-mode baseline.
+const BASELINE: &str = "ours-userspace";
+/// Rounds per connection count.
+pub const ROUNDS: usize = 3;
+
+/// Ports of one sidecar and its upstream.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    upstream: u16,
+    serving: u16,
+    admin: u16,
+    stats: u16,
+}
+
+const FULL: Ports = Ports {
+    upstream: 18091,
+    serving: 18016,
+    admin: 18026,
+    stats: 19096,
+};
+const USERSPACE: Ports = Ports {
+    upstream: 18092,
+    serving: 18017,
+    admin: 18027,
+    stats: 19097,
+};
+
+/// The emulated pod's cgroup; removed on drop (after its processes are gone).
+struct PodCgroup {
+    path: PathBuf,
+}
+
+impl PodCgroup {
+    fn new() -> Result<Self> {
+        let path = Path::new(spright_ebpf::DEFAULT_CGROUP_PATH)
+            .join(format!("spright-bench-full-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating {} (cgroup v2, root)", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// `program args...` pinned to `cpu`, started inside `cgroup` when given (a shell joins the
+/// cgroup, then execs: the process exists only inside it).
+fn command(cpu: u32, cgroup: Option<&Path>, program: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(
+            r#"if [ -n "$0" ]; then echo $$ > "$0/cgroup.procs" || exit 97; fi; exec taskset -c "$1" "$2""#,
+        )
+        .arg(cgroup.map(|p| p.display().to_string()).unwrap_or_default())
+        .arg(cpu.to_string())
+        .arg(program);
+    c
+}
+
+fn start_upstream(
+    args: &QueueProxyBenchArgs,
+    dir: &Path,
+    name: &str,
+    ports: Ports,
+    cgroup: Option<&Path>,
+) -> Result<Running> {
+    super::wait_free(&[ports.upstream])?;
+    let conf = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/{name}.error.log warn;\npid {d}/{name}.pid;\n\
+events {{ worker_connections 4096; }}\n\
+http {{\n  access_log off;\n  client_body_temp_path {d}/{name}.body;\n  keepalive_requests 1000000;\n\
+  server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n",
+            d = dir.display(),
+            port = ports.upstream
+        ),
+    )?;
+    let mut child = command(args.proxy_cpu, cgroup, Path::new("nginx"))
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg("stderr")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx (apt-get install nginx-light)")?;
+    super::wait_ports(&[ports.upstream], &mut child, name)?;
+    Ok(Running { child })
+}
+
+fn start_sidecar(
+    args: &QueueProxyBenchArgs,
+    ours: &Path,
+    ports: Ports,
+    cgroup: Option<&Path>,
+    log: &Path,
+) -> Result<Running> {
+    super::wait_free(&[ports.serving, ports.admin, ports.stats])?;
+    let mut env = super::queue_env(0);
+    env.extend([
+        ("QUEUE_SERVING_PORT", ports.serving.to_string()),
+        ("USER_PORT", ports.upstream.to_string()),
+        (
+            "SERVING_READINESS_PROBE",
+            format!(
+                r#"{{"tcpSocket":{{"port":{},"host":"127.0.0.1"}},"successThreshold":1}}"#,
+                ports.upstream
+            ),
+        ),
+        ("QUEUE_ADMIN_PORT", ports.admin.to_string()),
+        ("QUEUE_AUTOSCALING_METRICS_PORT", ports.stats.to_string()),
+        ("SERVING_LOGGING_LEVEL", "info".to_owned()),
+    ]);
+    match cgroup {
+        Some(path) => env.extend([
+            ("SPRIGHT_DATAPLANE_MODE", "full".to_owned()),
+            ("SPRIGHT_ACCOUNTING", "standalone".to_owned()),
+            ("SPRIGHT_ACCOUNTING_CGROUP", path.display().to_string()),
+        ]),
+        None => env.push(("SPRIGHT_DATAPLANE_MODE", "userspace".to_owned())),
+    }
+    let mut child = command(args.proxy_cpu, cgroup, ours)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .envs(env)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("starting {}", ours.display()))?;
+    super::wait_ports(
+        &[ports.serving, ports.admin, ports.stats],
+        &mut child,
+        "queue-proxy-ebpf",
+    )?;
+    let running = Running { child };
+    if cgroup.is_some() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for (needle, what) in [
+            ("redirected in the kernel", "the loopback redirect"),
+            ("request accounting in the kernel", "the kernel accounting"),
+        ] {
+            if !text.contains(needle) {
+                bail!(
+                    "queue-proxy-ebpf in full mode did not attach {what} (root with CAP_BPF and CAP_NET_ADMIN needed): {}",
+                    text.lines()
+                        .filter(|l| l.contains("WARN"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+        }
+    }
+    Ok(running)
+}
+
+/// Busy seconds of core `cpu` so far (/proc/stat `cpuN`: all but idle and iowait).
+fn core_busy(cpu: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let prefix = format!("cpu{cpu} ");
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .with_context(|| format!("no {prefix}line in /proc/stat"))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok((ticks.iter().sum::<f64>() - idle) / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// One measurement: CPU seconds over the run.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: &'static str,
+    round: usize,
+    connections: u32,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    sidecar: f64,
+    upstream: f64,
+    core: f64,
+    rss_kb: u64,
+}
+
+impl Sample {
+    fn per_10k(&self, seconds: f64) -> f64 {
+        if self.requests == 0 {
+            return f64::NAN;
+        }
+        seconds / self.requests as f64 * 10_000.0
+    }
+
+    fn procs(&self) -> f64 {
+        self.sidecar + self.upstream
+    }
+}
+
+struct Setup<'a> {
+    name: &'static str,
+    ports: Ports,
+    sidecar: &'a Running,
+    upstream: &'a Running,
+}
+
+fn measure(
+    args: &QueueProxyBenchArgs,
+    s: &Setup<'_>,
+    round: usize,
+    connections: u32,
+) -> Result<Sample> {
+    let read = || -> Result<(f64, f64, f64)> {
+        Ok((
+            cpu_seconds(s.sidecar.pid())?,
+            cpu_seconds(s.upstream.pid())?,
+            core_busy(args.proxy_cpu)?,
+        ))
+    };
+    let (s0, u0, c0) = read()?;
+    let w = super::wrk(args.load_cpu, s.ports.serving, connections, args.duration)?;
+    let (s1, u1, c1) = read()?;
+    if w.errors > 0 {
+        eprintln!(
+            "warning: {} at {connections} connections: {} errors",
+            s.name, w.errors
+        );
+    }
+    Ok(Sample {
+        name: s.name,
+        round,
+        connections,
+        rps: w.rps,
+        p50_us: w.p50_us,
+        p99_us: w.p99_us,
+        requests: w.requests,
+        sidecar: s1 - s0,
+        upstream: u1 - u0,
+        core: c1 - c0,
+        rss_kb: peak_rss_kb(s.sidecar.pid())?,
+    })
+}
+
+/// Measures userspace and full mode interleaved; returns the `ours-full-ebpf` rows for the
+/// queue-proxy table (medians over the rounds) and the detailed report.
+pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<Row>, String)> {
+    let cgroup = PodCgroup::new()?;
+    let full_up = start_upstream(args, dir, "full-upstream", FULL, Some(&cgroup.path))?;
+    let full = start_sidecar(
+        args,
+        ours,
+        FULL,
+        Some(&cgroup.path),
+        &dir.join("full-sidecar.log"),
+    )?;
+    let user_up = start_upstream(args, dir, "userspace-upstream", USERSPACE, None)?;
+    let user = start_sidecar(
+        args,
+        ours,
+        USERSPACE,
+        None,
+        &dir.join("userspace-sidecar.log"),
+    )?;
+    let setups = [
+        Setup {
+            name: BASELINE,
+            ports: USERSPACE,
+            sidecar: &user,
+            upstream: &user_up,
+        },
+        Setup {
+            name: ROW_NAME,
+            ports: FULL,
+            sidecar: &full,
+            upstream: &full_up,
+        },
+    ];
+    for s in &setups {
+        // Warm-up: connections, pools, page faults.
+        super::wrk(args.load_cpu, s.ports.serving, 4, 1)?;
+    }
+    let mut samples = Vec::new();
+    for &c in &args.connections {
+        for round in 0..ROUNDS {
+            for s in &setups {
+                samples.push(measure(args, s, round, c)?);
+            }
+        }
+    }
+    drop((full, full_up, user, user_up));
+    drop(cgroup);
+    let rows = args
+        .connections
+        .iter()
+        .filter_map(|&c| median_row(&samples, c))
+        .collect();
+    Ok((rows, report(&samples)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The `ours-full-ebpf` row at `connections`: medians over the rounds.
+fn median_row(samples: &[Sample], connections: u32) -> Option<Row> {
+    let full: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == ROW_NAME && s.connections == connections)
+        .collect();
+    let of = |f: &dyn Fn(&Sample) -> f64| median(full.iter().map(|s| f(s)).collect());
+    Some(Row {
+        name: ROW_NAME,
+        connections,
+        container_concurrency: 0,
+        rps: of(&|s| s.rps),
+        p50_us: of(&|s| s.p50_us),
+        p99_us: of(&|s| s.p99_us),
+        requests: full.iter().map(|s| s.requests).max()?,
+        cpu_s_per_10k: Some(of(&|s| s.per_10k(s.sidecar))),
+        rss_kb: full.iter().map(|s| s.rss_kb).max(),
+        idle_cpu_s: None,
+    })
+}
+
+fn report(samples: &[Sample]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nfull mode (sockmap on the in-pod hop, kernel accounting) beside userspace mode, interleaved; CPU seconds per 10k requests:\n{:<15} {:>5} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "path", "round", "conns", "rps", "p50_us", "p99_us", "sidecar", "upstream", "procs", "core"
+    );
+    for m in samples {
+        let _ = writeln!(
+            s,
+            "{:<15} {:>5} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
+            m.name,
+            m.round,
+            m.connections,
+            m.rps,
+            m.p50_us,
+            m.p99_us,
+            m.per_10k(m.sidecar),
+            m.per_10k(m.upstream),
+            m.per_10k(m.procs()),
+            m.per_10k(m.core),
+        );
+    }
+    let mut conns: Vec<u32> = samples.iter().map(|m| m.connections).collect();
+    conns.dedup();
+    for c in conns {
+        let pairs: Vec<(&Sample, &Sample)> = samples
+            .chunks(2)
+            .filter_map(|p| match p {
+                [u, f] if u.connections == c && u.name == BASELINE && f.name == ROW_NAME => {
+                    Some((u, f))
+                }
+                _ => None,
+            })
+            .collect();
+        let ratios = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
+            pairs.iter().map(|(u, full)| f(full) / f(u)).collect()
+        };
+        let show = |v: &[f64]| {
+            let each: Vec<String> = v.iter().map(|r| format!("{r:.2}")).collect();
+            format!("{:.2}x [{}]", median(v.to_vec()), each.join(" "))
+        };
+        let _ = writeln!(
+            s,
+            "{c} conns, full/userspace (median [per round]): throughput {}; CPU per request: sidecar {}, processes {}, proxy core {}",
+            show(&ratios(&|m| m.rps)),
+            show(&ratios(&|m| m.per_10k(m.sidecar))),
+            show(&ratios(&|m| m.per_10k(m.procs()))),
+            show(&ratios(&|m| m.per_10k(m.core))),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &'static str, round: usize, rps: f64, sidecar: f64) -> Sample {
+        Sample {
+            name,
+            round,
+            connections: 32,
+            rps,
+            p50_us: 100.0,
+            p99_us: 300.0,
+            requests: 100_000,
+            sidecar,
+            upstream: 1.0,
+            core: 4.0,
+            rss_kb: 9000,
+        }
+    }
+
+    #[test]
+    fn report_pairs_interleaved_rounds_and_takes_medians() {
+        let samples = vec![
+            sample(BASELINE, 0, 10_000.0, 2.0),
+            sample(ROW_NAME, 0, 12_000.0, 1.0),
+            sample(BASELINE, 1, 10_000.0, 2.0),
+            sample(ROW_NAME, 1, 11_000.0, 1.6),
+            sample(BASELINE, 2, 10_000.0, 2.0),
+            sample(ROW_NAME, 2, 13_000.0, 1.2),
+        ];
+        let r = report(&samples);
+        assert!(r.contains("throughput 1.20x [1.20 1.10 1.30]"), "{r}");
+        assert!(r.contains("sidecar 0.60x [0.50 0.80 0.60]"), "{r}");
+        let row = median_row(&samples, 32).expect("row");
+        assert_eq!(row.name, ROW_NAME);
+        assert!((row.rps - 12_000.0).abs() < 1e-9);
+        assert!((row.cpu_s_per_10k.expect("cpu") - 0.12).abs() < 1e-9);
+        assert!(median_row(&samples, 1).is_none());
+    }
+
+    #[test]
+    fn core_busy_reads_proc_stat() {
+        assert!(core_busy(0).expect("cpu0") > 0.0);
+        assert!(core_busy(9999).is_err());
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![f64::NAN]).is_nan());
+    }
+}
