@@ -17,7 +17,6 @@ use crate::manifests::RevisionKey;
 
 /// Largest request head parsed here; bigger ones go to hyper unparsed.
 pub const MAX_HEAD: usize = 16 * 1024;
-const MAX_HEADERS: usize = 64;
 
 /// What the first request head says.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,91 +29,35 @@ pub enum Head {
     Partial,
 }
 
-fn lower_eq(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b)
-}
-
 /// Classifies a (possibly partial) request head.
 pub fn classify(buf: &[u8]) -> Head {
-    if buf.starts_with(b"PRI ") || (buf.len() < 4 && b"PRI ".starts_with(buf)) {
-        return if buf.len() < 4 {
-            Head::Partial
-        } else {
-            Head::Other
-        };
-    }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return if buf.len() >= MAX_HEAD {
-                Head::Other
-            } else {
-                Head::Partial
-            };
-        }
-        Err(_) => return Head::Other,
-    }
-    let mut ns = "";
-    let mut name = "";
-    let mut host = "";
-    for h in req.headers.iter() {
-        let Ok(v) = std::str::from_utf8(h.value) else {
-            continue;
-        };
-        let n = h.name;
-        if lower_eq(n, "k-network-probe") || lower_eq(n, "k-kubelet-probe") {
-            return Head::Other;
-        }
-        if lower_eq(n, "user-agent") && v.starts_with("kube-probe/") {
-            return Head::Other;
-        }
-        if lower_eq(n, "knative-serving-namespace") {
-            ns = v;
-        } else if lower_eq(n, "knative-serving-revision") {
-            name = v;
-        } else if lower_eq(n, "host") {
-            host = v;
-        }
-    }
-    let mut hm = http::HeaderMap::new();
-    for (k, v) in [
-        ("knative-serving-namespace", ns),
-        ("knative-serving-revision", name),
-        ("host", host),
-    ] {
-        if let Ok(v) = http::HeaderValue::from_str(v)
-            && !v.is_empty()
-        {
-            hm.insert(k, v);
-        }
-    }
-    let uri: http::Uri = req
-        .path
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| http::Uri::from_static("/"));
-    match crate::handler::revision_from(&hm, &uri) {
-        Some(k) => Head::Revision(k),
-        None => Head::Other,
+    match crate::fast::parse_request(buf, None) {
+        crate::fast::Parsed::Partial => Head::Partial,
+        crate::fast::Parsed::Fast(r) => Head::Revision(r.key),
+        crate::fast::Parsed::Slow(h) => h,
     }
 }
 
-/// Reads until the first request head is complete (or clearly not ours).
-/// `Ok(None)`: the client closed before sending a head.
-pub async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Option<Head>> {
+/// Reads until the request head at the start of `buf` is complete (or clearly not ours)
+/// and parses it for the fast path. `Ok(None)`: the client closed before a head.
+pub async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    peer: Option<std::net::IpAddr>,
+) -> io::Result<Option<crate::fast::Parsed>> {
     loop {
+        if !buf.is_empty() {
+            match crate::fast::parse_request(buf, peer) {
+                crate::fast::Parsed::Partial => {}
+                p => return Ok(Some(p)),
+            }
+        }
         if buf.capacity() - buf.len() < 256 {
             let grow = buf.capacity().max(512);
             buf.reserve(grow);
         }
-        let n = stream.read_buf(buf).await?;
-        if n == 0 {
+        if stream.read_buf(buf).await? == 0 {
             return Ok(None);
-        }
-        match classify(buf) {
-            Head::Partial => continue,
-            h => return Ok(Some(h)),
         }
     }
 }
@@ -215,21 +158,5 @@ mod tests {
         assert_eq!(r("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Head::Other);
         assert_eq!(r("PR"), Head::Partial);
         assert_eq!(r("\x00\x01garbage\r\n\r\n"), Head::Other);
-    }
-
-    #[test]
-    fn random_heads_never_panic() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let base = b"GET /x HTTP/1.1\r\nHost: rev.ns\r\nKnative-Serving-Revision: r\r\n\r\n";
-        for _ in 0..5000 {
-            let mut b = base.to_vec();
-            for _ in 0..rng.gen_range(1..8) {
-                let i = rng.gen_range(0..b.len());
-                b[i] = rng.r#gen();
-            }
-            b.truncate(rng.gen_range(0..=b.len()));
-            let _ = classify(&b);
-        }
     }
 }

@@ -77,14 +77,14 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
 /// a connection's first request it is acquired before hyper takes the connection over.
 #[derive(Debug)]
 pub struct Admission {
-    spec: Arc<RevisionSpec>,
-    result: Result<(Lease, InFlight), RequestError>,
-    started: tokio::time::Instant,
+    pub(crate) spec: Arc<RevisionSpec>,
+    pub(crate) result: Result<(Lease, InFlight), RequestError>,
+    pub(crate) started: tokio::time::Instant,
 }
 
 /// The time allowed until the response starts (`responseStartTimeoutSeconds`, capped by
 /// `timeoutSeconds`; 0 disables).
-fn first_byte_timeout(spec: &RevisionSpec) -> Option<Duration> {
+pub(crate) fn first_byte_timeout(spec: &RevisionSpec) -> Option<Duration> {
     let total = (!spec.timeout.is_zero()).then_some(spec.timeout);
     match (spec.response_start_timeout, total) {
         (Some(rs), Some(t)) if !rs.is_zero() => Some(rs.min(t)),
@@ -101,6 +101,8 @@ pub struct App {
     pub link: Arc<LinkStatus>,
     pub draining: AtomicBool,
     pub queue_depth: usize,
+    /// Keep-alive connections of the fast path ([`crate::fast`]).
+    pub pool: crate::fast::UpstreamPool,
     client_h1: Client<HttpConnector, Incoming>,
     client_h2: Client<HttpConnector, Incoming>,
 }
@@ -125,26 +127,18 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
 /// The target revision from the Knative-Serving-* headers, else from the Host
 /// `<name>.<namespace>[.svc.<domain>][:port]`.
 pub fn revision_from(h: &HeaderMap, uri: &Uri) -> Option<RevisionKey> {
-    let ns = header_str(h, HDR_REV_NAMESPACE);
-    let name = header_str(h, HDR_REV_NAME);
-    if !ns.is_empty() && !name.is_empty() {
-        return Some(RevisionKey::new(ns, name));
-    }
     let host = h
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))?;
-    let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let mut parts = host.split('.');
-    let name = parts.next().filter(|s| !s.is_empty())?;
-    let ns = parts.next().filter(|s| !s.is_empty())?;
-    Some(RevisionKey::new(ns, name))
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    crate::fast::revision_key(
+        header_str(h, HDR_REV_NAMESPACE),
+        header_str(h, HDR_REV_NAME),
+        host,
+    )
 }
 
-const HOP_BY_HOP: [&str; 8] = [
+pub(crate) const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -307,6 +301,7 @@ impl App {
             link,
             draining: AtomicBool::new(false),
             queue_depth,
+            pool: crate::fast::UpstreamPool::new(max_idle_per_host),
             client_h1,
             client_h2,
         })

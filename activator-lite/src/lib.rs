@@ -7,6 +7,7 @@ pub mod admission;
 pub mod autoscaler;
 pub mod backends;
 pub mod config;
+pub mod fast;
 pub mod handler;
 pub mod manifests;
 pub mod metrics;

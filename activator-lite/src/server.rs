@@ -15,10 +15,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::admission::{Head, Rewind, client_gone, read_head};
+use crate::admission::{Head, Rewind, client_gone, read_request};
 use crate::autoscaler::{self, LinkStatus};
 use crate::backends::{Backends, PodProber};
 use crate::config::Config;
+use crate::fast::Parsed;
 use crate::handler::{App, RespBody, text};
 use crate::manifests::{ClusterSource, ManifestDir};
 use crate::stats::ConcurrencyReporter;
@@ -85,8 +86,12 @@ where
     let _ = conn.await;
 }
 
-/// One connection of the request path: the first request head is read and, for a
-/// revision, its pod slot acquired before hyper takes over (see [`crate::admission`]).
+/// One connection of the request path. Plain HTTP/1.1 requests for a revision are
+/// served by the fast path ([`crate::fast`]) as long as the connection sends them; the
+/// first request that needs more (probes, HTTP/2, upgrades, streamed bodies…) hands
+/// the connection, with the bytes already read, to hyper. A request for a revision
+/// gets its pod slot before either path allocates anything for it (see
+/// [`crate::admission`]).
 async fn app_conn(
     app: Arc<App>,
     mut stream: tokio::net::TcpStream,
@@ -94,21 +99,43 @@ async fn app_conn(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::new();
-    let head = tokio::select! {
-        r = read_head(&mut stream, &mut buf) => r,
-        _ = stop.wait_for(|s| *s) => return,
-    };
-    let admission = match head {
-        Ok(Some(Head::Revision(key))) => match app.revision(&key) {
-            Some(spec) => match app.admit(spec, client_gone(&stream)).await {
+    let mut ubuf = BytesMut::new();
+    let mut first = true;
+    let admission = loop {
+        let parsed = tokio::select! {
+            r = read_request(&mut stream, &mut buf, Some(peer.ip())) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let key = match parsed {
+            Ok(Some(Parsed::Fast(req))) => match app.revision(&req.key) {
+                Some(spec) if !spec.h2c => {
+                    let Some(adm) = app.admit(spec, client_gone(&stream)).await else {
+                        return;
+                    };
+                    if !crate::fast::serve(&app.pool, &mut stream, &mut buf, &mut ubuf, req, adm)
+                        .await
+                    {
+                        return;
+                    }
+                    first = false;
+                    continue;
+                }
+                _ => req.key,
+            },
+            Ok(Some(Parsed::Slow(Head::Revision(key)))) if first => key,
+            Ok(Some(_)) => break None,
+            Ok(None) | Err(_) => return,
+        };
+        // A revision request for hyper: on a fresh connection, hold it cheaply here.
+        break match app.revision(&key) {
+            Some(spec) if first => match app.admit(spec, client_gone(&stream)).await {
                 Some(a) => Some(a),
                 None => return,
             },
-            None => None,
-        },
-        Ok(Some(_)) => None,
-        Ok(None) | Err(_) => return,
+            _ => None,
+        };
     };
+    drop(ubuf);
     let first = Arc::new(std::sync::Mutex::new(admission));
     let svc = service_fn(move |req| {
         let adm = first.lock().unwrap_or_else(|p| p.into_inner()).take();

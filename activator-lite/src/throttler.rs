@@ -203,6 +203,11 @@ impl Lease {
     pub fn dest(&self) -> &str {
         &self.dest
     }
+
+    /// The pod's `ip:port`, shared.
+    pub fn dest_arc(&self) -> Arc<str> {
+        self.dest.clone()
+    }
 }
 
 impl Drop for Lease {
