@@ -17,14 +17,21 @@
 //   a closed listener leaves the sockmap by itself, and connections fall back
 //   to the sidecar in between.
 //
+// Connections whose source address lies in `steer_bypass` (an LPM trie of
+// IPv6 prefixes, IPv4 as ::ffff:a.b.c.d) are not steered: they reach the
+// sidecar's own listener. Used for the node's address, so that kubelet probes
+// of the serving port get the queue-proxy's answers.
+//
 // `steer_count[0]` counts connections steered, `steer_count[1]` listeners
-// taken by `steer_listen`. Names are the interface with ebpf/src/steering.rs.
+// taken by `steer_listen`, `steer_count[2]` connections bypassed. Names are the interface with ebpf/src/steering.rs.
 
 #include <linux/bpf.h>
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #define IPPROTO_TCP 6
+#define AF_INET 2
 #define AF_INET6 10
 
 struct steer_cfg {
@@ -46,9 +53,22 @@ struct {
 	__type(value, __u32);
 } steer_target SEC(".maps");
 
+struct bypass_key {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 64);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct bypass_key);
+	__type(value, __u8);
+} steer_bypass SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } steer_count SEC(".maps");
@@ -59,6 +79,30 @@ static __always_inline void count(__u32 key)
 
 	if (n)
 		*n += 1;
+}
+
+static __always_inline int bypassed(struct bpf_sk_lookup *ctx)
+{
+	struct bypass_key src = { .prefixlen = 128 };
+	__u32 ip4 = ctx->remote_ip4;
+	__u32 a0 = ctx->remote_ip6[0];
+	__u32 a1 = ctx->remote_ip6[1];
+	__u32 a2 = ctx->remote_ip6[2];
+	__u32 a3 = ctx->remote_ip6[3];
+
+	// Keep the loads where they are: merged into one load through a
+	// computed context pointer, they would not pass the verifier.
+	asm volatile("" : "+r"(ip4), "+r"(a0), "+r"(a1), "+r"(a2), "+r"(a3));
+	if (ctx->family == AF_INET) {
+		src.addr[2] = bpf_htonl(0xffff);
+		src.addr[3] = ip4;
+	} else {
+		src.addr[0] = a0;
+		src.addr[1] = a1;
+		src.addr[2] = a2;
+		src.addr[3] = a3;
+	}
+	return bpf_map_lookup_elem(&steer_bypass, &src) != NULL;
 }
 
 SEC("sk_lookup")
@@ -74,6 +118,10 @@ int steer_lookup(struct bpf_sk_lookup *ctx)
 	cfg = bpf_map_lookup_elem(&steer_config, &key);
 	if (!cfg || cfg->port == 0 || ctx->local_port != cfg->port)
 		return SK_PASS;
+	if (bypassed(ctx)) {
+		count(2);
+		return SK_PASS;
+	}
 	key = ctx->family == AF_INET6 ? 1 : 0;
 	sk = bpf_map_lookup_elem(&steer_target, &key);
 	if (!sk && key == 0) {

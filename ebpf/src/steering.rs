@@ -28,12 +28,20 @@
 //!
 //! The target map has one slot per family (0: AF_INET, 1: AF_INET6); IPv4
 //! connections use the AF_INET listener, else a dual-stack AF_INET6 one.
+//!
+//! Connections from the source prefixes given to [`Steering::bypass`] are
+//! not steered and reach the sidecar's own listener: give it the node's
+//! address toward the pod, and kubelet probes of the serving port get the
+//! queue-proxy's answers (200 `queue` from the readiness probe, 503 while
+//! draining) instead of the user container's.
 //! Loading needs root (CAP_BPF, CAP_NET_ADMIN).
 
 use std::fs::File;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, PerCpuArray, SockMap};
 use aya::programs::{SkLookup, SockOps, sk_lookup::SkLookupLinkId, sock_ops::SockOpsLinkId};
 use aya::{Ebpf, include_bytes_aligned};
@@ -53,8 +61,10 @@ pub mod names {
     pub const MAP_CONFIG: &str = "steer_config";
     /// SOCKMAP[2]: the target listening sockets (AF_INET, AF_INET6).
     pub const MAP_TARGET: &str = "steer_target";
-    /// PERCPU_ARRAY[2]: connections steered, listeners taken.
+    /// PERCPU_ARRAY[3]: connections steered, listeners taken, connections bypassed.
     pub const MAP_COUNT: &str = "steer_count";
+    /// LPM_TRIE: source prefixes that are not steered (IPv4 as ::ffff:0:0/96).
+    pub const MAP_BYPASS: &str = "steer_bypass";
 }
 
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steering.bpf.o"));
@@ -64,6 +74,7 @@ pub struct Steering {
     ebpf: Ebpf,
     target: SockMap<MapData>,
     count: PerCpuArray<MapData, u64>,
+    bypass: LpmTrie<MapData, [u8; 16], u8>,
     link: Option<SkLookupLinkId>,
     listen_link: Option<SockOpsLinkId>,
     port: u16,
@@ -133,6 +144,8 @@ impl Steering {
             .map_err(|e| map_type_error(names::MAP_TARGET, e))?;
         let count = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNT)?)
             .map_err(|e| map_type_error(names::MAP_COUNT, e))?;
+        let bypass = LpmTrie::try_from(take_map(&mut ebpf, names::MAP_BYPASS)?)
+            .map_err(|e| map_type_error(names::MAP_BYPASS, e))?;
         let listen_link =
             match &cgroup {
                 Some(cgroup) => {
@@ -156,6 +169,7 @@ impl Steering {
             ebpf,
             target,
             count,
+            bypass,
             link: Some(link),
             listen_link,
             port,
@@ -200,6 +214,20 @@ impl Steering {
             }
         }
         Ok(())
+    }
+
+    /// Leaves connections from `prefix` (e.g. the node's address toward the
+    /// pod) to the normal lookup.
+    pub fn bypass(&mut self, prefix: SourcePrefix) -> Result<(), EbpfError> {
+        let (len, addr) = prefix.as_v6();
+        self.bypass
+            .insert(&Key::new(u32::from(len), addr), 1, 0)
+            .map_err(|e| map_error(names::MAP_BYPASS, format!("adding {prefix}"), e))
+    }
+
+    /// Connections left to the normal lookup by [`Self::bypass`] so far.
+    pub fn bypassed(&self) -> Result<u64, EbpfError> {
+        self.counter(2)
     }
 
     /// Connections steered so far.
@@ -299,6 +327,52 @@ fn listen_program(ebpf: &mut Ebpf) -> Result<&mut SockOps, EbpfError> {
             name: names::PROG_LISTEN,
             kind: "sock_ops",
         })
+}
+
+/// A source prefix that is not steered: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePrefix {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length (at most 32 for IPv4, 128 for IPv6).
+    pub len: u8,
+}
+
+impl SourcePrefix {
+    /// The prefix in the trie's IPv6 form (IPv4 as `::ffff:a.b.c.d`).
+    fn as_v6(self) -> (u8, [u8; 16]) {
+        match self.addr {
+            IpAddr::V4(v4) => (96 + self.len, v4.to_ipv6_mapped().octets()),
+            IpAddr::V6(v6) => (self.len, v6.octets()),
+        }
+    }
+}
+
+impl std::fmt::Display for SourcePrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for SourcePrefix {
+    type Err = String;
+
+    /// `10.0.0.1`, `10.244.0.0/16`, `fd00::/8`; a bare address is a host prefix.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("{s:?} is not an IP address or prefix (e.g. 10.244.1.1 or 10.244.0.0/16)");
+        let (addr, len) = match s.trim().split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Self { addr, len })
+    }
 }
 
 /// `SO_DOMAIN` of a socket (AF_INET when it cannot be read).
@@ -473,7 +547,12 @@ mod tests {
         let obj = aya_obj::Object::parse(OBJECT).expect("embedded object parses");
         assert!(obj.programs.contains_key(names::PROG_LOOKUP));
         assert!(obj.programs.contains_key(names::PROG_LISTEN));
-        for map in [names::MAP_CONFIG, names::MAP_TARGET, names::MAP_COUNT] {
+        for map in [
+            names::MAP_CONFIG,
+            names::MAP_TARGET,
+            names::MAP_COUNT,
+            names::MAP_BYPASS,
+        ] {
             assert!(obj.maps.contains_key(map), "{map}");
         }
     }
@@ -482,6 +561,21 @@ mod tests {
     fn a_missing_namespace_is_named() {
         let err = Steering::attach(Path::new("/nonexistent/netns"), 8012).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
+    }
+
+    #[test]
+    fn source_prefixes_parse() {
+        let p: SourcePrefix = "10.244.1.1".parse().unwrap();
+        assert_eq!((p.len, p.as_v6().0), (32, 128));
+        let p: SourcePrefix = "10.244.0.0/16".parse().unwrap();
+        assert_eq!(p.as_v6().0, 112);
+        assert_eq!(p.as_v6().1[10..12], [0xff, 0xff]);
+        let p: SourcePrefix = " fd00::/8 ".parse().unwrap();
+        assert_eq!(p.as_v6().0, 8);
+        assert_eq!(p.to_string(), "fd00::/8");
+        for bad in ["", "node", "10.0.0.1/33", "fd00::/129", "10.0.0.1/x", "/8"] {
+            assert!(bad.parse::<SourcePrefix>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! the serving port `serving_port` (default 8012, `QUEUE_SERVING_PORT`), since
 //! redirected bytes skip the TCP stack; `event-driven` steers the serving port
 //! in the kernel to the user container's socket listening on `port` and counts
-//! requests on the serving port. Event-driven mode needs the pod's network namespace: `netns`,
+//! requests on the serving port; `bypass` lists source prefixes left to the
+//! sidecar (`"node"` is the node's address toward the pod, where kubelet probes
+//! come from). Event-driven mode needs the pod's network namespace: `netns`,
 //! or `/proc/<pid>/ns/net` when `pid` is given. Elsewhere `netns` is optional
 //! and only checked for existence.
 
@@ -53,7 +55,15 @@ pub struct PodSpec {
     /// The sidecar's serving port (event-driven mode steers it).
     #[serde(default = "default_serving_port")]
     pub serving_port: u16,
+    /// Event-driven mode: source prefixes whose connections are not steered
+    /// but reach the sidecar (`"node"`: the node's own address toward the pod,
+    /// where kubelet probes come from).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bypass: Vec<String>,
 }
+
+/// The `bypass` entry naming the node's address toward the pod.
+pub const BYPASS_NODE: &str = "node";
 
 /// Knative's `QUEUE_SERVING_PORT` for HTTP/1 revisions.
 pub const DEFAULT_SERVING_PORT: u16 = 8012;
@@ -92,6 +102,14 @@ pub enum SpecError {
     /// Event-driven mode with the serving port equal to the user port.
     #[error("pod {0}: in event-driven mode serving_port and port must differ")]
     SamePorts(String),
+    /// A `bypass` entry that is neither `node` nor an IP prefix.
+    #[error("pod {name}: bypass: {reason}")]
+    Bypass {
+        /// Pod.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// Event-driven mode without a way to the network namespace.
     #[error("pod {0}: event-driven mode needs the pod's network namespace (`netns` or `pid`)")]
     NoNetns(String),
@@ -151,6 +169,16 @@ impl PodSpec {
             }
             if self.netns.is_none() && self.pid.is_none() {
                 return Err(SpecError::NoNetns(self.name.clone()));
+            }
+        }
+        for entry in &self.bypass {
+            if entry != BYPASS_NODE {
+                entry
+                    .parse::<spright_ebpf::steering::SourcePrefix>()
+                    .map_err(|reason| SpecError::Bypass {
+                        name: self.name.clone(),
+                        reason: format!("{reason}, or \"{BYPASS_NODE}\""),
+                    })?;
             }
         }
         if self.cgroup.is_none() && self.pid.is_none() {
@@ -292,6 +320,8 @@ mod tests {
         assert_eq!(spec.mode, PodMode::EventDriven);
         assert_eq!(spec.counted_port(), DEFAULT_SERVING_PORT);
         assert_eq!(spec.netns_path(), Some(PathBuf::from("/proc/1/ns/net")));
+        let with_bypass = br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"bypass":["node","10.244.0.0/16"]}"#;
+        assert_eq!(PodSpec::parse(with_bypass).unwrap().bypass.len(), 2);
         let spec = PodSpec::parse(br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1}"#).unwrap();
         assert_eq!((spec.mode, spec.counted_port()), (PodMode::Userspace, 8080));
         let full = br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"full"}"#;
@@ -310,6 +340,10 @@ mod tests {
             (
                 br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"ebpf"}"#,
                 "unknown variant",
+            ),
+            (
+                br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"bypass":["node","x"]}"#,
+                "bypass",
             ),
         ] {
             let err = PodSpec::parse(input).unwrap_err().to_string();
@@ -334,6 +368,7 @@ mod tests {
                 netns: None,
                 mode: PodMode::Userspace,
                 serving_port: DEFAULT_SERVING_PORT,
+                bypass: Vec::new(),
             };
             assert!(
                 matches!(
@@ -358,6 +393,7 @@ mod tests {
             netns: None,
             mode: PodMode::Userspace,
             serving_port: DEFAULT_SERVING_PORT,
+            bypass: Vec::new(),
         };
         // Our own process is in some cgroup; it resolves or is refused as the root.
         match own.resolve_cgroup(Path::new(ROOT)) {

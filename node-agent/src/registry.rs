@@ -15,7 +15,7 @@ use serde::Serialize;
 use spright_ebpf::EbpfError;
 use spright_ebpf::accounting::{PodAccounting, PodCounters};
 use spright_ebpf::loopback::Loopback;
-use spright_ebpf::steering::Steering;
+use spright_ebpf::steering::{SourcePrefix, Steering};
 
 use crate::pod::{PodMode, PodSpec, SpecError};
 
@@ -100,6 +100,9 @@ pub struct PodInfo {
     /// Event-driven mode: connections steered to the user container so far.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steered: Option<u64>,
+    /// Event-driven mode: connections left to the sidecar (`bypass`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bypassed: Option<u64>,
     /// Event-driven mode: user-container listeners taken as steering target
     /// (at attach time and by the in-kernel listen hook).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -409,10 +412,25 @@ fn info(pod: &Pod) -> PodInfo {
         program_ids,
         map_ids,
         steered: steering.and_then(|s| s.steered().ok()),
+        bypassed: steering.and_then(|s| s.bypassed().ok()),
         listeners_taken: steering
             .and_then(|s| s.listeners_taken().ok())
             .map(|n| n + pod.listeners_at_attach),
     }
+}
+
+/// The source address this node uses toward `ip` (what kubelet probes of the
+/// pod come from): the local address of a UDP socket "connected" to it (no
+/// packet is sent).
+fn node_address_toward(ip: IpAddr, port: u16) -> std::io::Result<IpAddr> {
+    let any: IpAddr = if ip.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = std::net::UdpSocket::bind((any, 0))?;
+    socket.connect((ip, port))?;
+    Ok(socket.local_addr()?.ip())
 }
 
 /// Event-driven mode: attaches the steering of the serving port to the pod's
@@ -423,6 +441,28 @@ fn info(pod: &Pod) -> PodInfo {
 fn steer(spec: &PodSpec, cgroup: &Path) -> Result<(Steering, u64), EbpfError> {
     let netns = spec.netns_path().unwrap_or_default();
     let mut steering = Steering::attach_pod(&netns, cgroup, spec.serving_port, spec.port)?;
+    for entry in &spec.bypass {
+        let prefix = if entry == crate::pod::BYPASS_NODE {
+            match node_address_toward(spec.ip, spec.serving_port) {
+                Ok(addr) => SourcePrefix {
+                    len: if addr.is_ipv4() { 32 } else { 128 },
+                    addr,
+                },
+                Err(error) => {
+                    tracing::warn!(pod = %spec.name, %error, "cannot find the node's address toward the pod; kubelet probes will be steered");
+                    continue;
+                }
+            }
+        } else {
+            match entry.parse() {
+                Ok(p) => p,
+                // Checked when the spec was parsed.
+                Err(_) => continue,
+            }
+        };
+        steering.bypass(prefix)?;
+        tracing::info!(pod = %spec.name, %prefix, "connections from this source reach the sidecar");
+    }
     let mut taken = 0;
     match spright_ebpf::steering::pod_listeners(cgroup, spec.port) {
         Ok(listeners) => {
@@ -462,6 +502,12 @@ mod tests {
             registry.remove("nope").unwrap_err().status(),
             http::StatusCode::NOT_FOUND
         );
+    }
+
+    #[test]
+    fn the_node_address_toward_loopback_is_loopback() {
+        let addr = node_address_toward("127.0.0.1".parse().unwrap(), 8012).unwrap();
+        assert!(addr.is_loopback());
     }
 
     #[test]

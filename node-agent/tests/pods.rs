@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 13] = [
+    let tests: [Test; 14] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -71,6 +71,10 @@ fn run_tests(filter: Option<String>) -> ExitCode {
         (
             "standalone_event_driven_sidecar_steers_itself",
             standalone_event_driven_sidecar_steers_itself,
+        ),
+        (
+            "kubelet_probes_from_the_node_reach_the_sidecar",
+            kubelet_probes_from_the_node_reach_the_sidecar,
         ),
         (
             "manifest_directory_adds_and_removes_pods",
@@ -1607,4 +1611,50 @@ fn standalone_event_driven_sidecar_steers_itself() {
     wait_until("the sidecar's sk_lookup link to go", || {
         sk_lookup_links(&pod).is_empty()
     });
+}
+
+fn kubelet_probes_from_the_node_reach_the_sidecar() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    let spec = pod.spec().trim_end_matches('}').to_owned()
+        + r#","mode":"event-driven","bypass":["node"]}"#;
+    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
+    assert_eq!(status, 201, "{body}");
+    let mut env = agent_env(&pod, agent.node_port);
+    env.extend(event_driven_env());
+    let qp = QueueProxy::start(&pod, &env);
+    let counts = || {
+        let pods = agent.pods();
+        (
+            pods[0]["steered"].as_u64().expect("steered"),
+            pods[0]["bypassed"].as_u64().expect("bypassed"),
+        )
+    };
+    let (steered0, bypassed0) = counts();
+
+    // Knative's readiness probe of the queue-proxy container, from the node
+    // (this test runs in the node's namespace): the sidecar answers it.
+    let mut stream =
+        TcpStream::connect(SocketAddr::from((pod.pod_ip, 8012))).expect("connect 8012");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nK-Network-Probe: queue\r\nConnection: close\r\n\r\n")
+        .expect("probe");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("probe answer");
+    assert_eq!(
+        parse_response(&raw).expect("response"),
+        (200, "queue".to_owned())
+    );
+    let (steered1, bypassed1) = counts();
+    assert_eq!((steered1, bypassed1), (steered0, bypassed0 + 1));
+
+    // From inside the pod's namespace (another source), requests are steered.
+    let (status, body) = pod.fetch(&format!("http://{}:8012/close/0", pod.pod_ip));
+    assert_eq!((status, body.trim()), (200, "ok"));
+    assert_eq!(counts(), (steered1 + 1, bypassed1));
+    drop(qp);
 }

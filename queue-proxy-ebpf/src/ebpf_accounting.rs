@@ -60,6 +60,8 @@ pub enum ModeError {
     HostIp(String),
     #[error("SPRIGHT_AGENT_PORT={0:?} is not a port number")]
     Port(String),
+    #[error("SPRIGHT_STEERING_BYPASS: {0}")]
+    Bypass(String),
 }
 
 impl Mode {

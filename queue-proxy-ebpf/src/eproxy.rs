@@ -11,6 +11,10 @@
 //! - its own listener on the serving port, with the whole userspace chain, for the connections
 //!   the kernel does not steer (no target yet, the user container restarting).
 //!
+//! `SPRIGHT_STEERING_BYPASS` (standalone; comma-separated addresses or prefixes) lists sources
+//! whose connections are not steered and reach this sidecar's listener: the node's address
+//! toward the pod, so that kubelet probes get the queue-proxy's answers.
+//!
 //! Who steers: the node agent (`SPRIGHT_ACCOUNTING=agent`, the pod registered with
 //! `"mode": "event-driven"`), or this process when it runs as root
 //! (`SPRIGHT_ACCOUNTING=standalone`). Without `SPRIGHT_ACCOUNTING`, event-driven mode uses the
@@ -20,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use http::{HeaderMap, Response};
-use spright_ebpf::steering::Steering;
+use spright_ebpf::steering::{SourcePrefix, Steering};
 
 use crate::body::Body;
 use crate::drain::Drainer;
@@ -28,11 +32,28 @@ use crate::ebpf_accounting::{Mode, ModeError};
 use crate::health;
 use crate::readiness::Prober;
 
+/// The environment variable listing the sources that are not steered.
+pub const ENV_BYPASS: &str = "SPRIGHT_STEERING_BYPASS";
+
+/// `SPRIGHT_STEERING_BYPASS`, parsed.
+pub fn bypass_list(get: impl Fn(&str) -> Option<String>) -> Result<Vec<SourcePrefix>, ModeError> {
+    get(ENV_BYPASS)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.parse().map_err(ModeError::Bypass))
+        .collect()
+}
+
 /// `SPRIGHT_ACCOUNTING` for a revision in `event_driven` mode: as set, or the default above.
+/// Also checks `SPRIGHT_STEERING_BYPASS` in that mode.
 pub fn accounting_mode(
     event_driven: bool,
     get: impl Fn(&str) -> Option<String>,
 ) -> Result<Mode, ModeError> {
+    if event_driven {
+        bypass_list(&get)?;
+    }
     let explicit = get("SPRIGHT_ACCOUNTING").filter(|v| !v.trim().is_empty());
     if !event_driven || explicit.is_some() {
         return Mode::from_env(get);
@@ -56,7 +77,9 @@ pub fn accounting_mode(
 pub fn steer(event_driven: bool, accounting: &Mode, cfg: &crate::env::Config) -> Option<Steering> {
     match (event_driven, accounting) {
         (true, Mode::Standalone(cgroup)) => {
-            steer_standalone(cgroup.as_deref(), cfg.serving_port, cfg.user_port)
+            // Checked by accounting_mode at start-up.
+            let bypass = bypass_list(|k| std::env::var(k).ok()).unwrap_or_default();
+            steer_standalone(cgroup.as_deref(), cfg.serving_port, cfg.user_port, &bypass)
         }
         (true, Mode::Agent(addr)) => {
             tracing::info!(agent = %addr, "event-driven mode: the node agent steers the serving port (the pod must be registered with \"mode\": \"event-driven\")");
@@ -80,6 +103,7 @@ pub fn steer_standalone(
     cgroup: Option<&Path>,
     serving_port: u16,
     user_port: u16,
+    bypass: &[SourcePrefix],
 ) -> Option<Steering> {
     let attach = || -> Result<(Steering, usize), String> {
         let cgroup = match cgroup {
@@ -93,6 +117,9 @@ pub fn steer_standalone(
             user_port,
         )
         .map_err(|e| e.to_string())?;
+        for prefix in bypass {
+            steering.bypass(*prefix).map_err(|e| e.to_string())?;
+        }
         let listeners = match spright_ebpf::steering::pod_listeners(&cgroup, user_port) {
             Ok(l) => l,
             Err(error) => {
@@ -181,6 +208,14 @@ mod tests {
             Ok(Mode::Standalone(None))
         );
         assert!(accounting_mode(true, env(&[("SPRIGHT_ACCOUNTING", "x")])).is_err());
+        let list = bypass_list(env(&[(ENV_BYPASS, "10.0.0.1, fd00::/8,")]));
+        assert_eq!(list.unwrap().len(), 2);
+        assert!(matches!(
+            accounting_mode(true, env(&[(ENV_BYPASS, "10.0.0.1,node")])),
+            Err(ModeError::Bypass(_))
+        ));
+        // Outside event-driven mode the variable is not read.
+        assert!(accounting_mode(false, env(&[(ENV_BYPASS, "x")])).is_ok());
     }
 
     #[tokio::test]
