@@ -1404,19 +1404,24 @@ fn sidecar_requests(pod: &TestPod) -> u64 {
         .sum()
 }
 
-/// activator-lite's readiness probe on the admin port.
-fn queue_probe(pod: &TestPod) -> (u16, String) {
-    let mut stream =
-        TcpStream::connect(SocketAddr::from((pod.pod_ip, 8022))).expect("connect 8022");
+/// Sends `request` as is on a fresh connection; returns (status, body).
+fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: qp\r\nK-Network-Probe: queue\r\nUser-Agent: activator-lite\r\nConnection: close\r\n\r\n")
-        .expect("probe");
+    stream.write_all(request).expect("send");
     let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("probe answer");
-    parse_response(&raw).expect("probe response")
+    stream.read_to_string(&mut raw).expect("answer");
+    parse_response(&raw).expect("response")
+}
+
+/// activator-lite's readiness probe on the admin port.
+fn queue_probe(pod: &TestPod) -> (u16, String) {
+    raw_http(
+        SocketAddr::from((pod.pod_ip, 8022)),
+        b"GET / HTTP/1.1\r\nHost: qp\r\nK-Network-Probe: queue\r\nUser-Agent: activator-lite\r\nConnection: close\r\n\r\n",
+    )
 }
 
 /// One request to the serving port on a fresh connection that the user
@@ -1635,20 +1640,11 @@ fn kubelet_probes_from_the_node_reach_the_sidecar() {
 
     // Knative's readiness probe of the queue-proxy container, from the node
     // (this test runs in the node's namespace): the sidecar answers it.
-    let mut stream =
-        TcpStream::connect(SocketAddr::from((pod.pod_ip, 8012))).expect("connect 8012");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nK-Network-Probe: queue\r\nConnection: close\r\n\r\n")
-        .expect("probe");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("probe answer");
-    assert_eq!(
-        parse_response(&raw).expect("response"),
-        (200, "queue".to_owned())
+    let answer = raw_http(
+        SocketAddr::from((pod.pod_ip, 8012)),
+        b"GET / HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nK-Network-Probe: queue\r\nConnection: close\r\n\r\n",
     );
+    assert_eq!(answer, (200, "queue".to_owned()));
     let (steered1, bypassed1) = counts();
     assert_eq!((steered1, bypassed1), (steered0, bypassed0 + 1));
 
