@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 type Test = (&'static str, fn());
 
 fn run_tests(filter: Option<String>) -> ExitCode {
-    let tests: [Test; 14] = [
+    let tests: [Test; 15] = [
         (
             "agent_attaches_and_detaches_through_the_api",
             agent_attaches_and_detaches_through_the_api,
@@ -75,6 +75,10 @@ fn run_tests(filter: Option<String>) -> ExitCode {
         (
             "kubelet_probes_from_the_node_reach_the_sidecar",
             kubelet_probes_from_the_node_reach_the_sidecar,
+        ),
+        (
+            "full_mode_pod_gets_the_loopback_redirect",
+            full_mode_pod_gets_the_loopback_redirect,
         ),
         (
             "manifest_directory_adds_and_removes_pods",
@@ -1653,4 +1657,28 @@ fn kubelet_probes_from_the_node_reach_the_sidecar() {
     assert_eq!((status, body.trim()), (200, "ok"));
     assert_eq!(counts(), (steered1 + 1, bypassed1));
     drop(qp);
+}
+
+fn full_mode_pod_gets_the_loopback_redirect() {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    let agent = Agent::start(None);
+    let spec = pod.spec().trim_end_matches('}').to_owned() + r#","mode":"full"}"#;
+    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
+    assert_eq!(status, 201, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let (programs, maps) = ids(&info);
+    assert_eq!(programs.len(), 5, "accounting (3) and loopback (2): {info}");
+    for id in &programs {
+        assert!(bpftool_has("prog", *id), "program {id} not in the kernel");
+    }
+    let (status, _) = http(
+        agent.admin,
+        "DELETE",
+        &format!("/v1/pods/{}", pod.name),
+        None,
+    )
+    .expect("delete");
+    assert_eq!(status, 204);
+    assert_gone(&programs, &maps);
 }
