@@ -6,16 +6,22 @@
 //! - `shm`: broker-shm ingress → log → trigger → dataplane-SDK function by descriptor;
 //! - `chain-shm`: 3 functions chained by triggers over shared memory (each reply re-enters
 //!   the broker without HTTP); latency measured when the third function receives the event;
+//!   the broker's dispatch is inline (the reply thread appends a reply and sends the next
+//!   descriptor itself);
 //! - `chain-http`: the same 3-step reply chain with HTTP subscribers;
 //! - `chain-stock`: the same 3-step chain in the stock broker's topology: drop-in ingress →
-//!   HTTP → an in-memory channel (IMC-like: 202, then fan-out to every subscription and
-//!   replies back to the ingress) → HTTP → drop-in filter → HTTP → subscriber.
+//!   HTTP → an in-memory channel (IMC-like: 202, then fan-out to every subscription in
+//!   parallel, each reply posted back to the ingress as a Subscription's `reply`) → HTTP →
+//!   drop-in filter → HTTP → subscriber, the reply returned in the filter's response.
 //!
 //! Each path runs two phases. Throughput: `--concurrency` closed-loop senders POST binary-mode
 //! events to the ingress, each waiting for the 202; events/s is what reaches the last step.
-//! Latency: events paced at `--latency-rate` per second (open loop, below saturation, so the
-//! figures are not queueing delay); p50/p99 from send to the last step. The send time rides in
-//! the extension `benchsent`.
+//! Then the backlog drains (every accepted event reaches the last step). Latency: events
+//! paced at `--latency-rate` per second for `--latency-seconds` (open loop, the same rate for
+//! every path and well below the slowest path's throughput, so the figures are not queueing
+//! delay; a warning says when it is not); p50/p99 from the sender's timestamp taken before
+//! the POST to the ingress to the receipt at the last step, for every path alike. The send
+//! time rides in the extension `benchsent`.
 
 use crate::report::{Row, table, write_json};
 use broker_shm::broker::{Runtime, RuntimeConfig};
@@ -56,9 +62,13 @@ pub struct BrokerBenchArgs {
         default_value = "http,shm,chain-shm,chain-http,chain-stock"
     )]
     pub paths: Vec<String>,
-    /// Events per second of the paced (open-loop) phase that measures latency.
-    #[arg(long, default_value_t = 500.0)]
+    /// Events per second of the paced (open-loop) phase that measures latency: the same for
+    /// every path, well below the slowest path's throughput.
+    #[arg(long, default_value_t = 100.0)]
     pub latency_rate: f64,
+    /// Seconds of the paced phase (rate × seconds samples per path).
+    #[arg(long, default_value_t = 5.0)]
+    pub latency_seconds: f64,
     /// Dataplane transport for the shared-memory paths: auto, sk_msg or unix.
     #[arg(long, default_value = "auto")]
     pub transport: String,
@@ -85,6 +95,9 @@ fn now_ns() -> u64 {
 struct Stats {
     hist: Mutex<Histogram<u64>>,
     count: AtomicU64,
+    /// Events seen at the final step whether recording or not (to tell when a backlog is
+    /// drained).
+    seen: AtomicU64,
     recording: AtomicBool,
 }
 
@@ -97,11 +110,13 @@ impl Stats {
                 }),
             ),
             count: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
             recording: AtomicBool::new(false),
         })
     }
 
     fn record_sent(&self, sent: Option<&str>) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
         if !self.recording.load(Ordering::Relaxed) {
             return;
         }
@@ -342,17 +357,24 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            tokio::spawn(async move {
-                for sub in subs {
+            // Like the IMC dispatcher's fan-out: every subscription at once.
+            for sub in subs {
+                let (c, reply_to, headers, body) = (
+                    c.clone(),
+                    reply_to.clone(),
+                    parts.headers.clone(),
+                    body.clone(),
+                );
+                tokio::spawn(async move {
                     let mut rb = Request::post(&sub);
                     if let Some(h) = rb.headers_mut() {
-                        *h = parts.headers.clone();
+                        *h = headers;
                     }
-                    let Ok(req) = rb.body(Full::new(body.clone())) else {
-                        continue;
+                    let Ok(req) = rb.body(Full::new(body)) else {
+                        return;
                     };
                     let Ok(resp) = c.request(req).await else {
-                        continue;
+                        return;
                     };
                     let (rp, rbody) = resp.into_parts();
                     let rbody = rbody
@@ -369,8 +391,8 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
                             let _ = c.request(req).await;
                         }
                     }
-                }
-            });
+                });
+            }
             resp(StatusCode::ACCEPTED)
         }
     })
@@ -408,14 +430,19 @@ async fn load(
     let stop = Arc::new(AtomicBool::new(false));
     let seq = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let seen_before = stats.seen.load(Ordering::Relaxed);
     let mut senders = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let (stop, seq, errors) = (stop.clone(), seq.clone(), errors.clone());
+        let (stop, seq, errors, accepted) =
+            (stop.clone(), seq.clone(), errors.clone(), accepted.clone());
         let (url, ty, c) = (url.to_string(), first_type.to_string(), client());
         senders.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let n = seq.fetch_add(1, Ordering::Relaxed);
-                if send_one(&c, &url, &format!("b{n}"), &ty).await != Some(StatusCode::ACCEPTED) {
+                if send_one(&c, &url, &format!("b{n}"), &ty).await == Some(StatusCode::ACCEPTED) {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                } else {
                     errors.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -436,16 +463,25 @@ async fn load(
     let mut row = Row::named(name);
     row.connections = Some(args.concurrency);
     row.rps = Some(count as f64 / elapsed);
-    // Let the backlog of the throughput phase drain, then measure latency paced.
+    // Let the backlog of the throughput phase drain (every accepted event reached the last
+    // step, or nothing moved for 2 s), then measure latency paced.
     let drained = Instant::now();
-    let mut last = u64::MAX;
-    while drained.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let c = stats.count.load(Ordering::Relaxed);
-        if c == last {
+    let (mut last, mut still) = (u64::MAX, Instant::now());
+    while drained.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = stats.seen.load(Ordering::Relaxed) - seen_before;
+        if seen >= accepted.load(Ordering::Relaxed) {
             break;
         }
-        last = c;
+        if seen != last {
+            (last, still) = (seen, Instant::now());
+        } else if still.elapsed() > Duration::from_secs(2) {
+            eprintln!(
+                "{name}: {} accepted events had not reached the last step after the throughput phase",
+                accepted.load(Ordering::Relaxed) - seen
+            );
+            break;
+        }
     }
     if let Ok(mut h) = stats.hist.lock() {
         h.reset();
@@ -456,7 +492,7 @@ async fn load(
     let period = Duration::from_secs_f64(1.0 / args.latency_rate.max(1.0));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let paced_end = Instant::now() + Duration::from_secs_f64(args.seconds.max(0.1));
+    let paced_end = Instant::now() + Duration::from_secs_f64(args.latency_seconds.max(0.1));
     let mut n = 0u64;
     while Instant::now() < paced_end {
         tick.tick().await;
@@ -473,6 +509,17 @@ async fn load(
     {
         row.p50_us = Some(h.value_at_quantile(0.5) as f64);
         row.p99_us = Some(h.value_at_quantile(0.99) as f64);
+        if h.len() + h.len() / 20 < n {
+            eprintln!("{name}: only {} of {n} paced events measured", h.len());
+        }
+    }
+    if let Some(rps) = row.rps
+        && args.latency_rate > rps / 4.0
+    {
+        eprintln!(
+            "{name}: the paced rate {} /s is above a quarter of this path's throughput ({rps:.0} /s): its latency includes queueing",
+            args.latency_rate
+        );
     }
     let errs = errors.load(Ordering::Relaxed);
     if errs > 0 {

@@ -1,19 +1,27 @@
 //! The broker runtime: per-broker logs, ingest (the ingress contract's processing steps),
-//! and one dispatcher per Trigger that wakes on append, never on a timer.
+//! and the per-Trigger dispatch.
+//!
+//! Dispatch is inline: right after an append, the appending thread (an ingress task, or the
+//! shared-memory reply thread for a function's reply) filters the event for every trigger
+//! that has nothing older pending and starts its delivery at once; a delivery to a
+//! shared-memory function is just a descriptor sent, completed later on the reply thread. A
+//! per-trigger dispatcher task wakes (by notification, never on a timer) only when a trigger
+//! falls behind: backlog after a restart, the in-flight limit reached, or appends racing.
+//! Either way an event is claimed once under the trigger's progress lock, and the persisted
+//! cursor only moves to the lowest offset not yet finished (at least once).
 
-use crate::delivery::{SendOptions, Sinks, with_error_extensions};
+use crate::delivery::{Attempt, Done, SendOptions, Sinks, with_error_extensions};
 use crate::event::{ARRIVAL_EXT, CloudEvent, TTL_EXT};
 use crate::filter::Filter;
 use crate::log::{BrokerLog, Cursor, LogConfig, LogError};
-use crate::manifests::{Delivery, DeliverySpec, Snapshot, Trigger};
+use crate::manifests::{Delivery, DeliverySpec, Snapshot, Target, Trigger};
 use crate::metrics::Metrics;
 use http::StatusCode;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, watch};
 
 /// Runtime settings.
 #[derive(Debug, Clone)]
@@ -76,14 +84,31 @@ pub fn apply_ingress_extensions(ev: &mut CloudEvent, max_ttl: i32) -> Result<(),
 struct TriggerRun {
     trigger: Trigger,
     stop: watch::Sender<bool>,
-    position: Arc<AtomicU64>,
+    core: Arc<TriggerCore>,
 }
 
-/// An open log and its append notifier, shared by every `BrokerState` of the same broker
-/// (a broker removed and re-added while deliveries are in flight keeps one writer).
+impl TriggerRun {
+    fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// An open log, shared by every `BrokerState` of the same broker (a broker removed and
+/// re-added while deliveries are in flight keeps one writer).
 pub struct SharedLog {
     log: Mutex<BrokerLog>,
-    tail: watch::Sender<u64>,
+    /// End offset of the oldest segment when it is sealed (`u64::MAX` otherwise): a cursor
+    /// passing it may let retention delete a segment.
+    front_end: AtomicU64,
+}
+
+impl SharedLog {
+    fn note_front(&self, log: &BrokerLog) {
+        self.front_end.store(
+            log.first_sealed_end().unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
+    }
 }
 
 /// One broker: its log, the append notifier and its running triggers.
@@ -93,6 +118,8 @@ pub struct BrokerState {
     delivery: RwLock<Option<DeliverySpec>>,
     log: Arc<SharedLog>,
     triggers: Mutex<HashMap<String, TriggerRun>>,
+    /// The running triggers, read on every append for inline dispatch.
+    cores: RwLock<Arc<Vec<Arc<TriggerCore>>>>,
     /// Dispatch position of every trigger of this broker, running or restarting.
     positions: Mutex<HashMap<String, Arc<AtomicU64>>>,
     retired: std::sync::atomic::AtomicBool,
@@ -112,20 +139,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl BrokerState {
     /// Stores an event that already went through the ingress steps; returns after the
     /// append (and msync, per durability), i.e. when a 202 may be sent.
+    /// Then hands the event to every trigger (inline dispatch).
     pub fn append(&self, ev: &CloudEvent) -> Result<u64, IngestError> {
         let rec = ev.to_record();
-        let appended = lock(&self.log.log).append(&rec);
-        let tail = match appended {
+        let try_append = || {
+            let mut log = lock(&self.log.log);
+            let start = log.tail();
+            let end = log.append(&rec);
+            self.log.note_front(&log);
+            end.map(|end| (start, end))
+        };
+        let (start, end) = match try_append() {
             Err(LogError::Full(_)) => {
                 // Segments every trigger has passed (all of them when there is no trigger)
                 // may still be on disk: drop them and try once more.
                 self.truncate();
-                lock(&self.log.log).append(&rec)?
+                try_append()?
             }
             other => other?,
         };
-        self.log.tail.send_replace(tail);
-        Ok(tail)
+        let cores = self
+            .cores
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for core in cores.iter() {
+            core.offer(start, end, ev);
+        }
+        Ok(end)
+    }
+
+    fn set_cores(&self, runs: &HashMap<String, TriggerRun>) {
+        let cores: Vec<Arc<TriggerCore>> = runs.values().map(|r| r.core.clone()).collect();
+        *self
+            .cores
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(cores);
     }
 
     /// Ingress: extensions, TTL check, append.
@@ -154,6 +203,7 @@ impl BrokerState {
         let mut log = lock(&self.log.log);
         let upto = min.unwrap_or_else(|| log.tail());
         log.truncate_below(upto);
+        self.log.note_front(&log);
     }
 }
 
@@ -213,7 +263,7 @@ impl Runtime {
             let label = format!("broker=\"{}/{}\"", b.namespace, b.name);
             disk.push((label, bytes as f64));
             for (k, run) in lock(&b.triggers).iter() {
-                let pos = run.position.load(Ordering::Acquire);
+                let pos = run.core.position.load(Ordering::Acquire);
                 lag.push((
                     format!("broker=\"{}/{}\",trigger=\"{k}\"", b.namespace, b.name),
                     tail.saturating_sub(pos) as f64,
@@ -262,8 +312,9 @@ impl Runtime {
             if !keep {
                 state.retired.store(true, Ordering::Release);
                 for (_, run) in lock(&state.triggers).drain() {
-                    let _ = run.stop.send(true);
+                    run.stop();
                 }
+                state.set_cores(&HashMap::new());
                 tracing::info!(broker = %format!("{}/{}", k.0, k.1), "broker removed");
             }
             keep
@@ -279,8 +330,9 @@ impl Runtime {
                     // Delivery defaults changed: restart the triggers (positions are kept).
                     *d = b.delivery.clone();
                     for (_, run) in lock(&existing.triggers).drain() {
-                        let _ = run.stop.send(true);
+                        run.stop();
                     }
+                    existing.set_cores(&HashMap::new());
                 }
                 continue;
             }
@@ -290,10 +342,9 @@ impl Runtime {
             let shared = match open.get(&dir).and_then(std::sync::Weak::upgrade) {
                 Some(s) => Ok(s),
                 None => BrokerLog::open(&dir, self.cfg.log).map(|log| {
-                    let tail = log.tail();
                     let s = Arc::new(SharedLog {
+                        front_end: AtomicU64::new(log.first_sealed_end().unwrap_or(u64::MAX)),
                         log: Mutex::new(log),
-                        tail: watch::Sender::new(tail),
                     });
                     open.insert(dir.clone(), Arc::downgrade(&s));
                     s
@@ -312,6 +363,7 @@ impl Runtime {
                             delivery: RwLock::new(b.delivery.clone()),
                             log,
                             triggers: Mutex::new(HashMap::new()),
+                            cores: RwLock::new(Arc::new(Vec::new())),
                             positions: Mutex::new(HashMap::new()),
                             retired: std::sync::atomic::AtomicBool::new(false),
                             max_ttl: self.cfg.max_ttl,
@@ -337,7 +389,7 @@ impl Runtime {
                 .collect();
             for k in gone {
                 if let Some(run) = runs.remove(&k) {
-                    let _ = run.stop.send(true);
+                    run.stop();
                     if !desired.contains_key(&k) {
                         // Trigger deleted: its position goes too.
                         lock(&state.positions).remove(&k);
@@ -358,6 +410,7 @@ impl Runtime {
                     Err(e) => tracing::error!(trigger = %k, error = %e, "cannot start trigger"),
                 }
             }
+            state.set_cores(&runs);
         }
         for t in &snap.triggers {
             if !brokers.contains_key(&(t.namespace.clone(), t.broker.clone())) {
@@ -391,23 +444,32 @@ impl Runtime {
             None => self.cfg.default_delivery.clone(),
         };
         let (stop, stop_rx) = watch::channel(false);
-        let d = Dispatcher {
+        let next_read = cursor.get();
+        let core = Arc::new(TriggerCore {
             key: t.key(),
             metrics: self.metrics.clone(),
             broker: state.clone(),
-            filter: Arc::new(Filter::for_trigger(t.spec.filter.as_ref(), &t.spec.filters)),
-            trigger: Arc::new(t.clone()),
-            delivery: Arc::new(delivery),
+            filter: Filter::for_trigger(t.spec.filter.as_ref(), &t.spec.filters),
+            trigger: t.clone(),
+            delivery,
             sinks: self.sinks.clone(),
-            position: position.clone(),
+            position,
             max_inflight: self.cfg.max_inflight.max(1),
-        };
-        tracing::info!(trigger = %t.key(), subscriber = %t.subscriber.display(), position = cursor.get(), "trigger started");
-        tokio::spawn(d.run(cursor, stop_rx));
+            progress: Mutex::new(Progress {
+                next_read,
+                inflight: BTreeSet::new(),
+                cursor,
+            }),
+            wake: Notify::new(),
+            stop: stop_rx,
+            tasks: tokio::runtime::Handle::current(),
+        });
+        tracing::info!(trigger = %t.key(), subscriber = %t.subscriber.display(), position = next_read, "trigger started");
+        tokio::spawn(core.clone().dispatch());
         Ok(TriggerRun {
             trigger: t.clone(),
             stop,
-            position,
+            core,
         })
     }
 }
@@ -428,152 +490,279 @@ fn sanitize(key: &str) -> String {
         .collect()
 }
 
-struct Dispatcher {
+struct Progress {
+    /// First offset not yet claimed by a delivery.
+    next_read: u64,
+    /// Offsets claimed and not finished.
+    inflight: BTreeSet<u64>,
+    cursor: Cursor,
+}
+
+/// One running trigger: filter, delivery settings and dispatch progress, shared by the
+/// inline path, its dispatcher task and its deliveries.
+struct TriggerCore {
     key: String,
     metrics: Arc<Metrics>,
     broker: Arc<BrokerState>,
-    trigger: Arc<Trigger>,
-    filter: Arc<Filter>,
-    delivery: Arc<Delivery>,
+    trigger: Trigger,
+    filter: Filter,
+    delivery: Delivery,
     sinks: Sinks,
     position: Arc<AtomicU64>,
     max_inflight: usize,
+    progress: Mutex<Progress>,
+    /// Wakes the dispatcher task (a permit is kept when it is busy: no wakeup is lost).
+    wake: Notify,
+    stop: watch::Receiver<bool>,
+    /// Runtime for delivery tasks (retries, HTTP), also from non-runtime threads.
+    tasks: tokio::runtime::Handle,
 }
 
-impl Dispatcher {
-    async fn run(self, mut cursor: Cursor, mut stop: watch::Receiver<bool>) {
-        let mut tail_rx = self.broker.log.tail.subscribe();
-        let mut next_read = cursor.get();
-        let mut inflight: BTreeSet<u64> = BTreeSet::new();
-        let mut tasks: JoinSet<u64> = JoinSet::new();
-        loop {
-            tail_rx.borrow_and_update();
-            while inflight.len() < self.max_inflight {
-                let rec = lock(&self.broker.log.log).read(next_read);
-                let Some((bytes, next)) = rec else { break };
-                let off = next_read;
-                next_read = next;
-                // Decode and filter here: a non-matching event is done without a task.
-                let ev = match CloudEvent::from_record(&bytes) {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        tracing::error!(error = %e, offset = off, "skipping undecodable log record");
-                        continue;
-                    }
-                };
-                if !self.filter.passes(&ev) {
-                    self.metrics.inc(
-                        "broker_shm_deliveries_total",
-                        &[("trigger", self.key.as_str()), ("outcome", "filtered")],
-                    );
-                    continue;
-                }
-                inflight.insert(off);
-                let job = self.job();
-                tasks.spawn(async move {
-                    job.handle(ev).await;
-                    off
-                });
-            }
-            let commit = inflight.first().copied().unwrap_or(next_read);
-            if commit != cursor.get() {
-                if let Err(e) = cursor.set(commit) {
-                    tracing::error!(error = %e, "cannot persist trigger position");
-                }
-                self.position.store(commit, Ordering::Release);
-                self.broker.truncate();
-            }
-            tokio::select! {
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                    match done {
-                        Ok(off) => { inflight.remove(&off); }
-                        Err(e) => {
-                            // A panicking delivery must not stall the trigger: drop the lowest
-                            // in-flight offset only if its task is gone (cannot be told apart
-                            // here), so restart the dispatcher loop from the committed cursor.
-                            tracing::error!(error = %e, "delivery task failed; resuming from committed position");
-                            tasks.abort_all();
-                            inflight.clear();
-                            next_read = cursor.get();
-                        }
-                    }
-                }
-                changed = tail_rx.changed() => {
-                    if changed.is_err() { break; }
-                }
-                _ = stop.changed() => break,
-            }
-        }
-        tasks.abort_all();
-    }
+/// Marks an in-flight offset unfinished if its delivery task dies without finishing.
+struct Unfinished<'a> {
+    core: &'a Arc<TriggerCore>,
+    armed: bool,
+}
 
-    fn job(&self) -> Job {
-        Job {
-            metrics: self.metrics.clone(),
-            broker: self.broker.clone(),
-            trigger: self.trigger.clone(),
-            delivery: self.delivery.clone(),
-            sinks: self.sinks.clone(),
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::error!(trigger = %self.core.key, "delivery task failed; resuming from committed position");
+            self.core.rewind();
         }
     }
 }
 
-struct Job {
-    metrics: Arc<Metrics>,
-    broker: Arc<BrokerState>,
-    trigger: Arc<Trigger>,
-    delivery: Arc<Delivery>,
-    sinks: Sinks,
-}
+impl TriggerCore {
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
 
-impl Job {
-    async fn handle(&self, mut ev: CloudEvent) {
-        let key = self.trigger.key();
-        let outcome = |what: &str| {
-            self.metrics.inc(
-                "broker_shm_deliveries_total",
-                &[("trigger", key.as_str()), ("outcome", what)],
-            );
-        };
-        // The filter strips the TTL before delivery and re-attaches it to a reply.
-        let ttl = ev.remove(TTL_EXT);
-        let t = &self.trigger;
-        let opts = SendOptions {
-            format: self.delivery.format,
-            timeout: self.delivery.timeout,
-            namespace: t.namespace.clone(),
-            prefer_reply: true,
-            extra_headers: http::HeaderMap::new(),
-        };
-        let (attempt, reply) = self
-            .sinks
-            .send_with_retries(&t.subscriber, &ev, &opts, &self.delivery)
-            .await;
-        if attempt.is_success() {
-            outcome("delivered");
-            if let Some(mut reply) = reply {
-                if let Some(ttl) = &ttl {
-                    reply.set(TTL_EXT, ttl.clone());
-                }
-                let result = match self.broker.ingest(reply) {
-                    Ok(_) => "stored",
-                    Err(IngestError::TtlExhausted) => {
-                        tracing::info!(trigger = %t.key(), "reply dropped: TTL exhausted");
-                        "ttl_exhausted"
-                    }
-                    Err(e) => {
-                        tracing::error!(trigger = %t.key(), error = %e, "reply not stored");
-                        "refused"
-                    }
-                };
-                self.metrics.inc(
-                    "broker_shm_replies_total",
-                    &[("trigger", key.as_str()), ("outcome", result)],
-                );
-            }
+    fn outcome(&self, what: &str) {
+        self.metrics.inc(
+            "broker_shm_deliveries_total",
+            &[("trigger", self.key.as_str()), ("outcome", what)],
+        );
+    }
+
+    /// Inline dispatch of the record `[start, end)` just appended. Takes it when this trigger
+    /// has nothing older to dispatch and room in flight; otherwise wakes the dispatcher.
+    fn offer(self: &Arc<Self>, start: u64, end: u64, ev: &CloudEvent) {
+        if self.stopped() {
             return;
         }
-        outcome("failed");
+        let mut p = lock(&self.progress);
+        if p.next_read != start || p.inflight.len() >= self.max_inflight {
+            drop(p);
+            self.wake.notify_one();
+            return;
+        }
+        p.next_read = end;
+        if !self.filter.passes(ev) {
+            let truncate = self.commit(&mut p);
+            drop(p);
+            self.after_commit(truncate);
+            self.outcome("filtered");
+            return;
+        }
+        p.inflight.insert(start);
+        drop(p);
+        self.deliver(start, ev.clone());
+    }
+
+    /// The dispatcher task: catches up with the log whenever woken.
+    async fn dispatch(self: Arc<Self>) {
+        let mut stop = self.stop.clone();
+        loop {
+            self.catch_up();
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+    }
+
+    /// Claims and starts every record from `next_read` on, up to the in-flight limit.
+    fn catch_up(self: &Arc<Self>) {
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let mut p = lock(&self.progress);
+            if p.inflight.len() >= self.max_inflight {
+                return;
+            }
+            let off = p.next_read;
+            let rec = lock(&self.broker.log.log).read(off);
+            let Some((bytes, next)) = rec else {
+                let truncate = self.commit(&mut p);
+                drop(p);
+                self.after_commit(truncate);
+                return;
+            };
+            p.next_read = next;
+            // Decode and filter here: a non-matching event is done without a task.
+            let ev = match CloudEvent::from_record(&bytes) {
+                Ok(ev) if self.filter.passes(&ev) => ev,
+                Ok(_) => {
+                    drop(p);
+                    self.outcome("filtered");
+                    continue;
+                }
+                Err(e) => {
+                    drop(p);
+                    tracing::error!(error = %e, offset = off, "skipping undecodable log record");
+                    continue;
+                }
+            };
+            p.inflight.insert(off);
+            drop(p);
+            self.deliver(off, ev);
+        }
+    }
+
+    /// Persists the lowest unfinished offset; returns whether retention may now drop a
+    /// segment. A stopped trigger leaves the cursor to its successor.
+    fn commit(&self, p: &mut Progress) -> bool {
+        let commit = p.inflight.first().copied().unwrap_or(p.next_read);
+        if self.stopped() || commit == p.cursor.get() {
+            return false;
+        }
+        if let Err(e) = p.cursor.set(commit) {
+            tracing::error!(error = %e, "cannot persist trigger position");
+        }
+        self.position.store(commit, Ordering::Release);
+        commit >= self.broker.log.front_end.load(Ordering::Acquire)
+    }
+
+    fn after_commit(&self, truncate: bool) {
+        if truncate {
+            self.broker.truncate();
+        }
+    }
+
+    /// The delivery of `off` is over (delivered, dead-lettered or given up).
+    fn finish(&self, off: u64) {
+        let mut p = lock(&self.progress);
+        let was_full = p.inflight.len() >= self.max_inflight;
+        if !p.inflight.remove(&off) {
+            return;
+        }
+        let truncate = self.commit(&mut p);
+        drop(p);
+        self.after_commit(truncate);
+        if was_full {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A delivery vanished: dispatch again from the committed position (duplicates, no loss).
+    fn rewind(&self) {
+        let mut p = lock(&self.progress);
+        p.inflight.clear();
+        p.next_read = p.cursor.get();
+        drop(p);
+        self.wake.notify_one();
+    }
+
+    fn send_options(&self) -> SendOptions {
+        SendOptions {
+            format: self.delivery.format,
+            timeout: self.delivery.timeout,
+            namespace: self.trigger.namespace.clone(),
+            prefer_reply: true,
+            extra_headers: http::HeaderMap::new(),
+        }
+    }
+
+    /// Starts the delivery of a claimed event. The first attempt to a shared-memory function
+    /// is a descriptor sent from this thread, finished by the reply thread; anything else
+    /// (HTTP, retries, the dead-letter sink) runs as a task.
+    fn deliver(self: &Arc<Self>, off: u64, mut ev: CloudEvent) {
+        // The filter strips the TTL before delivery and re-attaches it to a reply.
+        let ttl = ev.remove(TTL_EXT);
+        if let (Target::ShmFunction(_), Some(shm)) = (&self.trigger.subscriber, &self.sinks.shm) {
+            let core = self.clone();
+            let ev2 = ev.clone();
+            let ttl2 = ttl.clone();
+            let done: Done = Box::new(move |attempt: Attempt| {
+                if attempt.is_success()
+                    && let Ok(reply) = attempt.reply()
+                {
+                    core.delivered(reply, ttl2.as_deref());
+                    core.finish(off);
+                } else {
+                    core.spawn(off, ev2, ttl2, Some(attempt));
+                }
+            });
+            match shm.start(&self.trigger.subscriber, &ev, &self.send_options(), done) {
+                Ok(()) => return,
+                Err(_) => return self.spawn(off, ev, ttl, None),
+            }
+        }
+        self.spawn(off, ev, ttl, None)
+    }
+
+    /// Runs (the rest of) a delivery as a task; `first` is an attempt already made.
+    fn spawn(
+        self: &Arc<Self>,
+        off: u64,
+        ev: CloudEvent,
+        ttl: Option<String>,
+        first: Option<Attempt>,
+    ) {
+        let core = self.clone();
+        self.tasks.spawn(async move {
+            let mut stop = core.stop.clone();
+            let mut guard = Unfinished {
+                core: &core,
+                armed: true,
+            };
+            tokio::select! {
+                _ = core.handle(ev, ttl, first) => core.finish(off),
+                // Stopped: the successor resumes from the committed cursor.
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            guard.armed = false;
+        });
+    }
+
+    /// A successful delivery: count it and store the reply, if any.
+    fn delivered(&self, reply: Option<CloudEvent>, ttl: Option<&str>) {
+        self.outcome("delivered");
+        let Some(mut reply) = reply else { return };
+        if let Some(ttl) = ttl {
+            reply.set(TTL_EXT, ttl);
+        }
+        let result = match self.broker.ingest(reply) {
+            Ok(_) => "stored",
+            Err(IngestError::TtlExhausted) => {
+                tracing::info!(trigger = %self.key, "reply dropped: TTL exhausted");
+                "ttl_exhausted"
+            }
+            Err(e) => {
+                tracing::error!(trigger = %self.key, error = %e, "reply not stored");
+                "refused"
+            }
+        };
+        self.metrics.inc(
+            "broker_shm_replies_total",
+            &[("trigger", self.key.as_str()), ("outcome", result)],
+        );
+    }
+
+    async fn handle(&self, ev: CloudEvent, ttl: Option<String>, first: Option<Attempt>) {
+        let t = &self.trigger;
+        let opts = self.send_options();
+        let (attempt, reply) = self
+            .sinks
+            .send_with_retries_after(&t.subscriber, &ev, &opts, &self.delivery, first)
+            .await;
+        if attempt.is_success() {
+            self.delivered(reply, ttl.as_deref());
+            return;
+        }
+        self.outcome("failed");
         tracing::warn!(
             trigger = %t.key(),
             subscriber = %t.subscriber.display(),
@@ -598,7 +787,7 @@ impl Job {
             .send_with_retries(dls, &dead, &dls_opts, &self.delivery)
             .await;
         if res.is_success() {
-            outcome("dead_lettered");
+            self.outcome("dead_lettered");
         } else {
             tracing::error!(trigger = %t.key(), dls = %dls.display(), status = res.status, "dead-letter delivery failed; event dropped");
         }

@@ -86,6 +86,10 @@ impl Attempt {
 /// Boxed future used by [`Sink`].
 pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
 
+/// Receives the outcome of an attempt started with [`Sink::start`], on whichever thread
+/// learns it (for the shared-memory path, the thread that reads the function's answer).
+pub type Done = Box<dyn FnOnce(Attempt) + Send>;
+
 /// Something events are delivered to: HTTP, or a shared-memory function of the dataplane SDK.
 pub trait Sink: Send + Sync {
     /// Makes exactly one delivery attempt.
@@ -95,6 +99,19 @@ pub trait Sink: Send + Sync {
         event: &'a CloudEvent,
         opts: &'a SendOptions,
     ) -> SinkFuture<'a>;
+
+    /// Starts one attempt without a task waiting for it: `done` gets the outcome. A sink
+    /// that cannot do this hands `done` back (`Err`) and the caller uses [`Sink::send`].
+    fn start(
+        &self,
+        target: &Target,
+        event: &CloudEvent,
+        opts: &SendOptions,
+        done: Done,
+    ) -> Result<(), Done> {
+        let _ = (target, event, opts);
+        Err(done)
+    }
 }
 
 /// HTTP/1.1 delivery with a pooled hyper client.
@@ -245,9 +262,25 @@ impl Sinks {
         opts: &SendOptions,
         delivery: &Delivery,
     ) -> (Attempt, Option<CloudEvent>) {
+        self.send_with_retries_after(target, event, opts, delivery, None)
+            .await
+    }
+
+    /// [`Sinks::send_with_retries`] when the first attempt may already have been made.
+    pub async fn send_with_retries_after(
+        &self,
+        target: &Target,
+        event: &CloudEvent,
+        opts: &SendOptions,
+        delivery: &Delivery,
+        mut first: Option<Attempt>,
+    ) -> (Attempt, Option<CloudEvent>) {
         let mut n = 0u32;
         loop {
-            let mut attempt = self.send(target, event, opts).await;
+            let mut attempt = match first.take() {
+                Some(a) => a,
+                None => self.send(target, event, opts).await,
+            };
             if attempt.is_success() {
                 match attempt.reply() {
                     Ok(reply) => return (attempt, reply),

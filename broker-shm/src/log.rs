@@ -247,6 +247,14 @@ impl BrokerLog {
         self.segments.front().map_or(0, |s| s.base)
     }
 
+    /// End offset of the oldest segment when a newer one exists (it is sealed).
+    pub fn first_sealed_end(&self) -> Option<u64> {
+        if self.segments.len() < 2 {
+            return None;
+        }
+        self.segments.front().map(|s| s.base + s.used as u64)
+    }
+
     /// Bytes of segment files currently on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.capacity() as u64).sum()
