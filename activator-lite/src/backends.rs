@@ -4,6 +4,12 @@
 //! A pod is probed the moment it appears or changes (not-ready again), and a failed probe
 //! is retried after 1, 2, 4, 8… ms, capped at `PROBE_FREQUENCY`: no fixed tick delays a
 //! cold start. Healthy pods are handed to the revision's throttler.
+//!
+//! Revisions in event-driven mode (annotation `spright.dev/dataplane-mode: event-driven`,
+//! see [`DataplaneMode`]) have their serving port steered in the kernel to the user
+//! container, which would not answer `queue`; their pods are probed with the same request
+//! (path `/`) on the sidecar's admin port instead (`http-queueadm` in the Endpoints,
+//! default 8022), and requests still go to the serving port.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -17,12 +23,35 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::manifests::{ClusterState, RevisionKey};
+use crate::manifests::{ClusterState, DataplaneMode, RevisionKey};
 use crate::throttler::{Throttler, activator_position};
 
 pub const PROBE_HEADER: &str = "k-network-probe";
 pub const PROBE_USER_AGENT: &str = "Knative-Activator-Probe";
 const FIRST_RETRY: Duration = Duration::from_millis(1);
+
+/// Where and how a pod is probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// `ip:port`.
+    pub addr: String,
+    pub path: &'static str,
+}
+
+impl ProbeTarget {
+    /// The serving port, as Knative probes it (`/healthz`).
+    pub fn serving(dest: &str) -> Self {
+        Self {
+            addr: dest.to_owned(),
+            path: "/healthz",
+        }
+    }
+
+    /// The sidecar's admin port (event-driven mode).
+    pub fn admin(addr: String) -> Self {
+        Self { addr, path: "/" }
+    }
+}
 
 /// Probes a pod once.
 #[derive(Clone, Debug)]
@@ -45,8 +74,8 @@ impl PodProber {
     }
 
     /// True when the pod answers 200 with body `queue`.
-    pub async fn probe(&self, dest: &str) -> bool {
-        let req = match http::Request::get(format!("http://{dest}/healthz"))
+    pub async fn probe(&self, target: &ProbeTarget) -> bool {
+        let req = match http::Request::get(format!("http://{}{}", target.addr, target.path))
             .header(PROBE_HEADER, "queue")
             .header(http::header::USER_AGENT, PROBE_USER_AGENT)
             .body(Empty::new())
@@ -153,6 +182,17 @@ impl Backends {
                 .get(key)
                 .map(|e| e.dests(spec.h2c))
                 .unwrap_or_default();
+            // Event-driven pods answer `queue` on the admin port only.
+            let admin = (spec.dataplane_mode == DataplaneMode::EventDriven).then(|| {
+                st.private
+                    .get(key)
+                    .map(|e| e.admin_dests(spec.h2c))
+                    .unwrap_or_default()
+            });
+            let target = |dest: &String| match admin.as_ref().and_then(|a| a.get(dest)) {
+                Some(addr) => ProbeTarget::admin(addr.clone()),
+                None => ProbeTarget::serving(dest),
+            };
             let rs = revs.entry(key.clone()).or_default();
             let mut changed = false;
             let all: BTreeSet<&String> = ready.iter().chain(not_ready.iter()).collect();
@@ -185,7 +225,7 @@ impl Backends {
                     _ => false,
                 };
                 if needs_probe {
-                    let task = self.spawn_probe(key.clone(), dest.clone());
+                    let task = self.spawn_probe(key.clone(), dest.clone(), target(dest));
                     if let Some((_, Some(old))) =
                         rs.known.insert(dest.clone(), (is_ready, Some(task)))
                     {
@@ -202,12 +242,17 @@ impl Backends {
         }
     }
 
-    fn spawn_probe(self: &Arc<Self>, key: RevisionKey, dest: String) -> JoinHandle<()> {
+    fn spawn_probe(
+        self: &Arc<Self>,
+        key: RevisionKey,
+        dest: String,
+        target: ProbeTarget,
+    ) -> JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut delay = FIRST_RETRY;
             loop {
-                if me.prober.probe(&dest).await {
+                if me.prober.probe(&target).await {
                     me.mark_healthy(&key, &dest);
                     return;
                 }

@@ -19,6 +19,46 @@ pub const LABEL_SERVICE: &str = "serving.knative.dev/service";
 pub const LABEL_CONFIGURATION: &str = "serving.knative.dev/configuration";
 pub const LABEL_SERVICE_TYPE: &str = "networking.internal.knative.dev/serviceType";
 
+/// The Revision (and pod) annotation that selects the pods' data path (see
+/// [`DataplaneMode`]).
+pub const ANNOTATION_DATAPLANE_MODE: &str = "spright.dev/dataplane-mode";
+/// The Endpoints port of queue-proxy's admin server (`http-queueadm`, serving's
+/// `QueueAdminPortName`, exposed on the private service).
+pub const PORT_NAME_QUEUE_ADMIN: &str = "http-queueadm";
+/// queue-proxy's admin port (`networking.QueueAdminPort`) when the Endpoints do not name it.
+pub const DEFAULT_QUEUE_ADMIN_PORT: u16 = 8022;
+
+/// The data path of a revision's pods (annotation [`ANNOTATION_DATAPLANE_MODE`], the
+/// same one queue-proxy-ebpf reads).
+///
+/// - `userspace` (default) and `full`: the sidecar proxies the serving port; pods are
+///   probed there, as Knative does.
+/// - `event-driven` (EPROXY): the kernel steers the serving port straight to the user
+///   container, so a probe there would reach the user's app. Pods are probed on the
+///   sidecar's admin port instead (the Endpoints port `http-queueadm`, default 8022;
+///   same request, path `/`), while requests still go to the serving port. The sidecar's
+///   breaker and timeouts are gone in that mode; the activator's own per-pod
+///   containerConcurrency and the revision timeouts still hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataplaneMode {
+    #[default]
+    Userspace,
+    Full,
+    EventDriven,
+}
+
+impl DataplaneMode {
+    /// Parses the annotation value (surrounding blanks ignored).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim() {
+            "userspace" => Some(Self::Userspace),
+            "full" => Some(Self::Full),
+            "event-driven" => Some(Self::EventDriven),
+            _ => None,
+        }
+    }
+}
+
 /// Default Revision timeout (`config-defaults` revision-timeout-seconds).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -78,6 +118,8 @@ pub struct RevisionSpec {
     pub idle_timeout: Option<Duration>,
     /// The user container declares a port named `h2c`.
     pub h2c: bool,
+    /// How the pods are probed (see [`DataplaneMode`]).
+    pub dataplane_mode: DataplaneMode,
 }
 
 /// One subset of a private Endpoints object.
@@ -114,6 +156,27 @@ impl PrivateEndpoints {
         not_ready.retain(|d| ready.binary_search(d).is_err());
         (ready, not_ready)
     }
+
+    /// Where each destination of [`Self::dests`] is probed in event-driven mode: the same
+    /// address on the subset's `http-queueadm` port (8022 when the subset has none).
+    pub fn admin_dests(&self, h2c: bool) -> HashMap<String, String> {
+        let want = if h2c { "http2" } else { "http" };
+        let mut out = HashMap::new();
+        for s in &self.subsets {
+            let Some(port) = s.ports.iter().find(|(n, _)| n == want).map(|(_, p)| *p) else {
+                continue;
+            };
+            let admin = s
+                .ports
+                .iter()
+                .find(|(n, _)| n == PORT_NAME_QUEUE_ADMIN)
+                .map_or(DEFAULT_QUEUE_ADMIN_PORT, |(_, p)| *p);
+            for ip in s.ready.iter().chain(&s.not_ready) {
+                out.insert(join_host_port(ip, port), join_host_port(ip, admin));
+            }
+        }
+        out
+    }
 }
 
 fn join_host_port(ip: &str, port: u16) -> String {
@@ -149,17 +212,28 @@ struct Meta {
     namespace: Option<String>,
     #[serde(default)]
     labels: HashMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    annotations: HashMap<String, serde_yaml::Value>,
 }
 
 impl Meta {
     /// A label value; scalars of any YAML type are read as their text.
     fn label(&self, k: &str) -> Option<String> {
-        match self.labels.get(k)? {
-            serde_yaml::Value::String(s) => Some(s.clone()),
-            serde_yaml::Value::Number(n) => Some(n.to_string()),
-            serde_yaml::Value::Bool(b) => Some(b.to_string()),
-            _ => None,
-        }
+        scalar(self.labels.get(k)?)
+    }
+
+    fn annotation(&self, k: &str) -> Option<String> {
+        scalar(self.annotations.get(k)?)
+    }
+}
+
+/// A scalar of any YAML type as its text.
+fn scalar(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
     }
 }
 
@@ -288,6 +362,22 @@ pub fn parse_manifests(text: &str, path: &Path) -> Result<FileObjects, ManifestE
                     )));
                 }
                 let label = |k: &str| doc.metadata.label(k).unwrap_or_default();
+                let mode = doc.metadata.annotation(ANNOTATION_DATAPLANE_MODE);
+                let dataplane_mode = match mode.as_deref().map(DataplaneMode::parse) {
+                    None => DataplaneMode::default(),
+                    Some(Some(m)) => m,
+                    Some(None) => {
+                        // The sidecar refuses to start with such a value; its pods never
+                        // get ready, whatever the activator probes.
+                        tracing::warn!(
+                            path = %path.display(),
+                            revision = %doc.metadata.name,
+                            value = mode.as_deref().unwrap_or(""),
+                            "unknown {ANNOTATION_DATAPLANE_MODE}; probing as in userspace mode"
+                        );
+                        DataplaneMode::default()
+                    }
+                };
                 out.revisions.push(RevisionSpec {
                     key: RevisionKey::new(ns, doc.metadata.name.clone()),
                     service: label(LABEL_SERVICE),
@@ -306,6 +396,7 @@ pub fn parse_manifests(text: &str, path: &Path) -> Result<FileObjects, ManifestE
                         .iter()
                         .flat_map(|c| &c.ports)
                         .any(|p| p.name == "h2c"),
+                    dataplane_mode,
                 });
             }
             ("Endpoints", "v1") => {
@@ -616,6 +707,46 @@ metadata:
         assert_eq!(not_ready, vec!["10.0.0.3:8012"]);
         assert!(objs.private[0].1.dests(true).0.is_empty());
         assert_eq!(objs.public[0].1, vec!["10.1.0.8", "10.1.0.9"]);
+    }
+
+    #[test]
+    fn dataplane_mode_and_admin_port() {
+        let rev = |ann: &str| {
+            let text = format!(
+                "apiVersion: serving.knative.dev/v1\nkind: Revision\nmetadata:\n  name: r\n{ann}"
+            );
+            parse_manifests(&text, Path::new("m.yaml"))
+                .unwrap()
+                .revisions[0]
+                .dataplane_mode
+        };
+        let ann = |v: &str| format!("  annotations:\n    spright.dev/dataplane-mode: {v}\n");
+        assert_eq!(rev(""), DataplaneMode::Userspace);
+        assert_eq!(rev(&ann("event-driven")), DataplaneMode::EventDriven);
+        assert_eq!(rev(&ann("full")), DataplaneMode::Full);
+        assert_eq!(rev(&ann("userspace")), DataplaneMode::Userspace);
+        // Unknown values are logged and probed as in userspace mode.
+        assert_eq!(rev(&ann("warp")), DataplaneMode::Userspace);
+
+        let ep = PrivateEndpoints {
+            subsets: vec![
+                Subset {
+                    ready: vec!["10.0.0.1".into()],
+                    not_ready: vec!["fd00::2".into()],
+                    ports: vec![("http".into(), 8012), (PORT_NAME_QUEUE_ADMIN.into(), 9022)],
+                },
+                Subset {
+                    ready: vec!["10.0.0.3".into()],
+                    not_ready: vec![],
+                    ports: vec![("http".into(), 8012)],
+                },
+            ],
+        };
+        let admin = ep.admin_dests(false);
+        assert_eq!(admin["10.0.0.1:8012"], "10.0.0.1:9022");
+        assert_eq!(admin["[fd00::2]:8012"], "[fd00::2]:9022");
+        assert_eq!(admin["10.0.0.3:8012"], "10.0.0.3:8022");
+        assert!(ep.admin_dests(true).is_empty());
     }
 
     #[test]

@@ -112,9 +112,10 @@ async fn app_conn(
                     let Some(adm) = app.admit(spec, client_gone(&stream)).await else {
                         return;
                     };
-                    if !crate::fast::serve(&app.pool, &mut stream, &mut buf, &mut ubuf, req, adm)
-                        .await
-                    {
+                    // Boxed: a held connection's task stays small (see crate::admission).
+                    let serve =
+                        crate::fast::serve(&app.pool, &mut stream, &mut buf, &mut ubuf, req, adm);
+                    if !Box::pin(serve).await {
                         return;
                     }
                     first = false;

@@ -742,3 +742,136 @@ async fn https_when_a_certificate_is_configured() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "pod-a");
 }
+
+/// A user container as it answers on a pod's serving port in event-driven mode (the
+/// kernel steers that port past the sidecar): 200 with its own body to everything,
+/// probes included. Counts the probes and the proxied requests it sees.
+struct UserApp {
+    addr: std::net::SocketAddr,
+    probes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    proxied: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UserApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl UserApp {
+    async fn start() -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind user app");
+        let addr = listener.local_addr().expect("addr");
+        let probes = Arc::new(AtomicUsize::new(0));
+        let proxied = Arc::new(AtomicUsize::new(0));
+        let (p, q) = (probes.clone(), proxied.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (p, q) = (p.clone(), q.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<_>| {
+                        if req.headers().contains_key("k-network-probe") {
+                            p.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if req
+                            .headers()
+                            .get("k-proxy-request")
+                            .is_some_and(|v| v == "activator")
+                        {
+                            q.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async {
+                            let _ = BodyExt::collect(req.into_body()).await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(b"user-app"),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            probes,
+            proxied,
+            task,
+        }
+    }
+}
+
+/// A Revision with the `spright.dev/dataplane-mode` annotation (none when `mode` is
+/// empty) and a 1 s timeout, and its private Endpoints naming both the serving port
+/// and the sidecar's admin port (`http-queueadm`).
+fn mode_manifests(rev: &str, mode: &str, serving: u16, admin: u16) -> String {
+    let annotations = if mode.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations:\n    spright.dev/dataplane-mode: {mode}\n")
+    };
+    format!(
+        "apiVersion: serving.knative.dev/v1\nkind: Revision\nmetadata:\n  name: {rev}\n  namespace: {NS}\n{annotations}spec:\n  containerConcurrency: 1\n  timeoutSeconds: 1\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {rev}-private\n  namespace: {NS}\n  labels:\n    serving.knative.dev/revision: {rev}\n    serving.knative.dev/revisionUID: uid-{rev}\n    networking.internal.knative.dev/serviceType: Private\nsubsets:\n- addresses:\n  - ip: 127.0.0.1\n  ports:\n  - name: http\n    port: {serving}\n  - name: http-queueadm\n    port: {admin}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_driven_pods_are_probed_on_the_admin_port() {
+    use std::sync::atomic::Ordering;
+    let m = Manifests::new();
+    // One pod per revision: the user app on the serving port (steered past the
+    // sidecar), the sidecar answering `queue` on its admin port.
+    let modes = ["event-driven", "full", "userspace", ""];
+    let mut pods = Vec::new();
+    for (i, mode) in modes.iter().enumerate() {
+        let app = UserApp::start().await;
+        let sidecar = Pod::start("sidecar-admin", true).await;
+        let rev = format!("mode{i}-00001");
+        m.write(
+            &format!("{rev}.yaml"),
+            &mode_manifests(&rev, mode, app.addr.port(), sidecar.addr.port()),
+        );
+        pods.push((rev, app, sidecar));
+    }
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let port = act.port;
+    let replies = futures::future::join_all(
+        pods.iter()
+            .map(|(rev, _, _)| async move { get(port, rev, "/", &[]).await }),
+    )
+    .await;
+
+    // Event-driven: ready through the admin port, the request reaches the user app.
+    let (_, app, sidecar) = &pods[0];
+    assert_eq!(
+        (replies[0].status, replies[0].body.as_str()),
+        (StatusCode::OK, "user-app")
+    );
+    assert!(sidecar.state.probes.load(Ordering::SeqCst) >= 1);
+    assert_eq!(app.probes.load(Ordering::SeqCst), 0, "probed the user app");
+    assert_eq!(app.proxied.load(Ordering::SeqCst), 1);
+
+    // full, userspace and no annotation: probed on the serving port, where the user app
+    // does not answer `queue`: never ready, the held request times out.
+    for (i, (rev, app, sidecar)) in pods.iter().enumerate().skip(1) {
+        assert_eq!(
+            replies[i].status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{rev}: {:?}",
+            replies[i]
+        );
+        assert!(app.probes.load(Ordering::SeqCst) >= 1, "{rev}");
+        assert_eq!(app.proxied.load(Ordering::SeqCst), 0, "{rev}");
+        assert_eq!(sidecar.state.probes.load(Ordering::SeqCst), 0, "{rev}");
+    }
+}
