@@ -251,10 +251,9 @@ impl CloudEvent {
                 }
                 continue;
             }
-            let (Ok(name), Ok(val)) = (
-                HeaderName::from_bytes(format!("ce-{k}").as_bytes()),
-                HeaderValue::from_str(&percent_encode(v)),
-            ) else {
+            let (Some(name), Ok(val)) =
+                (ce_header_name(k), HeaderValue::try_from(percent_encode(v)))
+            else {
                 continue;
             };
             h.insert(name, val);
@@ -266,6 +265,20 @@ impl CloudEvent {
 fn push_json_str(out: &mut String, s: &str) {
     // serde_json's escaping of a &str cannot fail.
     out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+/// `ce-<name>`: static for the attributes every event carries (no allocation per event).
+fn ce_header_name(name: &str) -> Option<HeaderName> {
+    Some(match name {
+        "id" => HeaderName::from_static("ce-id"),
+        "source" => HeaderName::from_static("ce-source"),
+        "type" => HeaderName::from_static("ce-type"),
+        "specversion" => HeaderName::from_static("ce-specversion"),
+        "time" => HeaderName::from_static("ce-time"),
+        "subject" => HeaderName::from_static("ce-subject"),
+        "dataschema" => HeaderName::from_static("ce-dataschema"),
+        _ => return HeaderName::from_bytes(format!("ce-{name}").as_bytes()).ok(),
+    })
 }
 
 /// Percent-encodes a header value as the HTTP binding requires (§3.1.3.2): space, `"`, `%`,

@@ -263,10 +263,11 @@ impl EventLoop {
                     Ok(Event::Incoming(Packet::ConnAck(a))) => Ok(MqttEvent::Connected {
                         session_present: a.session_present,
                     }),
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                    Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                        // The token only needs qos and packet id: move the rest out.
                         let msg = InboundMessage {
-                            topic: p.topic.clone(),
-                            payload: p.payload.clone(),
+                            topic: std::mem::take(&mut p.topic),
+                            payload: std::mem::take(&mut p.payload),
                             qos: p.qos as u8,
                             pkid: p.pkid,
                             content_type: None,
@@ -297,11 +298,12 @@ impl EventLoop {
                     Ok(r5::Event::Incoming(Packet::ConnAck(a))) => Ok(MqttEvent::Connected {
                         session_present: a.session_present,
                     }),
-                    Ok(r5::Event::Incoming(Packet::Publish(p))) => {
-                        let props = p.properties.clone().unwrap_or_default();
+                    Ok(r5::Event::Incoming(Packet::Publish(mut p))) => {
+                        // The token only needs qos and packet id: move the rest out.
+                        let props = p.properties.take().unwrap_or_default();
                         let msg = InboundMessage {
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload.clone(),
+                            payload: std::mem::take(&mut p.payload),
                             qos: p.qos as u8,
                             pkid: p.pkid,
                             content_type: props.content_type,

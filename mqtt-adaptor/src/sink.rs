@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 
 use crate::cloudevent::{CloudEvent, STRUCTURED_CONTENT_TYPE};
 use crate::config::Format;
@@ -64,6 +66,65 @@ pub struct SinkClient {
     client: reqwest::Client,
     format: Format,
     token: TokenCache,
+    timeout: Duration,
+}
+
+/// A plain `http://` sink, parsed once, for the lean HTTP/1.1 path of the source's delivery
+/// workers: each worker keeps one keep-alive connection of its own (no shared pool, no URL
+/// parsing or pool lookup per event). `https://` sinks go through reqwest (rustls, K_CA_CERTS).
+#[derive(Debug, Clone)]
+pub struct H1Target {
+    /// `host:port` to connect to.
+    connect: String,
+    /// `Host` header value.
+    host: http::HeaderValue,
+    /// Origin-form request target (path and query).
+    path: http::Uri,
+}
+
+impl H1Target {
+    /// `Some` for an `http://` URL without user info; `None` sends the URL through reqwest.
+    pub fn parse(url: &str) -> Option<Self> {
+        let uri: http::Uri = url.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let authority = uri.authority()?;
+        if authority.as_str().contains('@') {
+            return None;
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        Some(H1Target {
+            connect: format!("{}:{port}", authority.host()),
+            host: http::HeaderValue::from_str(authority.as_str()).ok()?,
+            path: path.parse().ok()?,
+        })
+    }
+}
+
+/// One delivery worker's keep-alive HTTP/1.1 connection to an [`H1Target`].
+#[derive(Debug, Default)]
+pub struct SinkConn {
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl SinkConn {
+    async fn open(
+        t: &H1Target,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+        let stream = tokio::net::TcpStream::connect(&t.connect)
+            .await
+            .map_err(|e| format!("connect {}: {e}", t.connect))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake with {}: {e}", t.connect))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
 }
 
 impl SinkClient {
@@ -96,11 +157,98 @@ impl SinkClient {
         Ok(SinkClient {
             client,
             format,
+            timeout,
             token: TokenCache {
                 path: oidc_token_file,
                 cached: Mutex::new((None, None)),
             },
         })
+    }
+
+    /// One POST of `ev` to a plain-HTTP sink over the worker's own connection, with the
+    /// configured timeout. A request that could not be sent on a reused connection (closed
+    /// by the sink while idle) is sent once more on a fresh one.
+    pub async fn post_h1(&self, conn: &mut SinkConn, t: &H1Target, ev: &CloudEvent) -> Attempt {
+        match tokio::time::timeout(self.timeout, self.post_h1_once(conn, t, ev)).await {
+            Ok(a) => a,
+            Err(_) => {
+                conn.sender = None;
+                Attempt::Retry(format!(
+                    "sink request timed out after {} s",
+                    self.timeout.as_secs()
+                ))
+            }
+        }
+    }
+
+    fn h1_request(&self, t: &H1Target, ev: &CloudEvent) -> http::Request<Full<Bytes>> {
+        let (mut headers, body) = match self.format {
+            Format::Binary => (ev.binary_headers(), ev.data.clone().unwrap_or_default()),
+            Format::Structured => {
+                let mut h = http::HeaderMap::with_capacity(3);
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(STRUCTURED_CONTENT_TYPE),
+                );
+                (h, Bytes::from(ev.to_json()))
+            }
+        };
+        headers.insert(http::header::HOST, t.host.clone());
+        if let Some(token) = self.token.get()
+            && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {token}"))
+        {
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        let mut req = http::Request::new(Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = t.path.clone();
+        *req.headers_mut() = headers;
+        req
+    }
+
+    async fn post_h1_once(&self, conn: &mut SinkConn, t: &H1Target, ev: &CloudEvent) -> Attempt {
+        let mut req = self.h1_request(t, ev);
+        let mut fresh = false;
+        let resp = loop {
+            let sender = match &mut conn.sender {
+                Some(s) if !s.is_closed() => s,
+                _ => {
+                    fresh = true;
+                    match SinkConn::open(t).await {
+                        Ok(s) => conn.sender.insert(s),
+                        Err(e) => return Attempt::Retry(format!("sink request failed: {e}")),
+                    }
+                }
+            };
+            if sender.ready().await.is_err() {
+                conn.sender = None;
+                if fresh {
+                    return Attempt::Retry("sink request failed: connection closed".into());
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => break resp,
+                Err(mut e) => {
+                    conn.sender = None;
+                    match e.take_message() {
+                        Some(r) if !fresh => req = r,
+                        _ => {
+                            return Attempt::Retry(format!(
+                                "sink request failed: {}",
+                                e.into_error()
+                            ));
+                        }
+                    }
+                }
+            }
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+        if body.is_err() {
+            conn.sender = None;
+        }
+        classify(status, body.unwrap_or_default())
     }
 
     /// One POST of `ev` to `url`.
@@ -120,22 +268,25 @@ impl SinkClient {
         match req.send().await {
             Ok(resp) => {
                 let status = resp.status();
-                if status.is_success() {
-                    // Drain the body so the connection goes back to the pool.
-                    let _ = resp.bytes().await;
-                    Attempt::Accepted(status)
-                } else {
-                    let body = resp.bytes().await.unwrap_or_default();
-                    let text = String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned();
-                    if retryable(status) {
-                        Attempt::Retry(format!("sink answered {status}: {text}"))
-                    } else {
-                        Attempt::Reject(status, text)
-                    }
-                }
+                // Read the body in full so the connection goes back to the pool.
+                let body = resp.bytes().await.unwrap_or_default();
+                classify(status, body)
             }
             Err(e) => Attempt::Retry(format!("sink request failed: {e}")),
         }
+    }
+}
+
+/// Maps a sink answer to the delivery outcome (Knative's retry table).
+fn classify(status: StatusCode, body: Bytes) -> Attempt {
+    if status.is_success() {
+        return Attempt::Accepted(status);
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned();
+    if retryable(status) {
+        Attempt::Retry(format!("sink answered {status}: {text}"))
+    } else {
+        Attempt::Reject(status, text)
     }
 }
 
@@ -157,6 +308,23 @@ mod tests {
         for code in [400, 401, 403, 413, 301] {
             assert!(!retryable(StatusCode::from_u16(code).unwrap()), "{code}");
         }
+    }
+
+    #[test]
+    fn h1_target_parsing() {
+        let t = H1Target::parse("http://sink.default.svc.cluster.local/a/b?c=d").unwrap();
+        assert_eq!(t.connect, "sink.default.svc.cluster.local:80");
+        assert_eq!(t.host, "sink.default.svc.cluster.local");
+        assert_eq!(t.path, "/a/b?c=d");
+        let t = H1Target::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(t.connect, "127.0.0.1:8080");
+        assert_eq!(t.host, "127.0.0.1:8080");
+        assert_eq!(t.path, "/");
+        let t = H1Target::parse("http://[::1]:9/x").unwrap();
+        assert_eq!(t.connect, "[::1]:9");
+        assert!(H1Target::parse("https://sink/").is_none());
+        assert!(H1Target::parse("http://user:pw@sink/").is_none());
+        assert!(H1Target::parse("not a url").is_none());
     }
 
     #[test]

@@ -5,9 +5,8 @@
 //! without a dead-letter sink, or --retry exhausted). The session is persistent, so anything
 //! unacknowledged when the process stops is redelivered by the broker after restart.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -17,21 +16,39 @@ use crate::config::Config;
 use crate::mapping::{self, Disposition, InboundMessage, WrapSettings};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, AckToken, Client, ConnSettings, MqttEvent};
-use crate::sink::{Attempt, SinkClient, backoff};
+use crate::sink::{Attempt, H1Target, SinkClient, SinkConn, backoff};
 
-/// Shared state of the delivery tasks.
+/// Shared state of the delivery workers.
 #[derive(Debug)]
 struct Pipeline {
     cfg: Config,
     sink_url: String,
+    /// `Some` for a plain-HTTP sink: workers use their own keep-alive connection.
+    h1: Option<H1Target>,
     wrap: WrapSettings,
     sink: SinkClient,
     metrics: Arc<Metrics>,
+    /// Messages handed to the workers and not finished (queued or being delivered).
     active: AtomicUsize,
     /// Acknowledgements queued to the event loop and not yet written (may dip below 0 briefly).
     acks_pending: AtomicI64,
+    /// Set while the event-loop task waits for a worker to finish (saturated or draining);
+    /// workers wake it only then, so a message costs no extra wake-up in steady state.
+    waiting: AtomicBool,
     idle: Notify,
 }
+
+impl Pipeline {
+    fn finished(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            // A stored permit: no lost wake-up.
+            self.idle.notify_one();
+        }
+    }
+}
+
+type Job = (InboundMessage, AckToken);
 
 /// Runs the source until `shutdown` turns true, then drains in-flight deliveries.
 pub async fn run(
@@ -59,12 +76,14 @@ pub async fn run(
     let (client, mut eventloop) = mqtt::connect(&settings)?;
     let p = Arc::new(Pipeline {
         cfg,
+        h1: H1Target::parse(&sink_url),
         sink_url,
         wrap,
         sink,
         metrics,
         active: AtomicUsize::new(0),
         acks_pending: AtomicI64::new(0),
+        waiting: AtomicBool::new(false),
         idle: Notify::new(),
     });
     tracing::info!(
@@ -78,15 +97,21 @@ pub async fn run(
 
     let window = usize::from(p.cfg.inflight);
     let pending_limit = window * 2;
-    // Messages waiting for a delivery slot: kept as plain data (a few hundred bytes each), a
-    // task is spawned only when one of the `window` slots is free.
-    let mut backlog: VecDeque<(InboundMessage, AckToken)> = VecDeque::new();
+    // `window` long-lived delivery workers share one queue: no task spawned per message, and
+    // each worker keeps its own sink connection. Messages waiting in the queue are plain data
+    // (a few hundred bytes each); `active` counts queued and in-delivery messages.
+    let (jobs, queue) = flume::unbounded::<Job>();
+    for _ in 0..window {
+        tokio::spawn(worker(p.clone(), client.clone(), queue.clone()));
+    }
+    drop(queue);
     let mut reconnect_delay = Duration::from_millis(100);
     let mut draining_since: Option<Instant> = None;
     let mut last_error = String::new();
     loop {
         if draining_since.is_none() && *shutdown.borrow() {
             draining_since = Some(Instant::now());
+            p.waiting.store(true, Ordering::SeqCst);
             tracing::info!(
                 inflight = p.active.load(Ordering::Relaxed),
                 "draining in-flight deliveries"
@@ -103,23 +128,34 @@ pub async fn run(
         // reading from the broker. It keeps polling while acknowledgements are queued (rumqttc
         // writes them only from its event loop) and reads once per half keep-alive interval
         // to keep the connection alive (at most 10 packets per read).
-        if draining_since.is_none() {
-            spawn_ready(&p, &client, &mut backlog, window);
-        }
-        let saturated = draining_since.is_none()
-            && p.active.load(Ordering::Acquire) + backlog.len() >= pending_limit
-            && p.acks_pending.load(Ordering::Acquire) <= 0;
-        let event = if saturated {
-            tokio::select! {
-                _ = p.idle.notified() => continue,
-                _ = shutdown.changed() => continue,
-                _ = tokio::time::sleep(p.cfg.keep_alive / 2) => eventloop.poll().await,
+        let saturated = || {
+            draining_since.is_none()
+                && p.active.load(Ordering::SeqCst) >= pending_limit
+                && p.acks_pending.load(Ordering::SeqCst) <= 0
+        };
+        let event = if saturated() {
+            p.waiting.store(true, Ordering::SeqCst);
+            // Re-check after announcing the wait: a worker that finished in between saw
+            // `waiting` unset and did not notify.
+            if !saturated() {
+                p.waiting.store(false, Ordering::SeqCst);
+                continue;
+            }
+            let ev = tokio::select! {
+                _ = p.idle.notified() => None,
+                _ = shutdown.changed() => None,
+                _ = tokio::time::sleep(p.cfg.keep_alive / 2) => Some(eventloop.poll().await),
+            };
+            p.waiting.store(false, Ordering::SeqCst);
+            match ev {
+                Some(ev) => ev,
+                None => continue,
             }
         } else {
             tokio::select! {
                 ev = eventloop.poll() => ev,
                 _ = shutdown.changed(), if draining_since.is_none() => continue,
-                _ = p.idle.notified(), if draining_since.is_some() || !backlog.is_empty() => continue,
+                _ = p.idle.notified(), if draining_since.is_some() => continue,
                 _ = tokio::time::sleep(p.cfg.drain_timeout), if draining_since.is_some() => continue,
             }
         };
@@ -142,12 +178,17 @@ pub async fn run(
                 }
                 // QoS 0 has no broker-side flow control and no redelivery: beyond 10 x the
                 // window it is dropped (at-most-once by definition), counted and logged.
-                if msg.qos == 0 && p.active.load(Ordering::Relaxed) + backlog.len() >= window * 10 {
+                if msg.qos == 0 && p.active.load(Ordering::Relaxed) >= window * 10 {
                     p.metrics.failed.inc();
                     tracing::warn!(topic = %msg.topic, "QoS 0 message dropped: the sink is not keeping up");
                     continue;
                 }
-                backlog.push_back((msg, token));
+                p.active.fetch_add(1, Ordering::SeqCst);
+                if jobs.send((msg, token)).is_err() {
+                    // Unreachable while this loop holds `jobs` (workers never stop first);
+                    // the message stays unacknowledged and is redelivered.
+                    p.active.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Ok(MqttEvent::AckFlushed) => {
                 p.acks_pending.fetch_sub(1, Ordering::AcqRel);
@@ -190,37 +231,29 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts deliveries for backlog messages while a slot of the window is free.
-fn spawn_ready(
-    p: &Arc<Pipeline>,
-    client: &Client,
-    backlog: &mut VecDeque<(InboundMessage, AckToken)>,
-    window: usize,
-) {
-    while p.active.load(Ordering::Acquire) < window {
-        let Some((msg, token)) = backlog.pop_front() else {
-            return;
-        };
-        p.active.fetch_add(1, Ordering::AcqRel);
-        let p2 = p.clone();
-        let c2 = client.clone();
-        tokio::spawn(async move {
-            deliver_and_ack(&p2, &c2, msg, token).await;
-            p2.active.fetch_sub(1, Ordering::AcqRel);
-            // Wakes the loop (a stored permit: no lost wake-up).
-            p2.idle.notify_one();
-        });
+/// One delivery worker: takes messages from the shared queue until it closes.
+async fn worker(p: Arc<Pipeline>, client: Client, queue: flume::Receiver<Job>) {
+    let mut conn = SinkConn::default();
+    while let Ok((msg, token)) = queue.recv_async().await {
+        deliver_and_ack(&p, &client, &mut conn, msg, token).await;
+        p.finished();
     }
 }
 
-async fn deliver_and_ack(p: &Pipeline, client: &Client, msg: InboundMessage, token: AckToken) {
+async fn deliver_and_ack(
+    p: &Pipeline,
+    client: &Client,
+    conn: &mut SinkConn,
+    msg: InboundMessage,
+    token: AckToken,
+) {
     p.metrics.inflight.inc();
     let disposition =
         mapping::dispose(&msg, &p.wrap, p.cfg.invalid_policy, p.cfg.max_message_bytes);
     let done = match disposition {
         Disposition::Sink(mut ev) => {
             mapping::apply_overrides(&mut ev, &p.cfg.ce_overrides);
-            deliver(p, ev, &msg.topic).await
+            deliver(p, conn, ev, &msg.topic).await
         }
         Disposition::DeadLetter(mut ev, reason) => {
             p.metrics.invalid.inc();
@@ -243,11 +276,14 @@ async fn deliver_and_ack(p: &Pipeline, client: &Client, msg: InboundMessage, tok
 }
 
 /// Delivers with retries; returns true when the message may be acknowledged.
-async fn deliver(p: &Pipeline, ev: CloudEvent, topic: &str) -> bool {
+async fn deliver(p: &Pipeline, conn: &mut SinkConn, ev: CloudEvent, topic: &str) -> bool {
     let mut attempt: u32 = 0;
     loop {
         let start = Instant::now();
-        let result = p.sink.post(&p.sink_url, &ev).await;
+        let result = match &p.h1 {
+            Some(t) => p.sink.post_h1(conn, t, &ev).await,
+            None => p.sink.post(&p.sink_url, &ev).await,
+        };
         p.metrics
             .sink_latency
             .observe(start.elapsed().as_secs_f64());
