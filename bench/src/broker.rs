@@ -489,6 +489,9 @@ async fn load(
     stats.count.store(0, Ordering::Relaxed);
     stats.recording.store(true, Ordering::Relaxed);
     let c = client();
+    // Time to the ingress's 202 of the same paced events: the floor every path shares.
+    let acks = Stats::new();
+    acks.recording.store(true, Ordering::Relaxed);
     let period = Duration::from_secs_f64(1.0 / args.latency_rate.max(1.0));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -497,9 +500,17 @@ async fn load(
     while Instant::now() < paced_end {
         tick.tick().await;
         n += 1;
-        let (c, url, ty) = (c.clone(), url.to_string(), first_type.to_string());
+        let (c, url, ty, acks) = (
+            c.clone(),
+            url.to_string(),
+            first_type.to_string(),
+            acks.clone(),
+        );
         tokio::spawn(async move {
-            let _ = send_one(&c, &url, &format!("p{n}"), &ty).await;
+            let sent = now_ns().to_string();
+            if send_one(&c, &url, &format!("p{n}"), &ty).await == Some(StatusCode::ACCEPTED) {
+                acks.record_sent(Some(&sent));
+            }
         });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -512,6 +523,15 @@ async fn load(
         if h.len() + h.len() / 20 < n {
             eprintln!("{name}: only {} of {n} paced events measured", h.len());
         }
+    }
+    if let Ok(h) = acks.hist.lock()
+        && !h.is_empty()
+    {
+        println!(
+            "{name}: paced send -> ingress 202 p50 {} us (the shared floor), last step p50 {} us",
+            h.value_at_quantile(0.5),
+            row.p50_us.unwrap_or(0.0)
+        );
     }
     if let Some(rps) = row.rps
         && args.latency_rate > rps / 4.0

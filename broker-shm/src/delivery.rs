@@ -294,7 +294,11 @@ impl Sinks {
                 return (attempt, None);
             }
             n += 1;
-            tokio::time::sleep(delivery.backoff_for(n)).await;
+            let retry_after = attempt
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok());
+            tokio::time::sleep(delivery.retry_delay(n, attempt.status, retry_after)).await;
         }
     }
 }

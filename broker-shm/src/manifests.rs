@@ -157,6 +157,10 @@ pub struct Delivery {
     pub backoff_delay: Duration,
     pub timeout: Option<Duration>,
     pub format: Format,
+    /// `retryAfterMax`: a 429/503's `Retry-After` is honoured up to this long. `None` (unset
+    /// or `PT0S`) ignores `Retry-After`, as Knative does while `delivery-retryafter` is not
+    /// GA.
+    pub retry_after_max: Option<Duration>,
 }
 
 impl Default for Delivery {
@@ -168,6 +172,7 @@ impl Default for Delivery {
             backoff_delay: Duration::ZERO,
             timeout: None,
             format: Format::Binary,
+            retry_after_max: None,
         }
     }
 }
@@ -182,6 +187,36 @@ impl Delivery {
                 .saturating_mul(2u32.saturating_pow(n.min(31))),
         }
     }
+}
+
+impl Delivery {
+    /// Wait before retry number `n` (1-based) after `status` with a `Retry-After` header
+    /// value: the backoff, or the `Retry-After` delay capped at `retryAfterMax` when that is
+    /// longer (only for 429 and 503, only when `retryAfterMax` is set).
+    pub fn retry_delay(&self, n: u32, status: Option<u16>, retry_after: Option<&str>) -> Duration {
+        let backoff = self.backoff_for(n);
+        let (Some(max), Some(429 | 503), Some(value)) = (self.retry_after_max, status, retry_after)
+        else {
+            return backoff;
+        };
+        parse_retry_after(value, chrono::Utc::now())
+            .map_or(backoff, |asked| backoff.max(asked.min(max)))
+    }
+}
+
+/// A `Retry-After` value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3); a date in the past
+/// is no delay.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some(
+        (at.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 impl DeliverySpec {
@@ -215,7 +250,9 @@ impl DeliverySpec {
             );
         }
         if let Some(s) = &self.retry_after_max {
-            parse_iso8601(s).ok_or_else(|| format!("invalid value: {s}: {path}.retryAfterMax"))?;
+            let max = parse_iso8601(s)
+                .ok_or_else(|| format!("invalid value: {s}: {path}.retryAfterMax"))?;
+            d.retry_after_max = Some(max).filter(|m| !m.is_zero());
         }
         if let Some(f) = &self.format {
             d.format = match f.as_str() {
@@ -611,6 +648,56 @@ impl ConfigSource for DirectorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_honoured_up_to_retry_after_max() {
+        let spec = |max: Option<&str>| DeliverySpec {
+            retry: Some(3),
+            backoff_policy: Some("linear".into()),
+            backoff_delay: Some("PT0.1S".into()),
+            retry_after_max: max.map(str::to_string),
+            ..DeliverySpec::default()
+        };
+        let d = spec(Some("PT5S")).compile("ns", "spec.delivery").unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!(d.retry_delay(1, Some(503), Some("2")), ms(2000));
+        assert_eq!(d.retry_delay(1, Some(429), Some("60")), ms(5000), "capped");
+        assert_eq!(
+            d.retry_delay(2, Some(429), Some("0")),
+            ms(200),
+            "backoff wins"
+        );
+        assert_eq!(
+            d.retry_delay(1, Some(500), Some("2")),
+            ms(100),
+            "only 429/503"
+        );
+        assert_eq!(
+            d.retry_delay(1, Some(503), Some("soon")),
+            ms(100),
+            "invalid"
+        );
+        assert_eq!(d.retry_delay(1, Some(503), None), ms(100));
+        // Unset or PT0S: Retry-After is not honoured (Knative before GA).
+        for off in [None, Some("PT0S")] {
+            let d = spec(off).compile("ns", "spec.delivery").unwrap();
+            assert_eq!(d.retry_delay(1, Some(503), Some("2")), ms(100));
+        }
+        assert!(spec(Some("5s")).compile("ns", "spec.delivery").is_err());
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:03 GMT", now),
+            Some(ms(3000))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
 
     #[test]
     fn iso8601() {

@@ -357,3 +357,57 @@ async fn broker_default_delivery_and_long_response_message() {
     assert_eq!(got[0].body.len(), big.len());
     b.assert_alive();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_up_to_retry_after_max() {
+    // Both subscribers answer 503 with `Retry-After: 1` once, then accept. With
+    // retryAfterMax the retry waits the asked second; without it, the backoff (10 ms).
+    let sink = Recorder::scripted(|_, n| {
+        if n == 0 {
+            Reply {
+                headers: vec![("retry-after".into(), "1".into())],
+                ..Reply::status(503)
+            }
+        } else {
+            Reply::status(202)
+        }
+    })
+    .await;
+    let trig = |name: &str, max: &str| {
+        trigger_yaml(
+            "ra",
+            name,
+            "default",
+            &sink.url(&format!("/{name}")),
+            &format!(
+                "  filters:\n    - exact: {{type: to.{name}}}\n  delivery:\n    retry: 2\n    backoffPolicy: linear\n    backoffDelay: PT0.01S\n{max}"
+            ),
+        )
+    };
+    let files = [
+        ("b.yaml", broker_yaml("ra", "default", "")),
+        ("honour.yaml", trig("honour", "    retryAfterMax: PT5S")),
+        ("ignore.yaml", trig("ignore", "")),
+    ];
+    let mut b = BrokerProc::start(&files, &[], &[]).await;
+    let url = b.url("/ra/default");
+    assert_eq!(
+        send_binary(&url, "h", "to.honour", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        send_binary(&url, "i", "to.ignore", &[]).await,
+        StatusCode::ACCEPTED
+    );
+    let honour = sink.wait_n("/honour", 2, WAIT).await;
+    let ignore = sink.wait_n("/ignore", 2, WAIT).await;
+    assert_eq!(honour.len(), 2, "{}", b.logs());
+    assert_eq!(ignore.len(), 2, "{}", b.logs());
+    // Lower bound only (no upper timing assertion).
+    assert!(
+        honour[1].at - honour[0].at >= Duration::from_millis(950),
+        "Retry-After: 1 honoured: {:?}",
+        honour[1].at - honour[0].at
+    );
+    b.assert_alive();
+}
