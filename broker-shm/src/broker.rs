@@ -672,6 +672,7 @@ impl TriggerCore {
             namespace: self.trigger.namespace.clone(),
             prefer_reply: true,
             extra_headers: http::HeaderMap::new(),
+            ca_certs: self.trigger.spec.subscriber.ca_certs.clone(),
         }
     }
 
@@ -780,6 +781,7 @@ impl TriggerCore {
         }
         let dls_opts = SendOptions {
             prefer_reply: false,
+            ca_certs: self.delivery.dead_letter_ca_certs.clone(),
             ..opts
         };
         let (res, _) = self

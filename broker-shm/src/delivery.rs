@@ -8,12 +8,15 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// Largest subscriber response body read (bigger replies fail the attempt).
@@ -32,6 +35,9 @@ pub struct SendOptions {
     pub prefer_reply: bool,
     /// Extra headers passed through (e.g. from the original request).
     pub extra_headers: HeaderMap,
+    /// PEM CA certificates trusted for an `https` target besides the system roots
+    /// (Knative's Destination `CACerts`).
+    pub ca_certs: Option<String>,
 }
 
 /// The outcome of one attempt.
@@ -114,10 +120,14 @@ pub trait Sink: Send + Sync {
     }
 }
 
-/// HTTP/1.1 delivery with a pooled hyper client.
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// HTTP/1.1 delivery with pooled hyper clients, over TLS for `https` targets: one client
+/// trusting the system roots, and one per distinct `CACerts` set (system roots plus those).
 #[derive(Clone)]
 pub struct HttpSink {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpsClient,
+    with_ca: Arc<Mutex<HashMap<String, HttpsClient>>>,
 }
 
 impl std::fmt::Debug for HttpSink {
@@ -126,15 +136,108 @@ impl std::fmt::Debug for HttpSink {
     }
 }
 
+/// The system's trusted roots (loaded once; unreadable entries are skipped with a warning).
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "skipping unreadable system CA certificates");
+        }
+        found.certs
+    })
+}
+
+/// Parses PEM `CACerts`: at least one certificate, nothing malformed.
+pub fn parse_ca_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("CACerts is not valid PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("CACerts holds no PEM certificate".into());
+    }
+    Ok(certs)
+}
+
+fn build_client(ca_certs: Option<&str>) -> Result<HttpsClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
+    if ignored > 0 {
+        tracing::debug!(ignored, "system CA certificates rustls cannot use");
+    }
+    if let Some(pem) = ca_certs {
+        for cert in parse_ca_certs(pem)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("CACerts certificate rejected: {e}"))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    conn.enforce_http(false);
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(conn);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1000)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https))
+}
+
 impl Default for HttpSink {
     fn default() -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1000)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn);
-        HttpSink { client }
+        let client = build_client(None).unwrap_or_else(|e| {
+            // Only the TLS protocol setup can fail here, and ring supports the defaults.
+            tracing::error!(error = %e, "TLS client setup failed; https targets will fail");
+            let mut conn = HttpConnector::new();
+            conn.set_nodelay(true);
+            Client::builder(TokioExecutor::new()).build(
+                HttpsConnectorBuilder::new()
+                    .with_tls_config(
+                        rustls::ClientConfig::builder_with_provider(Arc::new(
+                            rustls::crypto::ring::default_provider(),
+                        ))
+                        .with_protocol_versions(&[&rustls::version::TLS13])
+                        .unwrap_or_else(|_| unreachable!("ring supports TLS 1.3"))
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                    )
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(conn),
+            )
+        });
+        HttpSink {
+            client,
+            with_ca: Arc::default(),
+        }
+    }
+}
+
+impl HttpSink {
+    fn client_for(&self, ca_certs: Option<&str>) -> Result<HttpsClient, String> {
+        let Some(pem) = ca_certs.filter(|p| !p.trim().is_empty()) else {
+            return Ok(self.client.clone());
+        };
+        let mut cache = self
+            .with_ca
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = cache.get(pem) {
+            return Ok(c.clone());
+        }
+        let c = build_client(Some(pem))?;
+        cache.insert(pem.to_string(), c.clone());
+        Ok(c)
     }
 }
 
@@ -188,8 +291,12 @@ impl HttpSink {
             Ok(r) => r,
             Err(e) => return Attempt::failed(e),
         };
+        let client = match self.client_for(opts.ca_certs.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return Attempt::failed(e),
+        };
         let fut = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+            let resp = client.request(req).await.map_err(|e| {
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -363,6 +470,7 @@ mod tests {
             namespace: "ns".into(),
             prefer_reply: true,
             extra_headers: HeaderMap::new(),
+            ca_certs: None,
         };
         let r = build_request("http://127.0.0.1:1/x", &ev, &opts).unwrap();
         assert_eq!(r.headers()["ce-id"], "1");

@@ -139,6 +139,7 @@ async fn ingress_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         namespace: String::new(),
         prefer_reply: false,
         extra_headers: pass_through(&parts.headers),
+        ca_certs: None,
     };
     let attempt = state.http.post(&address, &ev, &opts).await;
     match attempt.status {
@@ -199,7 +200,7 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
                     .find(|b| b.namespace == t.namespace && b.name == t.broker)
                     .and_then(|b| b.delivery.as_ref())
                     .and_then(|d| d.dead_letter_sink.as_ref())
-                    .and_then(|d| d.resolve(&t.namespace).ok());
+                    .and_then(|d| Some((d.resolve(&t.namespace).ok()?, d.ca_certs.clone())));
                 (t.clone(), broker_dls)
             })
     };
@@ -227,13 +228,17 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
     let pass = pass_through(&parts.headers);
     match sub.as_deref() {
         Some("dls") => {
-            let Some(dls) = delivery.dead_letter_sink.clone().or(broker_dls) else {
+            let trigger_dls = delivery
+                .dead_letter_sink
+                .clone()
+                .map(|t| (t, delivery.dead_letter_ca_certs.clone()));
+            let Some((dls, ca)) = trigger_dls.or(broker_dls) else {
                 return respond(StatusCode::ACCEPTED, Bytes::new());
             };
             let Target::Http(url) = dls else {
                 return respond(StatusCode::BAD_REQUEST, Bytes::new());
             };
-            return relay(&state, &url, &ev, pass, Format::Binary).await;
+            return relay(&state, &url, &ev, pass, Format::Binary, ca).await;
         }
         Some(_) => {
             // Reply path: re-post to the broker's own address, no TTL change.
@@ -247,7 +252,7 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
             let Some(addr) = addr else {
                 return respond(StatusCode::NOT_FOUND, Bytes::new());
             };
-            return relay(&state, &addr, &ev, pass, Format::Binary).await;
+            return relay(&state, &addr, &ev, pass, Format::Binary, None).await;
         }
         None => {}
     }
@@ -267,6 +272,7 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         namespace: trigger.namespace.clone(),
         prefer_reply: true,
         extra_headers: pass,
+        ca_certs: trigger.spec.subscriber.ca_certs.clone(),
     };
     let attempt = state.http.post(url, &ev, &opts).await;
     let Some(status) = attempt.status else {
@@ -302,13 +308,21 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
     }
 }
 
-async fn relay(state: &State, url: &str, ev: &CloudEvent, pass: HeaderMap, format: Format) -> Resp {
+async fn relay(
+    state: &State,
+    url: &str,
+    ev: &CloudEvent,
+    pass: HeaderMap,
+    format: Format,
+    ca_certs: Option<String>,
+) -> Resp {
     let opts = SendOptions {
         format,
         timeout: None,
         namespace: String::new(),
         prefer_reply: false,
         extra_headers: pass,
+        ca_certs,
     };
     let attempt = state.http.post(url, ev, &opts).await;
     match attempt.status.and_then(|s| StatusCode::from_u16(s).ok()) {

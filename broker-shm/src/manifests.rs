@@ -48,6 +48,12 @@ pub struct Destination {
     pub reference: Option<KReference>,
     #[serde(default)]
     pub uri: Option<String>,
+    /// PEM certificates of the CAs that sign the destination's TLS certificate.
+    #[serde(default, rename = "CACerts")]
+    pub ca_certs: Option<String>,
+    /// OIDC audience: needs the Kubernetes API server (token requests); not used in edge mode.
+    #[serde(default)]
+    pub audience: Option<String>,
 }
 
 /// Where a resolved destination delivers.
@@ -74,6 +80,9 @@ impl Destination {
     /// a core or serving `Service` ref to its cluster-local URL (plus a relative `uri`);
     /// a `SprightFunction` ref to the shared-memory fast path.
     pub fn resolve(&self, default_ns: &str) -> Result<Target, String> {
+        if let Some(pem) = &self.ca_certs {
+            crate::delivery::parse_ca_certs(pem).map_err(|e| format!("{e}: CACerts"))?;
+        }
         match (&self.reference, &self.uri) {
             (None, None) => Err("expected at least one, got neither: ref, uri".into()),
             (None, Some(u)) => {
@@ -152,6 +161,8 @@ pub enum Backoff {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub dead_letter_sink: Option<Target>,
+    /// The dead-letter sink's `CACerts`.
+    pub dead_letter_ca_certs: Option<String>,
     pub retry: u32,
     pub backoff: Backoff,
     pub backoff_delay: Duration,
@@ -167,6 +178,7 @@ impl Default for Delivery {
     fn default() -> Self {
         Delivery {
             dead_letter_sink: None,
+            dead_letter_ca_certs: None,
             retry: 0,
             backoff: Backoff::Exponential,
             backoff_delay: Duration::ZERO,
@@ -228,6 +240,7 @@ impl DeliverySpec {
                 dls.resolve(ns)
                     .map_err(|e| format!("{e}: {path}.deadLetterSink"))?,
             );
+            d.dead_letter_ca_certs = dls.ca_certs.clone();
         }
         if let Some(r) = self.retry {
             d.retry = u32::try_from(r)
