@@ -31,10 +31,11 @@ use crate::report::{Row, table};
 #[derive(Debug, clap::Args)]
 pub struct ActivatorBenchArgs {
     /// Seconds of load per measured path and round.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub seconds: u64,
-    /// Rounds in which the paths take turns; the median round is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds in which the paths take turns (activator-lite and nginx swap places every
+    /// round); the median round is reported, and the median of the per-round ratios.
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Concurrent keep-alive connections of the load generator.
     #[arg(long, default_value_t = 16)]
@@ -404,13 +405,32 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
         for &(port, pid) in &paths {
             wrk(&args, port, pid, 1)?; // warm-up (pools, caches)
         }
-        for _ in 0..args.rounds.max(1) {
-            for (i, &(port, pid)) in paths.iter().enumerate() {
+        for round in 0..args.rounds.max(1) {
+            // direct, then the two proxies in alternating order, so drift in the
+            // machine's load does not favour one of them.
+            let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
+            for i in order {
+                let (port, pid) = paths[i];
                 results[i].push(wrk(&args, port, pid, args.seconds)?);
             }
         }
         Ok(())
     })?;
+    // Ratios of the proxies within each round (neighbours in time), then their median.
+    let per_round: Vec<(f64, f64)> = (0..results[0].len())
+        .map(|r| {
+            let direct = results[0][r].0.p50_us;
+            let added = |i: usize| results[i][r].0.p50_us - direct;
+            let cpu = |i: usize| results[i][r].1.unwrap_or(f64::NAN) / results[i][r].0.requests;
+            (added(1) / added(2), cpu(1) / cpu(2))
+        })
+        .collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(&v, 0.5)
+    };
+    let round_p50 = median(per_round.iter().map(|r| r.0).collect());
+    let round_cpu = median(per_round.iter().map(|r| r.1).collect());
     let mut pick = |i: usize| -> (Wrk, Option<f64>) {
         let runs = &mut results[i];
         let requests: f64 = runs.iter().map(|(w, _)| w.requests).sum();
@@ -518,6 +538,19 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
         "added p50 activator-lite / nginx: {}   cpu per request activator-lite / nginx: {}",
         ratio(rows[3].p50_us, rows[4].p50_us),
         ratio(rows[1].cpu_s_per_1k, rows[2].cpu_s_per_1k)
+    )?;
+    let list = |f: fn(&(f64, f64)) -> f64| {
+        per_round
+            .iter()
+            .map(|r| format!("{:.2}", f(r)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    writeln!(
+        out,
+        "per round, activator-lite / nginx: added p50 [{}] median {round_p50:.2}x; cpu per request [{}] median {round_cpu:.2}x",
+        list(|r| r.0),
+        list(|r| r.1)
     )?;
     writeln!(
         out,
