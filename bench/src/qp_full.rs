@@ -89,7 +89,7 @@ fn command(cpu: u32, cgroup: Option<&Path>, program: &Path) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg(
-            r#"if [ -n "$0" ]; then echo $$ > "$0/cgroup.procs" || exit 97; fi; exec taskset -c "$1" "$2""#,
+            r#"cg=$0; cpu=$1; shift; if [ -n "$cg" ]; then echo $$ > "$cg/cgroup.procs" || exit 97; fi; exec taskset -c "$cpu" "$@""#,
         )
         .arg(cgroup.map(|p| p.display().to_string()).unwrap_or_default())
         .arg(cpu.to_string())
@@ -471,6 +471,20 @@ mod tests {
         assert!((row.rps - 12_000.0).abs() < 1e-9);
         assert!((row.cpu_s_per_10k.expect("cpu") - 0.12).abs() < 1e-9);
         assert!(median_row(&samples, 1).is_none());
+    }
+
+    #[test]
+    fn commands_get_their_arguments_and_join_the_cgroup_first() {
+        let out = command(0, None, Path::new("echo"))
+            .args(["-n", "a b", "c"])
+            .output()
+            .expect("sh and taskset");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a b c");
+        let missing = command(0, Some(Path::new("/nonexistent/cgroup")), Path::new("true"))
+            .stderr(Stdio::null())
+            .status()
+            .expect("sh");
+        assert_eq!(missing.code(), Some(97));
     }
 
     #[test]
