@@ -31,6 +31,8 @@ use crate::manifests::RevisionKey;
 /// by the hyper path.
 pub const MAX_FAST_BODY: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
+/// Largest response head accepted from a pod.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Request headers the activator drops or sets itself, besides the hop-by-hop ones.
@@ -59,6 +61,9 @@ pub struct FastRequest {
     pub close: bool,
     /// `HEAD`: the response has no body whatever its headers say.
     pub head_method: bool,
+    /// Safe to send again when a pooled connection closes before answering (idempotent
+    /// method or an idempotency key, as Go's transport decides).
+    pub replayable: bool,
     /// Request line and rewritten headers for the pod, without `Host` and the blank line.
     pub out: Vec<u8>,
 }
@@ -133,8 +138,11 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
     let mut body_len: Option<usize> = None;
     let mut connection: [&[u8]; 4] = [b""; 4];
     let mut n_conn = 0;
+    let mut idempotency_key = false;
     for h in req.headers.iter() {
         let n = h.name;
+        idempotency_key |= n.eq_ignore_ascii_case("idempotency-key")
+            || n.eq_ignore_ascii_case("x-idempotency-key");
         if n.eq_ignore_ascii_case("k-network-probe") || n.eq_ignore_ascii_case("k-kubelet-probe") {
             return Parsed::Slow(Head::Other);
         }
@@ -242,6 +250,7 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
         body_len: body_len.unwrap_or(0),
         close: lists(connection, "close"),
         head_method: method == "HEAD",
+        replayable: idempotency_key || matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE"),
         out,
     })
 }
@@ -293,7 +302,7 @@ pub fn parse_response(buf: &[u8], head_method: bool) -> Result<ParsedResponse, R
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {
             return Ok(ParsedResponse::Partial);
         }
         _ => return Err(ResponseError::Malformed),
@@ -592,6 +601,7 @@ async fn exchange(
     out: &[u8],
     ubuf: &mut BytesMut,
     head_method: bool,
+    replayable: bool,
 ) -> Result<(TcpStream, FastResponse), Failed> {
     let up = |e: io::Error| Failed::Upstream(format!("dial tcp {dest}: {e}"));
     let mut pooled = pool.take(dest);
@@ -618,11 +628,13 @@ async fn exchange(
                 Ok(ParsedResponse::Partial) => {}
                 Err(e) => return Err(Failed::Upstream(e.to_string())),
             }
+            // A pooled connection the pod closed before this request reached it.
+            let retry_read = reused && replayable && ubuf.is_empty();
             match fill(&mut s, ubuf).await {
-                Ok(0) if reused && ubuf.is_empty() => break,
+                Ok(0) if retry_read => break,
                 Ok(0) => return Err(Failed::Upstream("unexpected EOF from the pod".into())),
                 Ok(_) => {}
-                Err(_) if reused && ubuf.is_empty() => break,
+                Err(_) if retry_read => break,
                 Err(e) => return Err(Failed::Upstream(e.to_string())),
             }
         }
@@ -672,7 +684,7 @@ pub async fn serve(
     let idle = spec.idle_timeout.filter(|d| !d.is_zero());
     let dest = lease.dest_arc();
     let answer = async {
-        let ex = exchange(pool, &dest, &out, ubuf, req.head_method);
+        let ex = exchange(pool, &dest, &out, ubuf, req.head_method, req.replayable);
         let ex = async {
             match first_byte {
                 Some(at) => tokio::time::timeout_at(at, ex)
@@ -902,7 +914,11 @@ mod tests {
             Parsed::Partial
         ));
         let r = fast("HEAD / HTTP/1.1\r\nHost: rev.ns:80\r\nConnection: close\r\n\r\n");
-        assert!(r.close && r.head_method);
+        assert!(r.close && r.head_method && r.replayable);
+        let r = fast("POST / HTTP/1.1\r\nHost: rev.ns\r\n\r\n");
+        assert!(!r.replayable, "a POST is not sent twice");
+        let r = fast("POST / HTTP/1.1\r\nHost: rev.ns\r\nIdempotency-Key: k1\r\n\r\n");
+        assert!(r.replayable);
     }
 
     fn complete(buf: &[u8], head: bool) -> FastResponse {
