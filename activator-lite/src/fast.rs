@@ -357,9 +357,10 @@ pub fn parse_response(buf: &[u8], head_method: bool) -> Result<ParsedResponse, R
         reusable = false;
     }
     let mut out = Vec::with_capacity(head_len + 32);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
+    {
+        use std::io::Write as _;
+        let _ = write!(out, "HTTP/1.1 {status} ");
+    }
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {

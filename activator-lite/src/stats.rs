@@ -44,7 +44,7 @@ impl RevStat {
 #[derive(Debug)]
 pub struct ConcurrencyReporter {
     pod_name: String,
-    stats: Mutex<HashMap<RevisionKey, RevStat>>,
+    stats: Mutex<HashMap<Arc<RevisionKey>, RevStat>>,
     out: mpsc::UnboundedSender<WireStatMessages>,
     wake: Notify,
 }
@@ -53,14 +53,15 @@ pub struct ConcurrencyReporter {
 #[derive(Debug)]
 pub struct InFlight {
     reporter: Arc<ConcurrencyReporter>,
-    key: RevisionKey,
+    /// Shared with the stats entry: starting a request allocates nothing.
+    key: Arc<RevisionKey>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = Instant::now();
         let mut m = self.reporter.lock();
-        if let Some(s) = m.get_mut(&self.key) {
+        if let Some(s) = m.get_mut(&*self.key) {
             s.advance(now);
             s.in_flight = s.in_flight.saturating_sub(1);
         }
@@ -91,7 +92,7 @@ impl ConcurrencyReporter {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<RevisionKey, RevStat>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<RevisionKey>, RevStat>> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -99,16 +100,19 @@ impl ConcurrencyReporter {
     pub fn request_start(self: &Arc<Self>, key: &RevisionKey) -> InFlight {
         let now = Instant::now();
         let mut m = self.lock();
-        let poke = match m.get_mut(key) {
-            Some(s) => {
-                s.advance(now);
-                s.in_flight += 1;
-                s.requests += 1;
-                false
+        let (shared, poke) = match m.get_key_value(key).map(|(k, _)| k.clone()) {
+            Some(shared) => {
+                if let Some(s) = m.get_mut(&*shared) {
+                    s.advance(now);
+                    s.in_flight += 1;
+                    s.requests += 1;
+                }
+                (shared, false)
             }
             None => {
+                let shared = Arc::new(key.clone());
                 m.insert(
-                    key.clone(),
+                    shared.clone(),
                     RevStat {
                         in_flight: 1,
                         accum: 0.0,
@@ -118,7 +122,7 @@ impl ConcurrencyReporter {
                         first_adj: true,
                     },
                 );
-                true
+                (shared, true)
             }
         };
         drop(m);
@@ -130,7 +134,7 @@ impl ConcurrencyReporter {
         }
         InFlight {
             reporter: self.clone(),
-            key: key.clone(),
+            key: shared,
         }
     }
 
