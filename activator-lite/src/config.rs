@@ -139,13 +139,14 @@ impl Config {
             }
         };
         let drain = flags.drain_timeout_secs;
-        if !(drain.is_finite() && drain >= 0.0) {
+        // Negative, NaN, infinite or beyond what a Duration holds (found by fuzzing).
+        let Ok(drain_timeout) = Duration::try_from_secs_f64(drain) else {
             return Err(ConfigError::Invalid {
                 name: "--drain-timeout-secs",
                 value: drain.to_string(),
                 reason: "must be a non-negative number".into(),
             });
-        }
+        };
         Ok(Config {
             pod_name,
             pod_ip,
@@ -160,7 +161,7 @@ impl Config {
             http1_port: flags.http1_port,
             h2c_port: flags.h2c_port,
             metrics_port: flags.metrics_port,
-            drain_timeout: Duration::from_secs_f64(drain),
+            drain_timeout,
             queue_depth: flags.queue_depth.max(1),
             https_port: flags.https_port,
             tls: flags.tls_cert.zip(flags.tls_key),
@@ -290,6 +291,26 @@ mod tests {
         assert_eq!(c.max_idle_proxy_conns, 1000);
         assert_eq!(c.drain_timeout, Duration::from_secs(45));
         assert_eq!(c.http1_port, 8012);
+    }
+
+    #[test]
+    fn drain_timeout_out_of_range_is_an_error() {
+        // Found by fuzz/activator_config: a finite value beyond Duration's range panicked.
+        let e = env(&[("POD_NAME", "a"), ("POD_IP", "1.2.3.4")]);
+        for bad in ["1e30", "-1", "NaN", "inf"] {
+            let arg = format!("--drain-timeout-secs={bad}");
+            let f = flags(&["--autoscaler", "ws://127.0.0.1:1", &arg]);
+            assert!(
+                matches!(
+                    Config::from_parts(f, &e, None),
+                    Err(ConfigError::Invalid {
+                        name: "--drain-timeout-secs",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -64,10 +64,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n * 60.0,
         _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("bad duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    // Negative, NaN, infinite and too large for a Duration (found by fuzz/gateway_config).
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("bad duration {s:?}"))
 }
 
 #[cfg(test)]
@@ -81,6 +79,9 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5h").is_err());
+        // Larger than a Duration holds: an error, not a panic.
+        assert!(parse_duration("100000000000000000000").is_err());
+        assert!(parse_duration("99999999999999999999999m").is_err());
     }
 
     #[test]
