@@ -12,6 +12,11 @@
 //! wrk to the load core. Needs root (CAP_BPF, CAP_NET_ADMIN); without it the rows are
 //! skipped with the reason.
 //!
+//! A third, diagnostic variant (`ours-sockmap-only`) separates the two halves of full mode:
+//! a userspace-mode sidecar with userspace accounting in a pod cgroup of its own, whose hop
+//! to its upstream is redirected by the same programs, loaded by this bench process
+//! ([`spright_ebpf::loopback::Loopback`]).
+//!
 //! CPU per 10,000 requests, for every row:
 //! - `sidecar`, `upstream`: utime + stime of queue-proxy-ebpf and of nginx;
 //! - `procs`: the two together;
@@ -32,6 +37,8 @@ use crate::measure::{cpu_seconds, peak_rss_kb};
 pub const ROW_NAME: &str = "ours-full-ebpf";
 /// The interleaved userspace-mode baseline.
 const BASELINE: &str = "ours-userspace";
+/// The diagnostic variant: userspace mode, hop redirected by programs this bench loads.
+const SOCKMAP_ONLY: &str = "ours-sockmap-only";
 /// Rounds per connection count.
 pub const ROUNDS: usize = 3;
 
@@ -56,6 +63,12 @@ const USERSPACE: Ports = Ports {
     admin: 18027,
     stats: 19097,
 };
+const SOCKMAP: Ports = Ports {
+    upstream: 18093,
+    serving: 18018,
+    admin: 18028,
+    stats: 19098,
+};
 
 /// The emulated pod's cgroup; removed on drop (after its processes are gone).
 struct PodCgroup {
@@ -63,9 +76,9 @@ struct PodCgroup {
 }
 
 impl PodCgroup {
-    fn new() -> Result<Self> {
+    fn new(name: &str) -> Result<Self> {
         let path = Path::new(spright_ebpf::DEFAULT_CGROUP_PATH)
-            .join(format!("spright-bench-full-{}", std::process::id()));
+            .join(format!("spright-bench-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating {} (cgroup v2, root)", path.display()))?;
         Ok(Self { path })
@@ -130,11 +143,14 @@ http {{\n  access_log off;\n  client_body_temp_path {d}/{name}.body;\n  keepaliv
     Ok(Running { child })
 }
 
+/// Starts queue-proxy-ebpf in front of `ports.upstream`, inside `cgroup` when given; in full
+/// mode (standalone, on that cgroup) when `full`, else in userspace mode.
 fn start_sidecar(
     args: &QueueProxyBenchArgs,
     ours: &Path,
     ports: Ports,
     cgroup: Option<&Path>,
+    full: bool,
     log: &Path,
 ) -> Result<Running> {
     super::wait_free(&[ports.serving, ports.admin, ports.stats])?;
@@ -153,7 +169,7 @@ fn start_sidecar(
         ("QUEUE_AUTOSCALING_METRICS_PORT", ports.stats.to_string()),
         ("SERVING_LOGGING_LEVEL", "info".to_owned()),
     ]);
-    match cgroup {
+    match cgroup.filter(|_| full) {
         Some(path) => env.extend([
             ("SPRIGHT_DATAPLANE_MODE", "full".to_owned()),
             ("SPRIGHT_ACCOUNTING", "standalone".to_owned()),
@@ -175,7 +191,7 @@ fn start_sidecar(
         "queue-proxy-ebpf",
     )?;
     let running = Running { child };
-    if cgroup.is_some() {
+    if full {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         for (needle, what) in [
             ("redirected in the kernel", "the loopback redirect"),
@@ -291,22 +307,35 @@ fn measure(
 /// Measures userspace and full mode interleaved; returns the `ours-full-ebpf` rows for the
 /// queue-proxy table (medians over the rounds) and the detailed report.
 pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<Row>, String)> {
-    let cgroup = PodCgroup::new()?;
-    let full_up = start_upstream(args, dir, "full-upstream", FULL, Some(&cgroup.path))?;
+    let user_up = start_upstream(args, dir, "userspace-upstream", USERSPACE, None)?;
+    let user = start_sidecar(args, ours, USERSPACE, None, false, &dir.join("u.log"))?;
+    let full_pod = PodCgroup::new("full")?;
+    let full_up = start_upstream(args, dir, "full-upstream", FULL, Some(&full_pod.path))?;
     let full = start_sidecar(
         args,
         ours,
         FULL,
-        Some(&cgroup.path),
-        &dir.join("full-sidecar.log"),
+        Some(&full_pod.path),
+        true,
+        &dir.join("f.log"),
     )?;
-    let user_up = start_upstream(args, dir, "userspace-upstream", USERSPACE, None)?;
-    let user = start_sidecar(
+    let sockmap_pod = PodCgroup::new("sockmap")?;
+    let redirect = spright_ebpf::loopback::Loopback::attach(&sockmap_pod.path, &[SOCKMAP.upstream])
+        .context("loading the loopback redirect (root, CAP_BPF, CAP_NET_ADMIN)")?;
+    let sockmap_up = start_upstream(
+        args,
+        dir,
+        "sockmap-upstream",
+        SOCKMAP,
+        Some(&sockmap_pod.path),
+    )?;
+    let sockmap = start_sidecar(
         args,
         ours,
-        USERSPACE,
-        None,
-        &dir.join("userspace-sidecar.log"),
+        SOCKMAP,
+        Some(&sockmap_pod.path),
+        false,
+        &dir.join("s.log"),
     )?;
     let setups = [
         Setup {
@@ -321,6 +350,12 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
             sidecar: &full,
             upstream: &full_up,
         },
+        Setup {
+            name: SOCKMAP_ONLY,
+            ports: SOCKMAP,
+            sidecar: &sockmap,
+            upstream: &sockmap_up,
+        },
     ];
     for s in &setups {
         // Warm-up: connections, pools, page faults.
@@ -334,14 +369,23 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
             }
         }
     }
-    drop((full, full_up, user, user_up));
-    drop(cgroup);
+    let redirected = redirect
+        .counters()
+        .map(|c| c.redirected_messages)
+        .unwrap_or(0);
+    drop((full, full_up, user, user_up, sockmap, sockmap_up, redirect));
+    drop((full_pod, sockmap_pod));
     let rows = args
         .connections
         .iter()
         .filter_map(|&c| median_row(&samples, c))
         .collect();
-    Ok((rows, report(&samples)))
+    let mut text = report(&samples);
+    let _ = writeln!(
+        text,
+        "{SOCKMAP_ONLY}: {redirected} writes redirected on its hop"
+    );
+    Ok((rows, text))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -383,13 +427,13 @@ fn report(samples: &[Sample]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\nfull mode (sockmap on the in-pod hop, kernel accounting) beside userspace mode, interleaved; CPU seconds per 10k requests:\n{:<15} {:>5} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "\nfull mode (sockmap on the in-pod hop, kernel accounting) beside userspace mode, interleaved; CPU seconds per 10k requests:\n{:<17} {:>5} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "path", "round", "conns", "rps", "p50_us", "p99_us", "sidecar", "upstream", "procs", "core"
     );
     for m in samples {
         let _ = writeln!(
             s,
-            "{:<15} {:>5} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
+            "{:<17} {:>5} {:>5} {:>9.0} {:>8.1} {:>8.1} {:>8.4} {:>8.4} {:>8.4} {:>8.4}",
             m.name,
             m.round,
             m.connections,
@@ -402,33 +446,41 @@ fn report(samples: &[Sample]) -> String {
             m.per_10k(m.core),
         );
     }
+    let show = |v: &[f64]| {
+        let each: Vec<String> = v.iter().map(|r| format!("{r:.2}")).collect();
+        format!("{:.2}x [{}]", median(v.to_vec()), each.join(" "))
+    };
     let mut conns: Vec<u32> = samples.iter().map(|m| m.connections).collect();
     conns.dedup();
     for c in conns {
-        let pairs: Vec<(&Sample, &Sample)> = samples
-            .chunks(2)
-            .filter_map(|p| match p {
-                [u, f] if u.connections == c && u.name == BASELINE && f.name == ROW_NAME => {
-                    Some((u, f))
-                }
-                _ => None,
-            })
-            .collect();
-        let ratios = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
-            pairs.iter().map(|(u, full)| f(full) / f(u)).collect()
-        };
-        let show = |v: &[f64]| {
-            let each: Vec<String> = v.iter().map(|r| format!("{r:.2}")).collect();
-            format!("{:.2}x [{}]", median(v.to_vec()), each.join(" "))
-        };
-        let _ = writeln!(
-            s,
-            "{c} conns, full/userspace (median [per round]): throughput {}; CPU per request: sidecar {}, processes {}, proxy core {}",
-            show(&ratios(&|m| m.rps)),
-            show(&ratios(&|m| m.per_10k(m.sidecar))),
-            show(&ratios(&|m| m.per_10k(m.procs()))),
-            show(&ratios(&|m| m.per_10k(m.core))),
-        );
+        for variant in [ROW_NAME, SOCKMAP_ONLY] {
+            // Each variant against the baseline of the same round.
+            let pairs: Vec<(&Sample, &Sample)> = samples
+                .iter()
+                .filter(|m| m.connections == c && m.name == variant)
+                .filter_map(|v| {
+                    samples
+                        .iter()
+                        .find(|b| b.name == BASELINE && b.connections == c && b.round == v.round)
+                        .map(|b| (b, v))
+                })
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let ratios = |f: &dyn Fn(&Sample) -> f64| -> Vec<f64> {
+                pairs.iter().map(|(b, v)| f(v) / f(b)).collect()
+            };
+            let _ = writeln!(
+                s,
+                "{c} conns, {variant}/{BASELINE} (median [per round]): throughput {}; CPU per request: sidecar {}, upstream {}, processes {}, proxy core {}",
+                show(&ratios(&|m| m.rps)),
+                show(&ratios(&|m| m.per_10k(m.sidecar))),
+                show(&ratios(&|m| m.per_10k(m.upstream))),
+                show(&ratios(&|m| m.per_10k(m.procs()))),
+                show(&ratios(&|m| m.per_10k(m.core))),
+            );
+        }
     }
     s
 }
@@ -464,7 +516,11 @@ mod tests {
             sample(ROW_NAME, 2, 13_000.0, 1.2),
         ];
         let r = report(&samples);
-        assert!(r.contains("throughput 1.20x [1.20 1.10 1.30]"), "{r}");
+        assert!(
+            r.contains("ours-full-ebpf/ours-userspace (median [per round]): throughput 1.20x [1.20 1.10 1.30]"),
+            "{r}"
+        );
+        assert!(!r.contains(SOCKMAP_ONLY), "no such samples: {r}");
         assert!(r.contains("sidecar 0.60x [0.50 0.80 0.60]"), "{r}");
         let row = median_row(&samples, 32).expect("row");
         assert_eq!(row.name, ROW_NAME);
