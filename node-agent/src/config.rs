@@ -31,6 +31,21 @@ pub struct Config {
     /// watched for changes.
     #[arg(long, env = "SPRIGHT_AGENT_MANIFEST_DIR")]
     pub manifest_dir: Option<PathBuf>,
+    /// Cluster mode: watch this node's Pods in the Kubernetes API (in-cluster
+    /// configuration or KUBECONFIG) and attach those running queue-proxy-ebpf.
+    #[arg(long, env = "SPRIGHT_AGENT_CLUSTER")]
+    pub cluster: bool,
+    /// Cluster mode: this node's name (the DaemonSet passes `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", required_if_eq("cluster", "true"))]
+    pub node_name: Option<String>,
+    /// Cluster mode: a pod is ours when its `queue-proxy` container's image
+    /// contains this.
+    #[arg(
+        long,
+        env = "SPRIGHT_AGENT_IMAGE_MATCH",
+        default_value = "queue-proxy-ebpf"
+    )]
+    pub image_match: String,
     /// cgroup v2 mount; every pod cgroup must lie below it.
     #[arg(long, env = "SPRIGHT_AGENT_CGROUP_ROOT", default_value = spright_ebpf::DEFAULT_CGROUP_PATH)]
     pub cgroup_root: PathBuf,
@@ -56,5 +71,10 @@ mod tests {
         assert_eq!(c.node_address, "10.0.0.1:1234".parse().unwrap());
         assert_eq!(c.manifest_dir, Some(PathBuf::from("/tmp/pods")));
         assert!(Config::try_parse_from(["spright-node-agent", "--node-address", "x"]).is_err());
+        let c = Config::try_parse_from(["spright-node-agent", "--cluster", "--node-name", "n1"])
+            .unwrap();
+        assert!(c.cluster);
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(c.image_match, "queue-proxy-ebpf");
     }
 }

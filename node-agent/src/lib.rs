@@ -3,7 +3,8 @@
 //! In a Knative pod the queue-proxy sidecar runs non-root with every
 //! capability dropped, so it cannot load eBPF. One agent per node does it for
 //! every pod (edge mode: pods come from a manifest directory or the
-//! registration API; a Kubernetes watch is not built yet):
+//! registration API; cluster mode: from a watch of this node's Pods, see
+//! [`cluster`], untested against a real API server):
 //!
 //! - it attaches [`spright_ebpf::accounting::PodAccounting`] to each pod's
 //!   cgroup (own programs and maps per pod) and detaches when the pod is
@@ -20,6 +21,7 @@
 //! Idle means idle: no timers; the agent wakes for HTTP requests and inotify
 //! events only.
 
+pub mod cluster;
 pub mod config;
 pub mod pod;
 pub mod registry;
@@ -122,13 +124,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
 
-    shutdown_signal().await;
+    let cluster_task = match (cfg.cluster, &cfg.node_name) {
+        (true, Some(node)) => Some(tokio::spawn(cluster::run(
+            Arc::clone(&registry),
+            node.clone(),
+            cfg.image_match.clone(),
+            cfg.cgroup_root.clone(),
+        ))),
+        (true, None) => {
+            anyhow::bail!("cluster mode needs the node's name (--node-name or NODE_NAME)")
+        }
+        (false, _) => None,
+    };
+    let watch_result = match cluster_task {
+        Some(task) => tokio::select! {
+            () = shutdown_signal() => Ok(()),
+            r = task => match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the pod watch ended")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("the pod watch failed: {e}")),
+            },
+        },
+        None => {
+            shutdown_signal().await;
+            Ok(())
+        }
+    };
     tracing::info!("stopping: detaching every pod");
     node_task.abort();
     admin_task.abort();
     events_task.abort();
     registry.clear();
-    Ok(())
+    watch_result
 }
 
 async fn shutdown_signal() {

@@ -27,6 +27,8 @@ pub enum Source {
     Api,
     /// A file in the manifest directory.
     Manifest,
+    /// The Kubernetes API (cluster mode).
+    Cluster,
 }
 
 /// Errors of registry operations, each with its HTTP status.

@@ -1,0 +1,368 @@
+//! Cluster mode: the pods come from the Kubernetes API.
+//!
+//! The agent watches the Pods scheduled on its node (`fieldSelector=spec.nodeName=$NODE_NAME`)
+//! and registers each running pod whose `queue-proxy` container runs queue-proxy-ebpf (its image
+//! contains `--image-match`, default `queue-proxy-ebpf`). From the Pod object it takes:
+//!
+//! - the name `<namespace>.<name>` (unique on the node);
+//! - the IP `status.podIP`;
+//! - `USER_PORT` and `QUEUE_SERVING_PORT` from the queue-proxy container's environment;
+//! - the mode from the annotation `spright.dev/dataplane-mode` (event-driven pods also get
+//!   `"bypass": ["node"]`, so kubelet probes reach the sidecar);
+//! - the cgroup: the directory below the cgroup root named after the pod UID (cgroupfs driver
+//!   `pod<uid>`, systemd driver `kubepods-<qos>-pod<uid_with_underscores>.slice`), and one of
+//!   its processes for the network namespace.
+//!
+//! A pod is unregistered when it is deleted or leaves the Running phase; a changed pod is
+//! re-attached. The agent needs RBAC to get, list and watch Pods.
+//!
+//! Not tested against a real API server: none runs where this was written. The translation
+//! from Pod to [`PodSpec`] and the cgroup lookup are unit-tested.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher;
+
+use crate::pod::{BYPASS_NODE, DEFAULT_SERVING_PORT, PodMode, PodSpec};
+use crate::registry::{Registry, Source};
+
+/// The pod annotation with the revision's data path.
+pub const MODE_ANNOTATION: &str = "spright.dev/dataplane-mode";
+/// Knative's name of the sidecar container.
+pub const QUEUE_CONTAINER: &str = "queue-proxy";
+/// Knative's default user port.
+const DEFAULT_USER_PORT: u16 = 8080;
+
+/// Why a pod on this node is not registered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PodError {
+    /// Not one of ours (no queue-proxy-ebpf container): ignored silently.
+    #[error("no queue-proxy-ebpf container")]
+    NotOurs,
+    /// Not running yet, or no IP yet: tried again on its next change.
+    #[error("not running yet")]
+    NotRunning,
+    /// Bad annotation or environment.
+    #[error("{0}")]
+    Invalid(String),
+    /// Its cgroup or processes are not found.
+    #[error("{0}")]
+    Cgroup(String),
+}
+
+/// The registration of `pod`, or why there is none. `cgroup_root` is the cgroup v2 mount.
+pub fn pod_spec(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Result<PodSpec, PodError> {
+    let spec = pod.spec.as_ref().ok_or(PodError::NotOurs)?;
+    let queue = spec
+        .containers
+        .iter()
+        .find(|c| {
+            c.name == QUEUE_CONTAINER && c.image.as_deref().is_some_and(|i| i.contains(image_match))
+        })
+        .ok_or(PodError::NotOurs)?;
+    let status = pod.status.as_ref().ok_or(PodError::NotRunning)?;
+    if status.phase.as_deref() != Some("Running") {
+        return Err(PodError::NotRunning);
+    }
+    let ip = status
+        .pod_ip
+        .as_deref()
+        .ok_or(PodError::NotRunning)?
+        .parse()
+        .map_err(|_| PodError::Invalid("status.podIP is not an IP address".into()))?;
+    let env: BTreeMap<&str, &str> = queue
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+        .collect();
+    let port_env = |name: &str, default: u16| -> Result<u16, PodError> {
+        env.get(name).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| PodError::Invalid(format!("{name}={v:?} is not a port")))
+        })
+    };
+    let meta = &pod.metadata;
+    let mode = match meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MODE_ANNOTATION))
+        .map(|v| v.trim())
+    {
+        None | Some("userspace") => PodMode::Userspace,
+        Some("full") => PodMode::Full,
+        Some("event-driven") => PodMode::EventDriven,
+        Some(other) => {
+            return Err(PodError::Invalid(format!(
+                "annotation {MODE_ANNOTATION}={other:?}: use userspace, full or event-driven"
+            )));
+        }
+    };
+    let uid = meta
+        .uid
+        .as_deref()
+        .ok_or_else(|| PodError::Invalid("no metadata.uid".into()))?;
+    let cgroup = find_pod_cgroup(cgroup_root, uid)
+        .ok_or_else(|| PodError::Cgroup(format!("no cgroup for pod uid {uid}")))?;
+    let pid = first_pid(&cgroup)
+        .ok_or_else(|| PodError::Cgroup(format!("no process in {}", cgroup.display())))?;
+    let spec = PodSpec {
+        name: format!(
+            "{}.{}",
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default()
+        ),
+        ip,
+        port: port_env("USER_PORT", DEFAULT_USER_PORT)?,
+        cgroup: Some(cgroup),
+        pid: Some(pid),
+        netns: None,
+        mode,
+        serving_port: port_env("QUEUE_SERVING_PORT", DEFAULT_SERVING_PORT)?,
+        bypass: if mode == PodMode::EventDriven {
+            vec![BYPASS_NODE.to_owned()]
+        } else {
+            Vec::new()
+        },
+    };
+    spec.check().map_err(|e| PodError::Invalid(e.to_string()))?;
+    Ok(spec)
+}
+
+/// The cgroup directory of the pod with this UID: `pod<uid>` (cgroupfs driver) or
+/// `*-pod<uid with '_'>.slice` (systemd driver), searched a few levels below the root.
+pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+    let cgroupfs = format!("pod{uid}");
+    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    let mut level = vec![root.to_owned()];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in &level {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name == cgroupfs || name.ends_with(&systemd) {
+                    return Some(entry.path());
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+/// A process of the cgroup or of its descendants (the containers' cgroups).
+fn first_pid(cgroup: &Path) -> Option<u32> {
+    spright_ebpf::steering::cgroup_pids(cgroup)
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// Watches this node's pods until the stream ends, keeping the registry in step.
+pub async fn run(
+    registry: Arc<Registry>,
+    node_name: String,
+    image_match: String,
+    cgroup_root: PathBuf,
+) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
+    let pods: kube::Api<Pod> = kube::Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    tracing::info!(node = %node_name, "watching this node's pods");
+    let mut known: BTreeMap<String, PodSpec> = BTreeMap::new();
+    let mut stream = std::pin::pin!(watcher(pods, config));
+    let mut listed: Option<BTreeMap<String, PodSpec>> = None;
+    while let Some(event) = stream
+        .try_next()
+        .await
+        .map_err(|e| anyhow::anyhow!("watching pods: {e}"))?
+    {
+        match event {
+            watcher::Event::Init => listed = Some(BTreeMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let (Some(seen), Some(spec)) =
+                    (listed.as_mut(), wanted(&pod, &image_match, &cgroup_root))
+                {
+                    seen.insert(spec.name.clone(), spec);
+                }
+            }
+            watcher::Event::InitDone => {
+                let desired = listed.take().unwrap_or_default();
+                let gone: Vec<String> = known
+                    .keys()
+                    .filter(|k| !desired.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    forget(&registry, &mut known, &name);
+                }
+                for (_, spec) in desired {
+                    apply(&registry, &mut known, spec);
+                }
+            }
+            watcher::Event::Apply(pod) => match wanted(&pod, &image_match, &cgroup_root) {
+                Some(spec) => apply(&registry, &mut known, spec),
+                None => forget(&registry, &mut known, &pod_name(&pod)),
+            },
+            watcher::Event::Delete(pod) => forget(&registry, &mut known, &pod_name(&pod)),
+        }
+    }
+    Ok(())
+}
+
+fn pod_name(pod: &Pod) -> String {
+    format!(
+        "{}.{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn wanted(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Option<PodSpec> {
+    match pod_spec(pod, image_match, cgroup_root) {
+        Ok(spec) => Some(spec),
+        Err(PodError::NotOurs | PodError::NotRunning) => None,
+        Err(error) => {
+            tracing::error!(pod = %pod_name(pod), %error, "cannot attach the pod");
+            None
+        }
+    }
+}
+
+fn apply(registry: &Registry, known: &mut BTreeMap<String, PodSpec>, spec: PodSpec) {
+    if known.get(&spec.name) == Some(&spec) {
+        return;
+    }
+    if known.remove(&spec.name).is_some() {
+        let _ = registry.remove(&spec.name);
+    }
+    let name = spec.name.clone();
+    match registry.add(spec.clone(), Source::Cluster) {
+        Ok(_) => {
+            known.insert(name, spec);
+        }
+        Err(error) => tracing::error!(pod = %name, %error, "cannot attach the pod"),
+    }
+}
+
+fn forget(registry: &Registry, known: &mut BTreeMap<String, PodSpec>, name: &str) {
+    if known.remove(name).is_some() {
+        let _ = registry.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(image: &str, annotations: &str, phase: &str) -> Pod {
+        let json = format!(
+            r#"{{
+  "metadata": {{"name": "hello-00001-deployment-abc", "namespace": "demo",
+                "uid": "1234-abcd", "annotations": {annotations}}},
+  "spec": {{"containers": [
+    {{"name": "user-container", "image": "example/hello"}},
+    {{"name": "queue-proxy", "image": "{image}",
+     "env": [{{"name": "USER_PORT", "value": "8081"}},
+             {{"name": "QUEUE_SERVING_PORT", "value": "8012"}},
+             {{"name": "SERVING_POD", "valueFrom": {{"fieldRef": {{"fieldPath": "metadata.name"}}}}}}]}}
+  ]}},
+  "status": {{"phase": "{phase}", "podIP": "10.244.1.7"}}
+}}"#
+        );
+        serde_json::from_str(&json).expect("pod json")
+    }
+
+    fn cgroup_tree(systemd: bool) -> (PathBuf, PathBuf) {
+        let root = std::env::temp_dir().join(format!(
+            "spright-cluster-test-{}-{systemd}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let pod = if systemd {
+            root.join(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_abcd.slice",
+            )
+        } else {
+            root.join("kubepods/burstable/pod1234-abcd")
+        };
+        std::fs::create_dir_all(pod.join("container1")).unwrap();
+        std::fs::write(pod.join("cgroup.procs"), "").unwrap();
+        std::fs::write(pod.join("container1/cgroup.procs"), "4242\n").unwrap();
+        (root, pod)
+    }
+
+    #[test]
+    fn pod_cgroups_are_found_for_both_drivers() {
+        for systemd in [false, true] {
+            let (root, pod) = cgroup_tree(systemd);
+            assert_eq!(find_pod_cgroup(&root, "1234-abcd"), Some(pod.clone()));
+            assert_eq!(find_pod_cgroup(&root, "9999"), None);
+            assert_eq!(first_pid(&pod), Some(4242));
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
+    #[test]
+    fn a_knative_pod_becomes_a_registration() {
+        let (root, cgroup) = cgroup_tree(false);
+        let p = pod(
+            "registry.example/queue-proxy-ebpf:v1",
+            r#"{"spright.dev/dataplane-mode": "event-driven"}"#,
+            "Running",
+        );
+        let spec = pod_spec(&p, "queue-proxy-ebpf", &root).unwrap();
+        assert_eq!(spec.name, "demo.hello-00001-deployment-abc");
+        assert_eq!(spec.ip.to_string(), "10.244.1.7");
+        assert_eq!((spec.port, spec.serving_port), (8081, 8012));
+        assert_eq!(spec.mode, PodMode::EventDriven);
+        assert_eq!(spec.bypass, vec!["node".to_owned()]);
+        assert_eq!(spec.cgroup, Some(cgroup));
+        assert_eq!(spec.pid, Some(4242));
+
+        let userspace = pod("registry.example/queue-proxy-ebpf:v1", "{}", "Running");
+        let spec = pod_spec(&userspace, "queue-proxy-ebpf", &root).unwrap();
+        assert_eq!((spec.mode, spec.bypass.len()), (PodMode::Userspace, 0));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn other_pods_are_skipped_and_bad_ones_named() {
+        let root = Path::new("/nonexistent");
+        let stock = pod("gcr.io/knative-releases/queue", "{}", "Running");
+        assert_eq!(
+            pod_spec(&stock, "queue-proxy-ebpf", root),
+            Err(PodError::NotOurs)
+        );
+        let pending = pod("x/queue-proxy-ebpf", "{}", "Pending");
+        assert_eq!(
+            pod_spec(&pending, "queue-proxy-ebpf", root),
+            Err(PodError::NotRunning)
+        );
+        let bad = pod(
+            "x/queue-proxy-ebpf",
+            r#"{"spright.dev/dataplane-mode": "fast"}"#,
+            "Running",
+        );
+        assert!(matches!(
+            pod_spec(&bad, "queue-proxy-ebpf", root),
+            Err(PodError::Invalid(m)) if m.contains("fast")
+        ));
+        let no_cgroup = pod("x/queue-proxy-ebpf", "{}", "Running");
+        assert!(matches!(
+            pod_spec(&no_cgroup, "queue-proxy-ebpf", root),
+            Err(PodError::Cgroup(_))
+        ));
+    }
+}
