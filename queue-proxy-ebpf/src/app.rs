@@ -138,6 +138,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             response_start: cfg.response_start_timeout,
             idle: cfg.idle_timeout,
         },
+        timers: crate::timer::Timers::start(),
         proxy,
         metrics: metrics.clone(),
         request_log,
@@ -233,6 +234,8 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         stats = cfg.autoscaling_metrics_port,
         "Starting queue-proxy"
     );
+    // Start-up is done: its code need not stay resident (memory.rs).
+    crate::memory::trim_startup_pages();
 
     tokio::select! {
         _ = sigterm.recv() => {}

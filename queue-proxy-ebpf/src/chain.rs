@@ -25,6 +25,8 @@ use crate::readiness::Prober;
 use crate::reqlog::RequestLog;
 use crate::sniff::{self, Prepended};
 use crate::timeout::{self, TimedBody, Timeouts};
+use crate::timer::Timers;
+use crate::upstream::UpstreamBody;
 
 pub struct Chain {
     pub drainer: Arc<Drainer>,
@@ -32,6 +34,8 @@ pub struct Chain {
     pub accounting: Arc<dyn RequestAccounting>,
     pub breaker: Option<Arc<Breaker>>,
     pub timeouts: Timeouts,
+    /// Per-request deadlines (the revision timeouts).
+    pub timers: Arc<Timers>,
     pub proxy: Proxy,
     pub metrics: Option<Arc<RequestMetrics>>,
     pub request_log: Option<Arc<RequestLog>>,
@@ -123,7 +127,7 @@ impl Chain {
                 Ok(r) => r,
                 Err(res) => return res,
             },
-            () = tokio::time::sleep_until(self.timeouts.before_start(start)) => return timeout::gateway_timeout(),
+            () = self.timers.sleep_until(self.timeouts.before_start(start)) => return timeout::gateway_timeout(),
         };
         let (mut parts, body) = res.into_parts();
         if !needs_sniffing(&parts) {
@@ -134,6 +138,7 @@ impl Chain {
                     total_deadline,
                     self.timeouts.idle,
                     guard,
+                    &self.timers,
                 )
                 .boxed(),
             );
@@ -165,6 +170,7 @@ impl Chain {
                     total_deadline,
                     self.timeouts.idle,
                     guard,
+                    &self.timers,
                 )
                 .boxed(),
             );
@@ -173,7 +179,10 @@ impl Chain {
             Some(idle) => total_deadline.min(Instant::now() + idle),
             None => total_deadline,
         };
-        let first = match tokio::time::timeout_at(deadline, body.frame()).await {
+        let first = match tokio::select! {
+            f = body.frame() => Ok(f),
+            () = self.timers.sleep_until(deadline) => Err(()),
+        } {
             Ok(Some(Ok(frame))) => Some(frame),
             Ok(Some(Err(e))) => {
                 tracing::error!(error = %e, "error reading the user container's response");
@@ -209,6 +218,7 @@ impl Chain {
                 total_deadline,
                 self.timeouts.idle,
                 guard,
+                &self.timers,
             )
             .boxed(),
         )
@@ -220,7 +230,7 @@ impl Chain {
         mut req: Request<Incoming>,
         client: SocketAddr,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, Option<Guard>), Response<Body>> {
+    ) -> Result<(Response<UpstreamBody>, Option<Guard>), Response<Body>> {
         let probe = health::is_probe(req.headers());
         if health::is_kubelet_probe(req.headers()) {
             // Kubelet probes that got past the drainer (only `K-Kubelet-Probe` marks them)

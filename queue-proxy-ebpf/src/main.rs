@@ -15,6 +15,7 @@ mod eproxy;
 mod forwarded;
 mod health;
 mod loopback;
+mod memory;
 mod metrics;
 mod mode;
 mod proxy;
@@ -24,7 +25,9 @@ mod server;
 mod sniff;
 mod stat;
 mod timeout;
+mod timer;
 mod tls;
+mod upstream;
 
 use std::process::ExitCode;
 

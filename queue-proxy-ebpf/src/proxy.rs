@@ -13,12 +13,11 @@ use http::{
 };
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use crate::body::{self, Body};
+use crate::upstream::{H1Pool, SendError, UpstreamBody};
 
 /// Knative's `activator.RevisionHeaders`, removed before proxying.
 const REVISION_HEADERS: [HeaderName; 2] = [
@@ -101,7 +100,9 @@ impl HijackTracker {
 
 pub struct Proxy {
     user_port: u16,
-    h1: Client<HttpConnector, Incoming>,
+    h1: Arc<H1Pool>,
+    /// `Host` for a request that came without one (HTTP/1.0).
+    default_host: HeaderValue,
     /// One multiplexed h2c connection to the user container, opened on first use.
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
     pub hijacks: Arc<HijackTracker>,
@@ -154,17 +155,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 impl Proxy {
     pub fn new(user_port: u16, max_idle: usize) -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(max_idle)
-            .http1_max_headers(crate::server::MAX_HEADERS)
-            .http1_max_buf_size(crate::server::MAX_HEADER_BYTES)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(conn.clone());
+        let addr = SocketAddr::from(([127, 0, 0, 1], user_port));
         Self {
             user_port,
-            h1,
+            h1: H1Pool::new(addr, max_idle),
+            default_host: HeaderValue::from_str(&addr.to_string())
+                .unwrap_or(HeaderValue::from_static("127.0.0.1")),
             h2: tokio::sync::Mutex::new(None),
             hijacks: Arc::new(HijackTracker::default()),
         }
@@ -175,30 +171,35 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<(Response<Incoming>, Option<Splice>), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Option<Splice>), ProxyError> {
         let is_h2 = req.version() == Version::HTTP_2;
         // Like Go's `r.Host`: the authority of an absolute-form target (or HTTP/2's
         // :authority) wins over the Host header.
-        let host = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| req.headers().get(header::HOST).cloned());
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        // HTTP/2 carries the Host as :authority (Go sets it from the request's Host).
-        let authority = match (&host, is_h2) {
-            (Some(h), true) => h.to_str().ok().map(str::to_owned),
-            _ => None,
-        }
-        .unwrap_or_else(|| format!("127.0.0.1:{}", self.user_port));
-        let uri: Uri = format!("http://{authority}{pq}")
-            .parse()
-            .or_else(|_| format!("http://127.0.0.1:{}{}", self.user_port, pq).parse())
-            .map_err(|e| ProxyError::Upstream(format!("bad request target: {e}")))?;
+        let host = match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => req.headers().get(header::HOST).cloned(),
+        };
+        let uri = if is_h2 {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            // HTTP/2 carries the Host as :authority (Go sets it from the request's Host).
+            let authority = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map_or_else(|| format!("127.0.0.1:{}", self.user_port), str::to_owned);
+            format!("http://{authority}{pq}")
+                .parse()
+                .or_else(|_| format!("http://127.0.0.1:{}{}", self.user_port, pq).parse())
+                .map_err(|e| ProxyError::Upstream(format!("bad request target: {e}")))?
+        } else {
+            // HTTP/1.1 to the user container: origin form.
+            match req.uri().path_and_query() {
+                Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
+                Some(pq) => format!("/{}", pq.as_str())
+                    .parse()
+                    .map_err(|e| ProxyError::Upstream(format!("bad request target: {e}")))?,
+                None => Uri::from_static("/"),
+            }
+        };
         *req.uri_mut() = uri;
         let upgrade = if is_h2 {
             None
@@ -217,24 +218,24 @@ impl Proxy {
                 h.insert(header::UPGRADE, u.clone());
             }
             let ip = client.ip().to_canonical().to_string();
-            let prior: Vec<&str> = h
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            let xff = if prior.is_empty() {
-                ip
-            } else {
+            let xff = if h.contains_key(&X_FORWARDED_FOR) {
+                let prior: Vec<&str> = h
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
                 format!("{}, {ip}", prior.join(", "))
+            } else {
+                ip
             };
             if let Ok(v) = HeaderValue::from_str(&xff) {
                 h.insert(X_FORWARDED_FOR, v);
             }
-            match host {
-                Some(v) if !is_h2 => {
-                    h.insert(header::HOST, v);
-                }
-                _ => {}
+            if !is_h2 {
+                h.insert(
+                    header::HOST,
+                    host.unwrap_or_else(|| self.default_host.clone()),
+                );
             }
         }
         *req.version_mut() = if is_h2 {
@@ -254,17 +255,11 @@ impl Proxy {
                 .await
                 .map_err(|e| ProxyError::Upstream(e.to_string()))?;
             strip_hop_by_hop(res.headers_mut());
-            return Ok((res, None));
+            return Ok((res.map(UpstreamBody::unpooled), None));
         }
-        let mut res = self.h1.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                ProxyError::Upstream(format!(
-                    "dial tcp 127.0.0.1:{}: connect: connection refused",
-                    self.user_port
-                ))
-            } else {
-                ProxyError::Upstream(go_error_text(&e))
-            }
+        let (mut res, sender) = self.h1.send(req).await.map_err(|e| match e {
+            SendError::Connect(_) => ProxyError::Upstream(e.to_string()),
+            SendError::Http(e) => ProxyError::Upstream(go_error_text(&e)),
         })?;
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             let splice = downstream_upgrade.map(|down| Splice {
@@ -272,10 +267,11 @@ impl Proxy {
                 up: hyper::upgrade::on(&mut res),
                 _tracked: self.hijacks.enter(),
             });
-            return Ok((res, splice));
+            return Ok((res.map(UpstreamBody::unpooled), splice));
         }
         strip_hop_by_hop(res.headers_mut());
-        Ok((res, None))
+        let pool = Arc::clone(&self.h1);
+        Ok((res.map(|b| UpstreamBody::pooled(b, pool, sender)), None))
     }
 }
 

@@ -248,9 +248,6 @@ async fn http_probe(h: &HttpAction, auto_h2: bool) -> Result<(), ProbeError> {
     if h.scheme.is_empty() {
         return Err("error constructing probe url: missing protocol scheme".into());
     }
-    if !h.scheme.eq_ignore_ascii_case("http") {
-        return Err(format!("unsupported probe scheme {:?}", h.scheme));
-    }
     let host = if h.host.is_empty() {
         "127.0.0.1"
     } else {
@@ -258,10 +255,126 @@ async fn http_probe(h: &HttpAction, auto_h2: bool) -> Result<(), ProbeError> {
     };
     let port = h.port.render();
     let path = format!("/{}", h.path.trim_start_matches('/'));
+    if h.scheme.eq_ignore_ascii_case("https") {
+        return https_get(h, host, &port, &path).await;
+    }
+    if !h.scheme.eq_ignore_ascii_case("http") {
+        return Err(format!(
+            "unsupported protocol scheme {:?}",
+            h.scheme.to_ascii_lowercase()
+        ));
+    }
     if auto_h2 && http_get(h, host, &port, &path, true).await.is_ok() {
         return Ok(());
     }
     http_get(h, host, &port, &path, false).await
+}
+
+/// Where Go looks for the system's CA bundle on Linux (after `SSL_CERT_FILE`).
+const CA_BUNDLES: [&str; 6] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// The system's trusted CAs, as Go's default transport loads them; none if no bundle exists
+/// (then every certificate is refused, as in Go).
+fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let from_env = std::env::var("SSL_CERT_FILE")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let pem = from_env
+        .iter()
+        .map(String::as_str)
+        .chain(CA_BUNDLES)
+        .find_map(|p| std::fs::read(p).ok());
+    if let Some(pem) = pem {
+        let mut rd = pem.as_slice();
+        let certs = rustls_pemfile::certs(&mut rd).filter_map(Result::ok);
+        roots.add_parsable_certificates(certs);
+    }
+    roots
+}
+
+/// Client TLS for HTTPS probes: like Knative's probe transports (Go's default TLS
+/// settings), the certificate is verified against the system's CAs, with or without HTTP/2
+/// auto-detection (the differential suite shows a self-signed certificate failing in both).
+fn probe_tls() -> Result<Arc<rustls::ClientConfig>, ProbeError> {
+    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let cfg = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(system_roots())
+                .with_no_client_auth();
+            Ok(Arc::new(cfg))
+        })
+        .clone()
+}
+
+/// An HTTPS probe over HTTP/1.1, the certificate verified (see [`probe_tls`]).
+async fn https_get(h: &HttpAction, host: &str, port: &str, path: &str) -> Result<(), ProbeError> {
+    let stream = connect(host, port).await?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("error constructing probe request {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(probe_tls()?)
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("tls handshake with {host}:{port}: {e}"))?;
+    let req = probe_request(h, path, Some(&format!("{host}:{port}")))?;
+    ready_status(h1_exchange(TokioIo::new(tls), req).await?)
+}
+
+/// One HTTP/1.1 request on `io`; the status, once the body has been read.
+async fn h1_exchange<T>(io: T, req: Request<Empty<Bytes>>) -> Result<http::StatusCode, ProbeError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let res = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status();
+    let _ = res.into_body().collect().await;
+    Ok(status)
+}
+
+fn probe_request(
+    h: &HttpAction,
+    target: &str,
+    host: Option<&str>,
+) -> Result<Request<Empty<Bytes>>, ProbeError> {
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(target)
+        .header(header::USER_AGENT, "kube-probe//");
+    if let Some(host) = host {
+        req = req.header(header::HOST, host);
+    }
+    for hh in &h.http_headers {
+        req = req.header(hh.name.as_str(), hh.value.as_str());
+    }
+    req.body(Empty::<Bytes>::new())
+        .map_err(|e| format!("error constructing probe request {e}"))
+}
+
+fn ready_status(status: http::StatusCode) -> Result<(), ProbeError> {
+    if (200..400).contains(&status.as_u16()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "HTTP probe did not respond Ready, got status code: {}",
+            status.as_u16()
+        ))
+    }
 }
 
 async fn http_get(
@@ -272,23 +385,11 @@ async fn http_get(
     h2: bool,
 ) -> Result<(), ProbeError> {
     let stream = connect(host, port).await?;
-    let mut req = Request::builder()
-        .method(Method::GET)
-        .uri(if h2 {
-            format!("http://{host}:{port}{path}")
-        } else {
-            path.to_owned()
-        })
-        .header(header::USER_AGENT, "kube-probe//");
-    if !h2 {
-        req = req.header(header::HOST, format!("{host}:{port}"));
-    }
-    for hh in &h.http_headers {
-        req = req.header(hh.name.as_str(), hh.value.as_str());
-    }
-    let req = req
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("error constructing probe request {e}"))?;
+    let req = if h2 {
+        probe_request(h, &format!("http://{host}:{port}{path}"), None)?
+    } else {
+        probe_request(h, path, Some(&format!("{host}:{port}")))?
+    };
     let io = TokioIo::new(stream);
     let status = if h2 {
         let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
@@ -298,23 +399,9 @@ async fn http_get(
         let res = send.send_request(req).await.map_err(|e| e.to_string())?;
         res.status()
     } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let res = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = res.status();
-        let _ = res.into_body().collect().await;
-        status
+        h1_exchange(io, req).await?
     };
-    if (200..400).contains(&status.as_u16()) {
-        Ok(())
-    } else {
-        Err(format!(
-            "HTTP probe did not respond Ready, got status code: {}",
-            status.as_u16()
-        ))
-    }
+    ready_status(status)
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

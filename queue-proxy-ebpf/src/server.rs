@@ -24,6 +24,7 @@ use crate::body::{self, Body};
 use crate::drain::Drainer;
 use crate::metrics::RequestMetrics;
 use crate::stat::{PROTOBUF_MIME, stat_from_report};
+use crate::timer::{HyperTimer, Timers};
 
 /// Go's `ReadHeaderTimeout` on every server.
 const READ_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,10 +33,11 @@ pub const MAX_HEADER_BYTES: usize = (1 << 20) + 4096;
 /// Go limits header bytes, not their number; hyper needs a count (its default is 100).
 pub const MAX_HEADERS: usize = 256;
 
-pub fn builder() -> auto::Builder<TokioExecutor> {
+/// `timers` carries the HTTP/1 header-read timeout, which every keep-alive request restarts.
+pub fn builder(timers: &Arc<Timers>) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
-        .timer(TokioTimer::new())
+        .timer(HyperTimer(Arc::clone(timers)))
         .header_read_timeout(READ_HEADER_TIMEOUT)
         .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEADER_BYTES);
@@ -58,7 +60,7 @@ pub async fn serve<H, F, W>(
     W: Wrap,
 {
     let graceful = GracefulShutdown::new();
-    let builder = builder();
+    let builder = builder(&Timers::start());
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,

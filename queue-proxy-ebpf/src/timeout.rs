@@ -6,16 +6,19 @@
 //! the response; [`TimedBody`] does the same. The body also carries the request's guards
 //! (accounting, breaker slot, ...) so they are released when the response is done.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::body::{self, BoxError};
+use crate::timer::{Sleep, Timers};
 
 /// Knative's timeout message.
 pub const MESSAGE: &str = "request timeout";
@@ -45,8 +48,8 @@ pub fn gateway_timeout() -> Response<body::Body> {
 /// A response body under the total and idle deadlines, holding `G` until it ends.
 pub struct TimedBody<B, G> {
     inner: B,
-    total: Pin<Box<Sleep>>,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    total: Sleep,
+    idle: Option<(Duration, Sleep)>,
     guard: Option<G>,
     state: State,
 }
@@ -59,11 +62,17 @@ enum State {
 }
 
 impl<B, G> TimedBody<B, G> {
-    pub fn new(inner: B, total_deadline: Instant, idle: Option<Duration>, guard: G) -> Self {
+    pub fn new(
+        inner: B,
+        total_deadline: Instant,
+        idle: Option<Duration>,
+        guard: G,
+        timers: &Arc<Timers>,
+    ) -> Self {
         Self {
             inner,
-            total: Box::pin(tokio::time::sleep_until(total_deadline)),
-            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            total: timers.sleep_until(total_deadline),
+            idle: idle.map(|d| (d, timers.sleep(d))),
             guard: Some(guard),
             state: State::Streaming,
         }
@@ -95,7 +104,7 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some((d, sleep)) = this.idle.as_mut() {
-                    sleep.as_mut().reset(Instant::now() + *d);
+                    sleep.reset(Instant::now() + *d);
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
@@ -114,8 +123,8 @@ where
         let idle_fired = this
             .idle
             .as_mut()
-            .is_some_and(|(_, s)| s.as_mut().poll(cx).is_ready());
-        if this.total.as_mut().poll(cx).is_ready() || idle_fired {
+            .is_some_and(|(_, s)| Pin::new(s).poll(cx).is_ready());
+        if Pin::new(&mut this.total).poll(cx).is_ready() || idle_fired {
             this.state = State::TimedOut;
             this.guard.take();
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
@@ -158,11 +167,13 @@ mod tests {
     async fn idle_timeout_appends_message() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
         let stream = StreamBody::new(tokio_stream_from(rx));
+        let timers = Timers::start();
         let mut b = TimedBody::new(
             stream,
             Instant::now() + Duration::from_secs(100),
             Some(Duration::from_secs(2)),
             (),
+            &timers,
         );
         tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
             .await

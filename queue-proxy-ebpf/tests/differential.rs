@@ -485,6 +485,17 @@ fn autoscaler_stats_and_proxied_accounting() {
         k.0 = None;
         o.0 = None;
     }
+    // Knative's time-weighted averages move with where its 1 s ticks fall (2.5 to 3.0 were
+    // seen for these 5 x 0.5 s on a loaded machine); ours are closed from exact timestamps.
+    // Compare them within half a request, the rest exactly.
+    for (what, kv, ov) in [
+        ("average concurrency", &mut k.5, &mut o.5),
+        ("average proxied concurrency", &mut k.6, &mut o.6),
+    ] {
+        assert!((*kv - *ov).abs() <= 0.5, "{what}: Knative {kv}, ours {ov}");
+        *kv = 0.0;
+        *ov = 0.0;
+    }
     assert_same("autoscaler stats", &k, &o);
     assert_eq!(o.1.as_deref(), Some("application/protobuf"));
     assert_eq!((o.3, o.4), (5.0, 3.0));
