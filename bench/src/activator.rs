@@ -40,6 +40,10 @@ pub struct ActivatorBenchArgs {
     /// Concurrent keep-alive connections of the load generator.
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
+    /// Connections of the light-load rounds that follow (added latency without
+    /// queueing); 0 skips them.
+    #[arg(long, default_value_t = 1)]
+    pub light_connections: usize,
     /// Scale-from-zero repetitions for the endpoint-ready → first-answer delay.
     #[arg(long, default_value_t = 30)]
     pub cold_runs: usize,
@@ -255,6 +259,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
 /// `pid` used meanwhile.
 fn wrk(
     args: &ActivatorBenchArgs,
+    conns: usize,
     port: u16,
     pid: Option<u32>,
     seconds: u64,
@@ -262,7 +267,7 @@ fn wrk(
     let cpu0 = pid.map(cpu_seconds).transpose()?;
     let out = Command::new("taskset")
         .args(["-c", "0", &args.wrk, "-t1", "--latency"])
-        .arg(format!("-c{}", args.connections))
+        .arg(format!("-c{conns}"))
         .arg(format!("-d{seconds}s"))
         .args(["-H", &format!("Knative-Serving-Namespace: {NS}")])
         .args(["-H", &format!("Knative-Serving-Revision: {REV}")])
@@ -403,7 +408,7 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
     let mut results: Vec<Vec<(Wrk, Option<f64>)>> = vec![Vec::new(), Vec::new(), Vec::new()];
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
         for &(port, pid) in &paths {
-            wrk(&args, port, pid, 1)?; // warm-up (pools, caches)
+            wrk(&args, args.connections, port, pid, 1)?; // warm-up (pools, caches)
         }
         for round in 0..args.rounds.max(1) {
             // direct, then the two proxies in alternating order, so drift in the
@@ -411,11 +416,29 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
             let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
             for i in order {
                 let (port, pid) = paths[i];
-                results[i].push(wrk(&args, port, pid, args.seconds)?);
+                results[i].push(wrk(&args, args.connections, port, pid, args.seconds)?);
             }
         }
         Ok(())
     })?;
+    // Light load: the same turns with few connections, p50 added over direct per round.
+    let mut light: Vec<[f64; 2]> = Vec::new();
+    if args.light_connections > 0 {
+        tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            for round in 0..args.rounds.max(1) {
+                let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
+                let mut p50 = [0.0; 3];
+                for i in order {
+                    let (port, _) = paths[i];
+                    p50[i] = wrk(&args, args.light_connections, port, None, args.seconds)?
+                        .0
+                        .p50_us;
+                }
+                light.push([p50[1] - p50[0], p50[2] - p50[0]]);
+            }
+            Ok(())
+        })?;
+    }
     // Ratios of the proxies within each round (neighbours in time), then their median.
     let per_round: Vec<(f64, f64)> = (0..results[0].len())
         .map(|r| {
@@ -462,6 +485,18 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
     };
     rows.push(added("activator-lite added", &through_act));
     rows.push(added("nginx added", &through_nginx));
+
+    let light_median = |i: usize| median(light.iter().map(|r| r[i]).collect());
+    let light_ratio = median(light.iter().map(|r| r[0] / r[1]).collect());
+    if !light.is_empty() {
+        for (i, name) in [(0, "activator-lite added"), (1, "nginx added")] {
+            rows.push(Row {
+                connections: Some(args.light_connections),
+                p50_us: Some(light_median(i)),
+                ..Row::named(format!("{name}, light load"))
+            });
+        }
+    }
 
     // Endpoint ready -> first held request answered.
     let mut delays = Vec::with_capacity(args.cold_runs);
@@ -552,6 +587,18 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
         list(|r| r.0),
         list(|r| r.1)
     )?;
+    if !light.is_empty() {
+        writeln!(
+            out,
+            "light load ({} connection(s)), per round activator-lite / nginx added p50: [{}] median {light_ratio:.2}x",
+            args.light_connections,
+            light
+                .iter()
+                .map(|r| format!("{:.2}", r[0] / r[1]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )?;
+    }
     writeln!(
         out,
         "endpoint ready -> first held answer p50: {:.2} ms (Knative's probe tick alone: 200 ms; target < 10 ms)",
