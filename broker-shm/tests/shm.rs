@@ -100,5 +100,27 @@ async fn trigger_chain_across_shm_functions() {
     assert_eq!(body["via"], "step2");
     assert_eq!(body["in"]["via"], "step1");
     assert_eq!(body["in"]["in"]["hello"], "world");
+    // A burst: more events in flight than a Unix datagram queue holds (10 by default), so
+    // the reply thread must hand sends to tasks instead of blocking; nothing is lost.
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let url = url.clone();
+        burst.spawn(
+            async move { send_binary(&url, &format!("burst{i}"), "chain.start", &[]).await },
+        );
+    }
+    while let Some(code) = burst.join_next().await {
+        assert_eq!(code.expect("send task"), StatusCode::ACCEPTED);
+    }
+    let got = sink.wait_n("/done", 220, Duration::from_secs(60)).await;
+    for i in 0..200 {
+        let id = format!("step2-step1-burst{i}");
+        assert!(
+            got.iter()
+                .any(|r| r.ce("id").as_deref() == Some(id.as_str())),
+            "{id} missing: {}",
+            b.logs()
+        );
+    }
     b.assert_alive();
 }
