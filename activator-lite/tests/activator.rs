@@ -875,3 +875,98 @@ async fn event_driven_pods_are_probed_on_the_admin_port() {
         assert_eq!(sidecar.state.probes.load(Ordering::SeqCst), 0, "{rev}");
     }
 }
+
+/// A pod written at the byte level: echoes request bodies, answers `queue` probes, and
+/// closes every connection right after its first answer without saying so (as a pod
+/// whose keep-alive timeout fires between requests).
+async fn one_shot_pod() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind pod");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = if head.contains("k-network-probe: queue") {
+                    b"queue".to_vec()
+                } else if head.starts_with("head ") {
+                    Vec::new()
+                } else {
+                    let mut b = b"echo:".to_vec();
+                    b.extend_from_slice(&buf[head_end..head_end + len]);
+                    b
+                };
+                let declared = if head.starts_with("head ") {
+                    7
+                } else {
+                    body.len()
+                };
+                let mut resp =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {declared}\r\n\r\n").into_bytes();
+                resp.extend_from_slice(&body);
+                let _ = s.write_all(&resp).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_head_and_pods_closing_idle_connections() {
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    let (addr, pod) = one_shot_pod().await;
+    m.endpoints(REV, &[addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    let req = |method: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:{}/x", act.port))
+            .header("knative-serving-namespace", NS)
+            .header("knative-serving-revision", REV)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    // Every pod connection serves one request and closes, so the activator's pooled
+    // connections go stale: they are dropped, or the GET is retried on a fresh one.
+    let r = send(req("POST", "hello")).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "echo:hello"));
+    for _ in 0..5 {
+        let r = send(req("GET", "")).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "echo:"));
+    }
+    let r = send(req("HEAD", "")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.headers.get("content-length").unwrap(), "7");
+    assert!(r.body.is_empty());
+    pod.abort();
+}
