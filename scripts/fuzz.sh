@@ -6,9 +6,10 @@
 # than FUZZ_TIMEOUT seconds on one input, or a failed build); each crash input is printed
 # in base64 and, when FUZZ_ARTIFACTS is set, copied to $FUZZ_ARTIFACTS/<target>/.
 #
-# Needs (scripts/setup.sh): the nightly toolchain and cargo-fuzz:
+# Needs (scripts/setup.sh): the nightly toolchain, cargo-fuzz and a C++ compiler:
 #   rustup toolchain install nightly --profile minimal
 #   cargo install cargo-fuzz --locked
+#   (g++, or clang++-19 from the eBPF toolchain)
 # Optional environment: FUZZ_SECONDS, FUZZ_TARGETS (space-separated subset),
 # FUZZ_TIMEOUT (default 10), CARGO_TARGET_DIR (default fuzz/target), FUZZ_ARTIFACTS,
 # FUZZ_SANITIZER (default address; "none" builds faster and runs about twice as many
@@ -36,6 +37,12 @@ cargo +nightly fuzz --version >/dev/null 2>&1 ||
 [[ $seconds =~ ^[0-9]+$ ]] || die "FUZZ_SECONDS must be a whole number of seconds, got '$seconds'"
 [[ $sanitizer =~ ^(address|leak|none)$ ]] ||
     die "FUZZ_SANITIZER must be address, leak or none, got '$sanitizer'"
+
+# libfuzzer-sys compiles libFuzzer (C++17): g++ when installed, else the clang++-19 that
+# scripts/setup.sh installs for the eBPF programs.
+if [[ -z ${CXX:-} ]] && ! command -v c++ >/dev/null && command -v clang++-19 >/dev/null; then
+    export CXX=clang++-19
+fi
 
 cd "$root/fuzz"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/fuzz/target}
