@@ -7,6 +7,12 @@ use mqtt_adaptor::config::{Config, EXIT_CONFIG};
 use mqtt_adaptor::{embedded, metrics::Metrics, publisher, server, source};
 use tokio::signal::unix::{SignalKind, signal};
 
+// Per-message buffers (MQTT publish, CloudEvent headers, HTTP request) are allocated and
+// freed at a high rate on a few threads; mimalloc's thread-local free lists cost less here
+// than glibc malloc (measured with `spright-bench mqtt`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     spright_core::logging::init("mqtt-adaptor", "info");
     let cfg = match Config::from_env_and_args() {
