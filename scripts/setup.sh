@@ -73,6 +73,16 @@ for mod in "${GO_BINARIES[@]}"; do
   fi
 done
 
+# The fuzz targets (fuzz/, run by scripts/fuzz.sh) need the nightly toolchain and cargo-fuzz.
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  log "rustup toolchain install nightly"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  log "cargo install cargo-fuzz"
+  cargo install cargo-fuzz --locked
+fi
+
 # bpffs for pinned maps (the loader mounts it too, this makes it visible to bpftool early).
 if ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
   mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf 2>/dev/null || log "could not mount bpffs at /sys/fs/bpf (needs root)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is needed, checks formatting and lints, builds every
-# binary, and runs every test (unit, kernel eBPF, end-to-end against the real peers).
+# binary, runs every test (unit, kernel eBPF, end-to-end against the real peers), then
+# fuzzes every parser for a short while (scripts/fuzz.sh).
 # Needs root (the eBPF and network-namespace tests load real programs).
 set -euo pipefail
 # Toolchains where this kind of machine installs them, in case PATH lacks them.
@@ -22,9 +23,15 @@ status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' /tmp/spright-test.log | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' /tmp/spright-test.log | awk '{s+=$1} END {print s+0}')
+# Every parser under libFuzzer for FUZZ_SECONDS each (fuzz/README.md); any crash fails the run.
+set +e
+scripts/fuzz.sh
+fuzz_status=$?
+set -e
 echo "tests: $passed passed, $failed failed"
 if [[ "$passed" -eq 0 ]]; then
   echo "test.sh: no test ran" >&2
   exit 1
 fi
-exit "$status"
+if [[ "$status" -ne 0 ]]; then exit "$status"; fi
+exit "$fuzz_status"
