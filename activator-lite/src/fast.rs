@@ -111,6 +111,18 @@ fn lists(connection: &[&[u8]], name: &str) -> bool {
     })
 }
 
+/// The request headers that name the target revision, in the order `parse_request` reads.
+const ROUTING: [&str; 3] = [
+    "knative-serving-namespace",
+    "knative-serving-revision",
+    "host",
+];
+
+/// Bytes `http::HeaderValue::to_str` accepts: visible ASCII, space and tab.
+fn visible_ascii(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+}
+
 /// Parses a request head; `peer` is appended to `X-Forwarded-For`.
 pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
     if buf.starts_with(b"PRI ") || (buf.len() < 4 && b"PRI ".starts_with(buf)) {
@@ -139,12 +151,23 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
     let mut connection: [&[u8]; 4] = [b""; 4];
     let mut n_conn = 0;
     let mut idempotency_key = false;
+    let mut seen = [false; ROUTING.len()];
     for h in req.headers.iter() {
         let n = h.name;
         idempotency_key |= n.eq_ignore_ascii_case("idempotency-key")
             || n.eq_ignore_ascii_case("x-idempotency-key");
         if n.eq_ignore_ascii_case("k-network-probe") || n.eq_ignore_ascii_case("k-kubelet-probe") {
             return Parsed::Slow(Head::Other);
+        }
+        // The headers naming the revision: the handler (`revision_from`) reads the first
+        // value and only visible ASCII, and answers 400 to a repeated Host; a repeated one
+        // or one holding other bytes goes to the handler so both always agree.
+        let routing = ROUTING.iter().position(|r| n.eq_ignore_ascii_case(r));
+        if let Some(i) = routing {
+            if seen[i] || !visible_ascii(h.value) {
+                return Parsed::Slow(Head::Other);
+            }
+            seen[i] = true;
         }
         let Ok(v) = std::str::from_utf8(h.value) else {
             fast = false;
@@ -153,11 +176,11 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
         if n.eq_ignore_ascii_case("user-agent") && v.starts_with("kube-probe/") {
             return Parsed::Slow(Head::Other);
         }
-        if n.eq_ignore_ascii_case("knative-serving-namespace") {
+        if routing == Some(0) {
             ns = v;
-        } else if n.eq_ignore_ascii_case("knative-serving-revision") {
+        } else if routing == Some(1) {
             name = v;
-        } else if n.eq_ignore_ascii_case("host") {
+        } else if routing == Some(2) {
             host = Some(v);
         } else if n.eq_ignore_ascii_case("content-length") {
             match (v.trim().parse::<usize>(), body_len) {
@@ -834,6 +857,30 @@ mod tests {
             Parsed::Fast(r) => r,
             other => panic!("not fast: {other:?}"),
         }
+    }
+
+    /// Fuzz finding (activator_request): the fast path kept the last Host and accepted
+    /// UTF-8 in it while the handler reads the first, visible-ASCII value.
+    #[test]
+    fn repeated_or_non_ascii_routing_header_goes_to_handler() {
+        let slow = |b: &[u8]| {
+            assert!(
+                matches!(parse_request(b, None), Parsed::Slow(Head::Other)),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            )
+        };
+        slow(b"GET / HTTP/1.1\r\nHost: a.one\r\nHost: b.two\r\n\r\n");
+        slow(b"GET / HTTP/1.1\r\nhost: a.one\r\nHOST: a.one\r\n\r\n");
+        slow(b"GET /x HTTP/1.1\r\nHost: hedefault.svc.cluserfing\xd3\xa8evision: h\r\n\r\n");
+        slow(b"GET / HTTP/1.1\r\nHost: r.ns\r\nKnative-Serving-Namespace: a\r\nknative-serving-namespace: b\r\nKnative-Serving-Revision: r\r\n\r\n");
+        slow(b"GET / HTTP/1.1\r\nHost: r.ns\r\nKnative-Serving-Namespace: a\r\nKnative-Serving-Revision: r\r\nKnative-Serving-Revision: s\r\n\r\n");
+        slow(b"GET / HTTP/1.1\r\nHost: r.ns\r\nKnative-Serving-Namespace: a\r\nKnative-Serving-Revision: r\x80\r\n\r\n");
+        // One of each, visible ASCII (tab included, as HeaderValue::to_str allows): fast.
+        let r = fast(
+            "GET / HTTP/1.1\r\nHost: x.y\r\nKnative-Serving-Namespace: ns\r\nKnative-Serving-Revision: r\t\r\n\r\n",
+        );
+        assert_eq!(r.key, RevisionKey::new("ns", "r"));
     }
 
     #[test]

@@ -63,6 +63,14 @@ impl RequestError {
     }
 }
 
+/// Go's answer to a request with more than one Host header (net/http readRequest).
+fn too_many_hosts() -> Response<RespBody> {
+    let mut r = text(StatusCode::BAD_REQUEST, "400 Bad Request");
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
     let mut r = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
     *r.status_mut() = status;
@@ -357,6 +365,11 @@ impl App {
         peer: Option<SocketAddr>,
         admission: Option<Admission>,
     ) -> Result<Response<RespBody>, Infallible> {
+        // Go's net/http refuses a request with more than one Host header before any handler
+        // runs: 400, body "400 Bad Request", and the connection is closed.
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return Ok(too_many_hosts());
+        }
         if admission.is_some() {
             return Ok(self.respond(req, peer, admission).await);
         }

@@ -308,6 +308,31 @@ async fn probes_unknown_revisions_and_upstream_failure() {
     // Revision from the Host alone.
     let r = probe(vec![("host", "hello-00001.default.svc.cluster.local")]).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    // Two Host headers (fuzz finding): Go's net/http answer, 400 and the connection closed,
+    // whichever of the two names a revision.
+    for hosts in [
+        "Host: hello-00001.default\r\nHost: nope-00001.default",
+        "Host: nope-00001.default\r\nHost: hello-00001.default",
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", act.port))
+            .await
+            .unwrap();
+        s.write_all(format!("GET / HTTP/1.1\r\n{hosts}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply))
+            .await
+            .expect("connection closed after the 400")
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{reply}");
+        assert!(reply.ends_with("\r\n\r\n400 Bad Request"), "{reply}");
+        assert!(
+            reply.to_ascii_lowercase().contains("connection: close\r\n"),
+            "{reply}"
+        );
+    }
 
     // Streaming: the first chunk arrives while the pod still holds the second.
     let req = Request::get(format!("http://127.0.0.1:{}/stream", act.port))
