@@ -55,7 +55,9 @@ impl IngestError {
             IngestError::TtlExhausted => StatusCode::BAD_REQUEST,
             IngestError::Log(LogError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::Log(LogError::Full(_)) => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Log(LogError::Io { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            IngestError::Log(
+                LogError::Io { .. } | LogError::BadSegment { .. } | LogError::OffsetsExhausted(_),
+            ) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

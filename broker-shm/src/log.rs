@@ -71,6 +71,13 @@ pub enum LogError {
     TooLarge(usize),
     #[error("log retention limit reached ({0} bytes); subscribers are behind")]
     Full(u64),
+    /// A segment file whose name (its base offset) cannot belong to this log: corrupted
+    /// or forged. The log refuses to open rather than hand out wrapped offsets.
+    #[error("log segment {path}: {reason}")]
+    BadSegment { path: PathBuf, reason: String },
+    /// The 64-bit offset space is used up: a new segment would end past `u64::MAX`.
+    #[error("log offsets exhausted: a new segment at offset {0} would end past u64::MAX")]
+    OffsetsExhausted(u64),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -163,6 +170,11 @@ impl Segment {
         self.map.len()
     }
 
+    /// Offset one past the last record (`base + used`; `open` keeps it within u64).
+    fn end(&self) -> u64 {
+        self.base + self.used as u64
+    }
+
     fn append(&mut self, payload: &[u8], durability: Durability) -> Result<(), LogError> {
         let pos = self.used;
         let end = pos + padded(payload.len());
@@ -215,12 +227,35 @@ impl BrokerLog {
             })
             .collect();
         bases.sort_unstable();
-        let mut segments = VecDeque::new();
+        bases.dedup();
+        let mut segments: VecDeque<Segment> = VecDeque::new();
         for base in bases {
             // Existing segments keep their own size.
             let path = dir.join(format!("{base:020}.seg"));
-            let size = std::fs::metadata(&path).map_err(io(&path))?.len() as usize;
-            segments.push_back(Segment::open(dir, base, size.max(HEADER))?);
+            let size = std::fs::metadata(&path).map_err(io(&path))?.len();
+            let size = usize::try_from(size).unwrap_or(usize::MAX).max(HEADER);
+            // Offsets are `base + position`: a segment must end within u64 (so tail() and
+            // read() never overflow) and start at or after the previous segment's end (so
+            // offsets only move forward). Anything else is a corrupted or forged name.
+            let bad = |reason: String| LogError::BadSegment {
+                path: path.clone(),
+                reason,
+            };
+            if base.checked_add(size as u64).is_none() {
+                return Err(bad(format!(
+                    "base offset {base} plus its size {size} bytes overflows a 64-bit offset"
+                )));
+            }
+            if let Some(prev) = segments.back()
+                && base < prev.end()
+            {
+                return Err(bad(format!(
+                    "base offset {base} is below the end {} of the previous segment {}",
+                    prev.end(),
+                    prev.path.display()
+                )));
+            }
+            segments.push_back(Segment::open(dir, base, size)?);
         }
         if segments.is_empty() {
             segments.push_back(Segment::open(dir, 0, cfg.segment_bytes)?);
@@ -275,6 +310,9 @@ impl BrokerLog {
                 return Err(LogError::Full(self.cfg.retention_bytes));
             }
             let base = self.tail();
+            if base.checked_add(self.cfg.segment_bytes as u64).is_none() {
+                return Err(LogError::OffsetsExhausted(base));
+            }
             self.segments
                 .push_back(Segment::open(&self.dir, base, self.cfg.segment_bytes)?);
         }
@@ -403,6 +441,51 @@ mod tests {
             retention_bytes: ret,
             durability: Durability::Msync,
         }
+    }
+
+    /// Fuzz finding (broker_log_recovery, `segment-base-near-u64-max`): a segment file named
+    /// with a base near u64::MAX made tail() and read() overflow `base + used`.
+    #[test]
+    fn forged_segment_bases_are_refused_not_overflowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap();
+        log.append(b"first").unwrap();
+        drop(log);
+        let forged = dir.path().join(format!("{}.seg", u64::MAX));
+        std::fs::write(&forged, [0u8; 64]).unwrap();
+        let err = BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap_err();
+        assert!(matches!(err, LogError::BadSegment { .. }), "{err}");
+        assert!(err.to_string().contains("overflows"), "{err}");
+        std::fs::remove_file(&forged).unwrap();
+
+        // A base inside the previous segment's records: offsets would go backwards.
+        let inside = dir.path().join(format!("{:020}.seg", 4));
+        std::fs::write(&inside, [0u8; 64]).unwrap();
+        let err = BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap_err();
+        assert!(err.to_string().contains("below the end"), "{err}");
+        std::fs::remove_file(&inside).unwrap();
+        assert_eq!(
+            BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap().head(),
+            0
+        );
+
+        // The last segment that fits below u64::MAX: appends stop with an error, not a wrap.
+        let dir = tempfile::tempdir().unwrap();
+        let base = u64::MAX - 300;
+        std::fs::write(dir.path().join(format!("{base:020}.seg")), [0u8; 256]).unwrap();
+        let mut log = BrokerLog::open(dir.path(), cfg(256, 4096)).unwrap();
+        let mut tail = log.tail();
+        let err = loop {
+            match log.append(&[7u8; 40]) {
+                Ok(t) => {
+                    assert!(t > tail);
+                    tail = t;
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, LogError::OffsetsExhausted(_)), "{err}");
+        assert_eq!(log.read(base).unwrap().0, vec![7u8; 40]);
     }
 
     #[test]
