@@ -25,7 +25,9 @@ pub enum CeError {
     Missing(&'static str),
     #[error("unsupported specversion `{0}` (want 1.0 or 0.3)")]
     SpecVersion(String),
-    #[error("invalid attribute name `{0}` (lowercase a-z and 0-9 only)")]
+    #[error(
+        "invalid attribute name `{0}` (lowercase a-z and 0-9 only; data and data_base64 are reserved)"
+    )]
     AttributeName(String),
     #[error("attribute `{0}` must be a string, number or boolean")]
     AttributeType(String),
@@ -55,6 +57,12 @@ pub fn valid_attr_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// `data` and `data_base64` name the event's data in the JSON format (CloudEvents spec,
+/// attribute naming convention): never context attributes or extensions.
+pub fn reserved_attr_name(name: &str) -> bool {
+    name == "data" || name == "data_base64"
 }
 
 /// Does this media type carry JSON (`application/json`, `text/json`, `*+json`)?
@@ -105,7 +113,11 @@ impl CloudEvent {
         if sv != "1.0" && sv != "0.3" {
             return Err(CeError::SpecVersion(sv.to_owned()));
         }
-        if let Some(bad) = self.attrs.keys().find(|k| !valid_attr_name(k)) {
+        if let Some(bad) = self
+            .attrs
+            .keys()
+            .find(|k| !valid_attr_name(k) || reserved_attr_name(k))
+        {
             return Err(CeError::AttributeName(bad.clone()));
         }
         Ok(())
@@ -404,6 +416,36 @@ mod tests {
         assert!(h.get("ce-datacontenttype").is_none());
         let back = CloudEvent::from_http(&h, Bytes::from_static(b"x")).unwrap();
         assert_eq!(back, ev);
+    }
+
+    /// Fuzz finding (mqtt_cloudevent, `attribute-named-data-minimal`): a binary-mode
+    /// request with `ce-data: x` was accepted, and its structured JSON did not parse back.
+    #[test]
+    fn attributes_named_data_are_refused() {
+        let mut h = sample().binary_headers();
+        h.insert("ce-data", HeaderValue::from_static("x"));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        assert_eq!(
+            CloudEvent::from_http(&h, Bytes::from_static(b"body")),
+            Err(CeError::AttributeName("data".into()))
+        );
+        h.remove("ce-data");
+        h.insert("ce-data_base64", HeaderValue::from_static("eA=="));
+        assert_eq!(
+            CloudEvent::from_http(&h, Bytes::from_static(b"body")),
+            Err(CeError::AttributeName("data_base64".into()))
+        );
+        for name in ["data", "data_base64"] {
+            let mut ev = sample();
+            ev.set(name, "x");
+            assert_eq!(ev.validate(), Err(CeError::AttributeName(name.into())));
+        }
+        let mut ev = sample();
+        ev.set("dataref", "x");
+        assert_eq!(ev.validate(), Ok(()));
     }
 
     #[test]
