@@ -239,7 +239,10 @@ impl BrokerAddr {
                 None => (rest.to_owned(), None),
             }
         };
-        if host.is_empty() || host.contains('/') {
+        // `[`/`]` only as the IPv6 bracket form (stripped above); no whitespace or control
+        // characters: such a host never resolves, and url() could not render it.
+        let odd = |c: char| c == '/' || c == '[' || c == ']' || c.is_whitespace() || c.is_control();
+        if host.is_empty() || host.contains(odd) {
             return Err(err());
         }
         let port = match port {
@@ -352,11 +355,9 @@ pub fn parse_overrides(raw: &str) -> Result<BTreeMap<String, String>, ConfigErro
     }
     let o: Overrides =
         serde_json::from_str(raw).map_err(|e| ConfigError::Overrides(e.to_string()))?;
-    if let Some(bad) = o
-        .extensions
-        .keys()
-        .find(|k| !crate::cloudevent::valid_attr_name(k))
-    {
+    if let Some(bad) = o.extensions.keys().find(|k| {
+        !crate::cloudevent::valid_attr_name(k) || crate::cloudevent::reserved_attr_name(k)
+    }) {
         return Err(ConfigError::OverrideName(bad.clone()));
     }
     Ok(o.extensions)
@@ -611,6 +612,37 @@ mod tests {
         assert!(BrokerAddr::parse(":1883").is_err());
     }
 
+    /// Fuzz finding (mqtt_config, `broker-host-bracket-minimal`): `mqtt://x:a]:1` was
+    /// accepted with host `x:a]`, whose url() `mqtt://[x:a]]:1` did not parse again.
+    #[test]
+    fn broker_hosts_url_cannot_render_are_refused() {
+        for bad in [
+            "mqtt://x:a]:1",
+            "mqtt://x[:1",
+            "[a]b]:1",
+            "[[::1]]:1",
+            "mqtt://a b:1",
+            "mqtt://a\tb",
+            "mqtt://a\0b:1",
+            "mqtt://a\u{85}b:1",
+            "mqtt:// :1",
+        ] {
+            assert!(
+                matches!(BrokerAddr::parse(bad), Err(ConfigError::Broker(_))),
+                "{bad:?} accepted"
+            );
+        }
+        for good in [
+            "mqtt://[::1]:1",
+            "mqtts://h.example:8883",
+            "x:a:1",
+            "tcp://10.0.0.1",
+        ] {
+            let addr = BrokerAddr::parse(good).unwrap();
+            assert_eq!(BrokerAddr::parse(&addr.url()).unwrap(), addr, "{good}");
+        }
+    }
+
     #[test]
     fn overrides() {
         assert!(parse_overrides("").unwrap().is_empty());
@@ -618,6 +650,8 @@ mod tests {
         assert_eq!(o.get("team").map(String::as_str), Some("a"));
         assert!(parse_overrides("{").is_err());
         assert!(parse_overrides(r#"{"extensions":{"Bad":"a"}}"#).is_err());
+        assert!(parse_overrides(r#"{"extensions":{"data":"a"}}"#).is_err());
+        assert!(parse_overrides(r#"{"extensions":{"data_base64":"a"}}"#).is_err());
     }
 
     #[test]
