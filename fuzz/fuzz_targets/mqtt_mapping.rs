@@ -22,9 +22,7 @@ fn outbound(ev: &CloudEvent, template: &str) {
             if !binary {
                 // Structured output must read back as the same event.
                 let back = CloudEvent::from_json(&out.payload);
-                // Known, reported: attributes named data/data_base64 collide with the data.
-                let reserved = ev.attrs.contains_key("data") || ev.attrs.contains_key("data_base64");
-                if ev.validate().is_ok() && !reserved {
+                if ev.validate().is_ok() {
                     let back = back.expect("structured output of a valid event must parse");
                     assert_eq!(back.attrs, ev.attrs);
                 }
