@@ -78,8 +78,8 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 
 use crate::{
-    EbpfError, cgroup_attach_mode, map_error, map_type_error, open_cgroup_v2, program_error,
-    raise_memlock_if_needed, take_map,
+    EbpfError, cgroup_attach_mode, kernel_ids, map_error, map_type_error, open_cgroup_v2,
+    program_error, raise_memlock_if_needed, take_map,
 };
 
 /// Names of the programs and maps in the embedded accounting object.
@@ -306,31 +306,8 @@ impl PodAccounting {
 
     /// Kernel ids of the programs and of the maps they use.
     pub fn ids(&self) -> Result<AccountingIds, EbpfError> {
-        let mut ids = AccountingIds {
-            programs: Vec::new(),
-            maps: Vec::new(),
-        };
-        for name in names::PROGRAMS {
-            let program = self.ebpf.program(name).ok_or(EbpfError::MissingProgram {
-                name,
-                kind: "accounting",
-            })?;
-            let info = program
-                .info()
-                .map_err(|e| program_error(name, "inspecting", e))?;
-            ids.programs.push(info.id());
-            for map in info
-                .map_ids()
-                .map_err(|e| program_error(name, "inspecting", e))?
-                .unwrap_or_default()
-            {
-                if !ids.maps.contains(&map) {
-                    ids.maps.push(map);
-                }
-            }
-        }
-        ids.maps.sort_unstable();
-        Ok(ids)
+        let (programs, maps) = kernel_ids(&self.ebpf, &names::PROGRAMS, "accounting")?;
+        Ok(AccountingIds { programs, maps })
     }
 
     /// Detaches the programs; the kernel frees them and the maps once this

@@ -654,6 +654,38 @@ fn program_error(program: &'static str, action: &'static str, source: ProgramErr
     })
 }
 
+/// Kernel ids of the programs `names` in `ebpf` and of the maps they use
+/// (sorted, each once), as `bpftool` lists them. `kind` names the object in
+/// the error when a program is missing.
+fn kernel_ids(
+    ebpf: &Ebpf,
+    names: &[&'static str],
+    kind: &'static str,
+) -> Result<(Vec<u32>, Vec<u32>), EbpfError> {
+    let mut programs = Vec::new();
+    let mut maps = Vec::new();
+    for &name in names {
+        let program = ebpf
+            .program(name)
+            .ok_or(EbpfError::MissingProgram { name, kind })?;
+        let info = program
+            .info()
+            .map_err(|e| program_error(name, "inspecting", e))?;
+        programs.push(info.id());
+        for map in info
+            .map_ids()
+            .map_err(|e| program_error(name, "inspecting", e))?
+            .unwrap_or_default()
+        {
+            if !maps.contains(&map) {
+                maps.push(map);
+            }
+        }
+    }
+    maps.sort_unstable();
+    Ok((programs, maps))
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     ebpf.take_map(name).ok_or(EbpfError::MissingMap {
         name,

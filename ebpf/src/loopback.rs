@@ -70,8 +70,8 @@ use aya::programs::{SkMsg, SockOps, sk_msg::SkMsgLinkId, sock_ops::SockOpsLinkId
 use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 
 use crate::{
-    EbpfError, cgroup_attach_mode, map_error, map_type_error, open_cgroup_v2, program_error,
-    raise_memlock_if_needed, take_map,
+    EbpfError, cgroup_attach_mode, kernel_ids, map_error, map_type_error, open_cgroup_v2,
+    program_error, raise_memlock_if_needed, take_map,
 };
 
 /// Names of the programs and maps in the embedded loopback object.
@@ -305,7 +305,7 @@ impl Loopback {
 
     /// Kernel ids of the programs and of the maps they use.
     pub fn ids(&self) -> Result<LoopbackIds, EbpfError> {
-        let (programs, maps) = kernel_ids(&self.ebpf, &names::PROGRAMS)?;
+        let (programs, maps) = kernel_ids(&self.ebpf, &names::PROGRAMS, "loopback")?;
         Ok(LoopbackIds { programs, maps })
     }
 
@@ -415,36 +415,6 @@ where
     ebpf.program_mut(name)
         .and_then(|p| <&mut P>::try_from(p).ok())
         .ok_or(EbpfError::MissingProgram { name, kind })
-}
-
-/// Kernel ids of the programs `names` in `ebpf` and of the maps they use
-/// (sorted, each once), as `bpftool` lists them.
-pub(crate) fn kernel_ids(
-    ebpf: &Ebpf,
-    names: &[&'static str],
-) -> Result<(Vec<u32>, Vec<u32>), EbpfError> {
-    let mut programs = Vec::new();
-    let mut maps = Vec::new();
-    for &name in names {
-        let program = ebpf
-            .program(name)
-            .ok_or(EbpfError::MissingProgram { name, kind: "any" })?;
-        let info = program
-            .info()
-            .map_err(|e| program_error(name, "inspecting", e))?;
-        programs.push(info.id());
-        for map in info
-            .map_ids()
-            .map_err(|e| program_error(name, "inspecting", e))?
-            .unwrap_or_default()
-        {
-            if !maps.contains(&map) {
-                maps.push(map);
-            }
-        }
-    }
-    maps.sort_unstable();
-    Ok((programs, maps))
 }
 
 #[cfg(test)]

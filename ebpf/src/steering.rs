@@ -47,8 +47,8 @@ use aya::programs::{SkLookup, SockOps, sk_lookup::SkLookupLinkId, sock_ops::Sock
 use aya::{Ebpf, include_bytes_aligned};
 
 use crate::{
-    EbpfError, cgroup_attach_mode, map_error, map_type_error, open_cgroup_v2, program_error,
-    take_map,
+    EbpfError, cgroup_attach_mode, kernel_ids, map_error, map_type_error, open_cgroup_v2,
+    program_error, take_map,
 };
 
 /// Names in the embedded steering object.
@@ -249,35 +249,12 @@ impl Steering {
 
     /// Kernel ids of the attached programs and of the maps they use.
     pub fn ids(&self) -> Result<SteeringIds, EbpfError> {
-        let mut ids = SteeringIds {
-            programs: Vec::new(),
-            maps: Vec::new(),
-        };
         let mut programs = vec![names::PROG_LOOKUP];
         if self.listen_link.is_some() {
             programs.push(names::PROG_LISTEN);
         }
-        for name in programs {
-            let program = self.ebpf.program(name).ok_or(EbpfError::MissingProgram {
-                name,
-                kind: "steering",
-            })?;
-            let info = program
-                .info()
-                .map_err(|e| program_error(name, "inspecting", e))?;
-            ids.programs.push(info.id());
-            for map in info
-                .map_ids()
-                .map_err(|e| program_error(name, "inspecting", e))?
-                .unwrap_or_default()
-            {
-                if !ids.maps.contains(&map) {
-                    ids.maps.push(map);
-                }
-            }
-        }
-        ids.maps.sort_unstable();
-        Ok(ids)
+        let (programs, maps) = kernel_ids(&self.ebpf, &programs, "steering")?;
+        Ok(SteeringIds { programs, maps })
     }
 
     /// Detaches the programs; the kernel frees them and their maps with this value.
