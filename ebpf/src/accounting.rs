@@ -75,11 +75,11 @@ use aya::maps::{Array, MapData};
 use aya::programs::{
     CgroupSkb, CgroupSkbAttachType, SockOps, cgroup_skb::CgroupSkbLinkId, sock_ops::SockOpsLinkId,
 };
-use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
+use aya::{Ebpf, include_bytes_aligned};
 
 use crate::{
-    EbpfError, cgroup_attach_mode, kernel_ids, map_error, map_type_error, open_cgroup_v2,
-    program_error, raise_memlock_if_needed, take_map,
+    EbpfError, cgroup_attach_mode, kernel_ids, load_without_btf, map_error, map_type_error,
+    open_cgroup_v2, program_error, take_map,
 };
 
 /// Names of the programs and maps in the embedded accounting object.
@@ -367,14 +367,7 @@ pub(crate) fn load_with_config(
     port: u16,
     extra: u32,
 ) -> Result<Ebpf, EbpfError> {
-    raise_memlock_if_needed()?;
-    // No CO-RE relocations in the accounting and steering objects: skip the
-    // second parse of the kernel's BTF that `Ebpf::load` does (about 17 MB of
-    // peak memory in the process that loads them).
-    let mut ebpf = EbpfLoader::new()
-        .btf(None)
-        .load(object)
-        .map_err(|e| EbpfError::classify("creating eBPF maps", e, EbpfError::Object))?;
+    let mut ebpf = load_without_btf(object)?;
     // Borrowed, not taken: the map must live until the programs are loaded.
     let map = ebpf.map_mut(config_map).ok_or(EbpfError::MissingMap {
         name: config_map,

@@ -51,7 +51,7 @@ use aya::pin::PinError;
 use aya::programs::{
     CgroupAttachMode, ProgramError, SkMsg, SockOps, sk_msg::SkMsgLinkId, sock_ops::SockOpsLinkId,
 };
-use aya::{Ebpf, include_bytes_aligned};
+use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
 
 /// Function ids that can be registered: `0..MAX_FUNCTIONS`.
 pub const MAX_FUNCTIONS: u32 = 256;
@@ -652,6 +652,19 @@ fn program_error(program: &'static str, action: &'static str, source: ProgramErr
             source,
         }
     })
+}
+
+/// Loads an object that has no CO-RE relocations (accounting, steering,
+/// loopback). `Ebpf::load` would parse the kernel's BTF
+/// (/sys/kernel/btf/vmlinux) a second time on top of the parse in
+/// `EbpfLoader::new()`: about 17 MB more peak memory in the process that
+/// loads them.
+fn load_without_btf(object: &[u8]) -> Result<Ebpf, EbpfError> {
+    raise_memlock_if_needed()?;
+    EbpfLoader::new()
+        .btf(None)
+        .load(object)
+        .map_err(|e| EbpfError::classify("creating eBPF maps", e, EbpfError::Object))
 }
 
 /// Kernel ids of the programs `names` in `ebpf` and of the maps they use

@@ -67,11 +67,11 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::{SkMsg, SockOps, sk_msg::SkMsgLinkId, sock_ops::SockOpsLinkId};
-use aya::{Ebpf, EbpfLoader, include_bytes_aligned};
+use aya::{Ebpf, include_bytes_aligned};
 
 use crate::{
-    EbpfError, cgroup_attach_mode, kernel_ids, map_error, map_type_error, open_cgroup_v2,
-    program_error, raise_memlock_if_needed, take_map,
+    EbpfError, cgroup_attach_mode, kernel_ids, load_without_btf, map_error, map_type_error,
+    open_cgroup_v2, program_error, take_map,
 };
 
 /// Names of the programs and maps in the embedded loopback object.
@@ -228,14 +228,7 @@ impl Loopback {
     pub fn attach(cgroup: &Path, user_ports: &[u16]) -> Result<Self, EbpfError> {
         check_ports(user_ports)?;
         let cgroup_file = open_cgroup_v2(cgroup)?;
-        raise_memlock_if_needed()?;
-        // No CO-RE relocations in this object. `Ebpf::load` would parse the
-        // kernel's BTF (/sys/kernel/btf/vmlinux) a second time on top of the
-        // parse in `EbpfLoader::new()`: about 17 MB more peak memory.
-        let mut ebpf = EbpfLoader::new()
-            .btf(None)
-            .load(OBJECT)
-            .map_err(|e| EbpfError::classify("creating eBPF maps", e, EbpfError::Object))?;
+        let mut ebpf = load_without_btf(OBJECT)?;
 
         let mut ports: BpfHashMap<MapData, u32, u32> =
             BpfHashMap::try_from(take_map(&mut ebpf, names::MAP_PORTS)?)
