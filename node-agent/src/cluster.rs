@@ -284,9 +284,11 @@ mod tests {
         serde_json::from_str(&json).expect("pod json")
     }
 
-    fn cgroup_tree(systemd: bool) -> (PathBuf, PathBuf) {
+    /// A fake cgroup tree private to one test: tests run in parallel threads of one
+    /// process, so the directory is named after the test as well as the process.
+    fn cgroup_tree(test: &str, systemd: bool) -> (PathBuf, PathBuf) {
         let root = std::env::temp_dir().join(format!(
-            "spright-cluster-test-{}-{systemd}",
+            "spright-cluster-test-{}-{test}-{systemd}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&root);
@@ -306,7 +308,7 @@ mod tests {
     #[test]
     fn pod_cgroups_are_found_for_both_drivers() {
         for systemd in [false, true] {
-            let (root, pod) = cgroup_tree(systemd);
+            let (root, pod) = cgroup_tree("drivers", systemd);
             assert_eq!(find_pod_cgroup(&root, "1234-abcd"), Some(pod.clone()));
             assert_eq!(find_pod_cgroup(&root, "9999"), None);
             assert_eq!(first_pid(&pod), Some(4242));
@@ -316,7 +318,7 @@ mod tests {
 
     #[test]
     fn a_knative_pod_becomes_a_registration() {
-        let (root, cgroup) = cgroup_tree(false);
+        let (root, cgroup) = cgroup_tree("registration", false);
         let p = pod(
             "registry.example/queue-proxy-ebpf:v1",
             r#"{"spright.dev/dataplane-mode": "event-driven"}"#,
