@@ -9,7 +9,6 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
@@ -19,6 +18,7 @@ use spright_ebpf::{
     Counters, DEFAULT_CGROUP_PATH, DESCRIPTOR_LEN, Dataplane, DataplaneOptions, EbpfError,
     MAX_FUNCTIONS, UNKNOWN_INDEX, check_support, names,
 };
+use spright_test_support::cgroup::program_ids;
 
 type Descriptor = [u8; DESCRIPTOR_LEN];
 
@@ -312,31 +312,8 @@ fn two_dataplanes_on_one_cgroup_do_not_interfere() {
     assert_eq!(counters(&dp2, 2), sent(2));
 }
 
-/// Program ids attached to the cgroup, per bpftool.
 fn cgroup_program_ids() -> Vec<u64> {
-    let output = Command::new("bpftool")
-        .args(["-j", "cgroup", "show", DEFAULT_CGROUP_PATH])
-        .output()
-        .expect("run bpftool (apt-get install bpftool)");
-    assert!(
-        output.status.success(),
-        "bpftool cgroup show failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let json: serde_json::Value = if stdout.trim().is_empty() {
-        serde_json::Value::Array(Vec::new())
-    } else {
-        serde_json::from_str(&stdout).expect("bpftool JSON")
-    };
-    json.as_array()
-        .map(|progs| {
-            progs
-                .iter()
-                .filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64))
-                .collect()
-        })
-        .unwrap_or_default()
+    program_ids(Path::new(DEFAULT_CGROUP_PATH))
 }
 
 #[test]
@@ -360,11 +337,9 @@ fn detach_leaves_no_attached_programs() {
 }
 
 fn unique_pin_dir() -> PathBuf {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
     PathBuf::from(format!(
-        "/sys/fs/bpf/spright-ebpf-test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
+        "/sys/fs/bpf/spright-{}",
+        spright_test_support::unique_name("ebpf-pin")
     ))
 }
 

@@ -6,77 +6,22 @@
 //! error, they never skip. Each test makes its own cgroup. A socket belongs to
 //! the cgroup of the process that creates it (an accepted socket to its
 //! listener's), so the tests create their sockets while this process sits in
-//! the test cgroup, one test at a time (see [`TestCgroup::create`]).
+//! the test cgroup, one test at a time (see [`TestCgroup::inside`]).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
 use spright_ebpf::accounting::PodAccounting;
 use spright_ebpf::loopback::{Loopback, LoopbackCounters};
+use spright_test_support::bpftool;
+use spright_test_support::cgroup::{TestCgroup, program_ids};
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
-
-/// Held while this process sits in a test cgroup.
-static MOVE: Mutex<()> = Mutex::new(());
-
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    fn new(name: &str) -> Self {
-        let path = Path::new(CGROUP_ROOT).join(format!("spright-lb-{name}-{}", std::process::id()));
-        match std::fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            Err(e) => panic!(
-                "mkdir {}: {e} (needs root and cgroup v2 at {CGROUP_ROOT})",
-                path.display()
-            ),
-        }
-        Self { path }
-    }
-
-    /// Runs `f` with this process in the cgroup: sockets `f` creates belong to it.
-    fn create<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _guard = MOVE.lock().unwrap_or_else(|e| e.into_inner());
-        let home = own_cgroup();
-        join(&self.path);
-        let result = f();
-        join(&home);
-        result
-    }
-
-    fn attach(&self, ports: &[u16]) -> Loopback {
-        Loopback::attach(&self.path, ports)
-            .unwrap_or_else(|e| panic!("attaching the loopback redirect failed: {e}"))
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
-fn own_cgroup() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
-    let relative = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("a cgroup v2 line in /proc/self/cgroup");
-    Path::new(CGROUP_ROOT).join(relative.trim_start_matches('/'))
-}
-
-fn join(cgroup: &Path) {
-    std::fs::write(cgroup.join("cgroup.procs"), "0")
-        .unwrap_or_else(|e| panic!("joining {}: {e}", cgroup.display()));
+fn attach(cgroup: &TestCgroup, ports: &[u16]) -> Loopback {
+    Loopback::attach(cgroup.path(), ports)
+        .unwrap_or_else(|e| panic!("attaching the loopback redirect failed: {e}"))
 }
 
 /// A connected pair: `client` made inside the cgroup, `server` accepted from a
@@ -87,12 +32,12 @@ struct Pair {
 }
 
 fn listener(cgroup: &TestCgroup, addr: &str) -> TcpListener {
-    cgroup.create(|| TcpListener::bind(addr).expect("bind listener"))
+    cgroup.inside(|| TcpListener::bind(addr).expect("bind listener"))
 }
 
 fn unconnected(cgroup: &TestCgroup, family: AddressFamily) -> OwnedFd {
     cgroup
-        .create(|| socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket"))
+        .inside(|| socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket"))
 }
 
 fn connect_pair(cgroup: &TestCgroup, listener: &TcpListener) -> Pair {
@@ -167,10 +112,10 @@ fn transfer(from: &TcpStream, to: &TcpStream, data: &[u8], chunk: usize) -> Vec<
 
 #[test]
 fn bytes_arrive_intact_both_ways_and_counters_equal_the_traffic() {
-    let cgroup = TestCgroup::new("intact");
+    let cgroup = TestCgroup::new("lb-intact");
     let listener = listener(&cgroup, "127.0.0.1:0");
     let port = listener.local_addr().expect("addr").port();
-    let lb = cgroup.attach(&[port]);
+    let lb = attach(&cgroup, &[port]);
     let pair = connect_pair(&cgroup, &listener);
     wait_filed(&lb, 2);
 
@@ -243,11 +188,11 @@ fn bytes_arrive_intact_both_ways_and_counters_equal_the_traffic() {
 
 #[test]
 fn ipv6_loopback_is_redirected_and_other_ports_are_not_touched() {
-    let cgroup = TestCgroup::new("v6");
+    let cgroup = TestCgroup::new("lb-v6");
     let user = listener(&cgroup, "[::1]:0");
     let other = listener(&cgroup, "127.0.0.1:0");
     let port = user.local_addr().expect("addr").port();
-    let lb = cgroup.attach(&[port]);
+    let lb = attach(&cgroup, &[port]);
 
     let v6 = connect_pair(&cgroup, &user);
     wait_filed(&lb, 2);
@@ -267,9 +212,9 @@ fn ipv6_loopback_is_redirected_and_other_ports_are_not_touched() {
 
 #[test]
 fn msg_more_and_vectored_writes_are_delivered() {
-    let cgroup = TestCgroup::new("more");
+    let cgroup = TestCgroup::new("lb-more");
     let listener = listener(&cgroup, "127.0.0.1:0");
-    let lb = cgroup.attach(&[listener.local_addr().expect("addr").port()]);
+    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
     let pair = connect_pair(&cgroup, &listener);
     wait_filed(&lb, 2);
 
@@ -311,9 +256,9 @@ fn msg_more_and_vectored_writes_are_delivered() {
 
 #[test]
 fn closed_and_reset_connections_do_not_hang_or_leak() {
-    let cgroup = TestCgroup::new("close");
+    let cgroup = TestCgroup::new("lb-close");
     let listener = listener(&cgroup, "127.0.0.1:0");
-    let lb = cgroup.attach(&[listener.local_addr().expect("addr").port()]);
+    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
 
     // The server closes mid-stream: the reader of the client side sees EOF
     // after the bytes sent before the close; writes after it fail, never hang.
@@ -383,51 +328,15 @@ fn closed_and_reset_connections_do_not_hang_or_leak() {
     assert_eq!(c.sockets_filed, 42, "{c:?}");
 }
 
-/// Program ids attached to `cgroup`, per bpftool.
-fn cgroup_programs(cgroup: &Path) -> Vec<u64> {
-    let output = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("run bpftool (apt-get install bpftool)");
-    assert!(
-        output.status.success(),
-        "bpftool cgroup show failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if stdout.trim().is_empty() {
-        return Vec::new();
-    }
-    let json: serde_json::Value = serde_json::from_str(&stdout).expect("bpftool JSON");
-    json.as_array()
-        .map(|progs| {
-            progs
-                .iter()
-                .filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn exists(kind: &str, id: u32) -> bool {
-    Command::new("bpftool")
-        .args([kind, "show", "id", &id.to_string()])
-        .output()
-        .expect("run bpftool")
-        .status
-        .success()
-}
-
 fn left_behind(ids: &spright_ebpf::loopback::LoopbackIds) -> Vec<String> {
     ids.programs
         .iter()
-        .filter(|id| exists("prog", **id))
+        .filter(|id| bpftool::exists("prog", u64::from(**id)))
         .map(|id| format!("prog {id}"))
         .chain(
             ids.maps
                 .iter()
-                .filter(|id| exists("map", **id))
+                .filter(|id| bpftool::exists("map", u64::from(**id)))
                 .map(|id| format!("map {id}")),
         )
         .collect()
@@ -435,12 +344,12 @@ fn left_behind(ids: &spright_ebpf::loopback::LoopbackIds) -> Vec<String> {
 
 #[test]
 fn detach_keeps_unread_bytes_in_order_and_leaves_nothing_once_the_connection_closes() {
-    let cgroup = TestCgroup::new("detach");
+    let cgroup = TestCgroup::new("lb-detach");
     let listener = listener(&cgroup, "127.0.0.1:0");
-    let lb = cgroup.attach(&[listener.local_addr().expect("addr").port()]);
+    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
     let ids = lb.ids().unwrap_or_else(|e| panic!("ids: {e}"));
     assert_eq!(ids.programs.len(), 2);
-    let attached = cgroup_programs(&cgroup.path);
+    let attached = program_ids(cgroup.path());
     assert_eq!(
         attached.len(),
         1,
@@ -463,7 +372,7 @@ fn detach_keeps_unread_bytes_in_order_and_leaves_nothing_once_the_connection_clo
         .expect("write before detach");
     drop(lb);
     assert_eq!(
-        cgroup_programs(&cgroup.path),
+        program_ids(cgroup.path()),
         Vec::<u64>::new(),
         "programs left on the cgroup"
     );
@@ -506,11 +415,11 @@ fn detach_keeps_unread_bytes_in_order_and_leaves_nothing_once_the_connection_clo
 
 #[test]
 fn detach_without_connections_frees_everything() {
-    let cgroup = TestCgroup::new("detach-idle");
-    let lb = cgroup.attach(&[8080, 9000]);
+    let cgroup = TestCgroup::new("lb-detach-idle");
+    let lb = attach(&cgroup, &[8080, 9000]);
     let ids = lb.ids().unwrap_or_else(|e| panic!("ids: {e}"));
     lb.detach().unwrap_or_else(|e| panic!("detach: {e}"));
-    assert_eq!(cgroup_programs(&cgroup.path), Vec::<u64>::new());
+    assert_eq!(program_ids(cgroup.path()), Vec::<u64>::new());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !left_behind(&ids).is_empty() {
         assert!(
@@ -552,16 +461,16 @@ fn read_head(stream: &mut TcpStream) -> Vec<u8> {
 
 #[test]
 fn accounting_on_the_serving_port_and_the_loopback_redirect_work_at_once() {
-    let cgroup = TestCgroup::new("both");
+    let cgroup = TestCgroup::new("lb-both");
     let serving = listener(&cgroup, "127.0.0.1:0");
     let user = listener(&cgroup, "127.0.0.1:0");
     let serving_port = serving.local_addr().expect("addr").port();
     let user_addr = user.local_addr().expect("addr");
-    let accounting = PodAccounting::attach(&cgroup.path, serving_port)
+    let accounting = PodAccounting::attach(cgroup.path(), serving_port)
         .unwrap_or_else(|e| panic!("attaching accounting failed: {e}"));
-    let lb = cgroup.attach(&[user_addr.port()]);
+    let lb = attach(&cgroup, &[user_addr.port()]);
     assert_eq!(
-        cgroup_programs(&cgroup.path).len(),
+        program_ids(cgroup.path()).len(),
         4,
         "accounting (3) and loopback (1) on one cgroup"
     );

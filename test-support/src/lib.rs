@@ -1,6 +1,15 @@
 //! Helpers shared by the black-box tests of every component.
+//!
+//! Tests of one binary run as parallel threads of one process: whatever a helper creates
+//! (directories, cgroups, ports) is named by the test and the process *and* a per-process
+//! counter ([`unique_name`]), never by the process id alone.
+
+pub mod bpftool;
+pub mod cgroup;
+pub mod tls;
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const LOW: u32 = 20_000;
@@ -30,9 +39,63 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port between {LOW} and 32767");
 }
 
+/// `<test>-<pid>-<n>`: a name no other test of this process, and no other process, is given
+/// (`n` counts the calls in this process).
+pub fn unique_name(test: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{test}-{}-{n}", std::process::id())
+}
+
+/// A fresh directory under the system's temp directory, `spright-<unique_name(test)>`,
+/// removed with everything in it on drop.
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(test: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("spright-{}", unique_name(test)));
+        // A directory of an earlier process with the same pid.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_and_dirs_are_unique_per_call_and_removed_on_drop() {
+        let (a, b) = (unique_name("t"), unique_name("t"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(&format!("t-{}-", std::process::id())), "{a}");
+        let (d1, d2) = (TestDir::new("t"), TestDir::new("t"));
+        assert_ne!(d1.path(), d2.path());
+        std::fs::write(d1.join("f"), "x").expect("write");
+        let p = d1.path().to_owned();
+        drop(d1);
+        assert!(!p.exists());
+        assert!(d2.path().is_dir());
+    }
 
     #[test]
     fn ports_are_distinct_and_below_the_ephemeral_range() {
