@@ -10,106 +10,15 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use std::path::Path;
+use spright_test_support::tls::{Certificate, ca_and_server};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let ok = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl (Debian package openssl) makes the test CA");
-    assert!(ok.success(), "openssl {args:?} failed");
-}
-
-/// A test CA and a server certificate for 127.0.0.1 it signed: (CA PEM, cert PEM, key PEM).
-fn test_ca(dir: &Path) -> (String, String, String) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=broker-shm test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]);
-    openssl(dir, &ca);
-    let mut csr = vec!["req"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(dir, &csr);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("write ext");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("read pem");
-    (read("ca.crt"), read("srv.crt"), read("srv.key"))
-}
-
 /// An https subscriber recording the paths it got; answers 202.
-async fn https_subscriber(cert: &str, key: &str) -> (u16, Arc<Mutex<Vec<String>>>) {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut cert.as_bytes())
-        .collect::<Result<_, _>>()
-        .expect("cert");
-    let key = rustls_pemfile::private_key(&mut key.as_bytes())
-        .expect("key")
-        .expect("a key");
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+async fn https_subscriber(certificate: &Certificate) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(certificate.server_config());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -147,8 +56,9 @@ async fn https_subscriber(cert: &str, key: &str) -> (u16, Arc<Mutex<Vec<String>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_subscriber_trusted_through_cacerts() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (ca, cert, key) = test_ca(tmp.path());
-    let (port, got) = https_subscriber(&cert, &key).await;
+    let test_ca = ca_and_server(tmp.path());
+    let ca = test_ca.ca_pem();
+    let (port, got) = https_subscriber(&test_ca.server).await;
     let dls = Recorder::start().await;
     let indented: String = ca.lines().map(|l| format!("      {l}\n")).collect();
     let files = [

@@ -5,6 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use spright_test_support::TestDir;
+use spright_test_support::tls;
 
 /// The serving port over TLS when the certificate files exist. Not differential: Knative
 /// reads them from the fixed /var/lib/knative/certs, which a test must not write; ours takes
@@ -13,35 +15,10 @@ use common::*;
 fn tls_serving_port() {
     let _g = port_lock();
     let up = Upstream::start();
-    let dir = std::env::temp_dir().join(format!("qp-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let keygen = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .arg("-keyout")
-        .arg(dir.join("tls.key"))
-        .arg("-out")
-        .arg(dir.join("tls.crt"))
-        .output()
-        .expect("openssl (Debian package openssl) generates a test certificate");
-    assert!(
-        keygen.status.success(),
-        "{}",
-        String::from_utf8_lossy(&keygen.stderr)
-    );
+    let dir = TestDir::new("qp-tls");
+    tls::self_signed(dir.path(), "tls", "localhost");
     let mut env = knative_env(up.port);
-    env.insert("QUEUE_CERT_DIR".into(), dir.display().to_string());
+    env.insert("QUEUE_CERT_DIR".into(), dir.path().display().to_string());
     env.insert("QUEUE_SERVING_TLS_PORT".into(), "28112".into());
     let _p = start(Impl::Ours, &env, Some((28022, 29090)));
     let mut answered = None;
@@ -66,7 +43,6 @@ fn tls_serving_port() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let text = answered.expect("TLS answer");
     assert!(text.ends_with("200 2"), "{text}");
     assert!(text.contains("\"uri\""), "{text}");

@@ -9,83 +9,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
-
-struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    fn new() -> Self {
-        let path = Path::new(CGROUP_ROOT).join(format!("spright-qp-full-{}", std::process::id()));
-        if let Err(e) = std::fs::create_dir(&path)
-            && e.kind() != std::io::ErrorKind::AlreadyExists
-        {
-            panic!(
-                "mkdir {}: {e} (needs root and cgroup v2 at {CGROUP_ROOT})",
-                path.display()
-            );
-        }
-        Self { path }
-    }
-
-    /// Runs `f` with this process in the cgroup: sockets it creates and processes it starts
-    /// belong to the cgroup.
-    fn inside<R>(&self, f: impl FnOnce() -> R) -> R {
-        let home = own_cgroup();
-        join(&self.path);
-        let result = f();
-        join(&home);
-        result
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // The children are killed by now; their exit may take a moment to leave the cgroup.
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn own_cgroup() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
-    let relative = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .expect("a cgroup v2 line in /proc/self/cgroup");
-    Path::new(CGROUP_ROOT).join(relative.trim_start_matches('/'))
-}
-
-fn join(cgroup: &Path) {
-    std::fs::write(cgroup.join("cgroup.procs"), "0")
-        .unwrap_or_else(|e| panic!("joining {}: {e}", cgroup.display()));
-}
-
-fn bpftool_json(args: &[&str]) -> serde_json::Value {
-    let output = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("run bpftool (apt-get install bpftool)");
-    assert!(
-        output.status.success(),
-        "bpftool {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("bpftool JSON")
-}
+use spright_test_support::bpftool;
+use spright_test_support::cgroup::TestCgroup;
 
 /// Sums every number found under a "value" key (per-CPU values, with or without BTF).
 fn sum_values(v: &serde_json::Value) -> u64 {
@@ -135,9 +64,9 @@ fn maps_held_by(pid: u32) -> Vec<u64> {
 fn loopback_counters(pid: u32) -> Vec<u64> {
     let map_id = maps_held_by(pid)
         .into_iter()
-        .find(|id| bpftool_json(&["map", "show", "id", &id.to_string()])["name"] == "lb_counters")
+        .find(|id| bpftool::json(&["map", "show", "id", &id.to_string()])["name"] == "lb_counters")
         .unwrap_or_else(|| panic!("pid {pid} holds no lb_counters map: full mode not attached"));
-    let dump = bpftool_json(&["map", "dump", "id", &map_id.to_string()]);
+    let dump = bpftool::json(&["map", "dump", "id", &map_id.to_string()]);
     dump.as_array()
         .into_iter()
         .flatten()
@@ -207,8 +136,8 @@ fn start_ours(upstream: u16, extra: &[(&str, &str)]) -> Proc {
 
 #[test]
 fn full_mode_answers_like_userspace_mode_and_the_hop_goes_through_the_sockmap() {
-    let cgroup = TestCgroup::new();
-    let cgroup_path = cgroup.path.to_str().expect("utf-8 path").to_owned();
+    let cgroup = TestCgroup::new("qp-full");
+    let cgroup_path = cgroup.path().to_str().expect("utf-8 path").to_owned();
     // The upstream's listener and the full-mode sidecar live in the cgroup.
     let (upstream, full) = cgroup.inside(|| {
         let upstream = Upstream::start();

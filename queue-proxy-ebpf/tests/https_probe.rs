@@ -17,6 +17,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use common::*;
+use spright_test_support::TestDir;
+use spright_test_support::tls::{self, Certificate};
 
 /// An HTTPS user container: 200 while `ready`, 503 otherwise.
 struct TlsUpstream {
@@ -33,84 +35,9 @@ impl Drop for TlsUpstream {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(args)
-        .output()
-        .expect("openssl (Debian package openssl) generates test certificates");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A self-signed certificate (as `openssl req -x509` makes it: a CA certificate, no
-/// subject alternative names), and a CA plus a leaf for 127.0.0.1 that it signed.
-fn certificates(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "-subj",
-            "/CN=user-container",
-            "-keyout",
-            "self.key",
-            "-out",
-            "self.pem",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "-subj",
-            "/CN=user-container",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.pem",
-        ],
-    );
-}
-
 impl TlsUpstream {
-    fn start(cert_pem: &[u8], key_pem: &[u8]) -> Self {
-        let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
-            .collect::<Result<_, _>>()
-            .expect("certs");
-        let key = rustls_pemfile::private_key(&mut &key_pem[..])
-            .expect("key")
-            .expect("a key");
-        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    fn start(certificate: &Certificate) -> Self {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certificate.server_config());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -198,18 +125,16 @@ fn https_readiness_probes() {
         "Knative's queue-proxy is missing at {KNATIVE_QUEUE}: go install knative.dev/serving/cmd/queue@v0.50.0"
     );
     let _g = port_lock();
-    let dir = std::env::temp_dir().join(format!("qp-https-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    certificates(&dir);
-    let read = |f: &str| std::fs::read(dir.join(f)).expect("certificate file");
+    let dir = TestDir::new("qp-https-probe");
     let up = Upstream::start();
 
     // Knative's probe transports verify the certificate against the system's CAs, with and
     // without HTTP/2 auto-detection: a self-signed one fails, one from a CA that
     // SSL_CERT_FILE names passes.
-    let self_signed = TlsUpstream::start(&read("self.pem"), &read("self.key"));
-    let signed = TlsUpstream::start(&read("leaf.pem"), &read("leaf.key"));
-    let ca = dir.join("ca.pem");
+    let self_signed = TlsUpstream::start(&tls::self_signed(dir.path(), "self", "user-container"));
+    let test_ca = tls::ca_and_server(dir.path());
+    let signed = TlsUpstream::start(&test_ca.server);
+    let ca = test_ca.ca;
     for auto_h2 in [false, true] {
         for (what, tls_up, ca_file, expect) in [
             ("self-signed", &self_signed, None, (503, 503)),
@@ -223,5 +148,4 @@ fn https_readiness_probes() {
             assert_eq!(r[1], expect, "{what}, auto-detect HTTP/2 {auto_h2}");
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
