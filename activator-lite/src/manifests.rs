@@ -21,15 +21,15 @@ pub const LABEL_SERVICE_TYPE: &str = "networking.internal.knative.dev/serviceTyp
 
 /// The Revision (and pod) annotation that selects the pods' data path (see
 /// [`DataplaneMode`]).
-pub const ANNOTATION_DATAPLANE_MODE: &str = "spright.dev/dataplane-mode";
+pub const ANNOTATION_DATAPLANE_MODE: &str = spright_core::dataplane_mode::ANNOTATION;
 /// The Endpoints port of queue-proxy's admin server (`http-queueadm`, serving's
 /// `QueueAdminPortName`, exposed on the private service).
 pub const PORT_NAME_QUEUE_ADMIN: &str = "http-queueadm";
 /// queue-proxy's admin port (`networking.QueueAdminPort`) when the Endpoints do not name it.
 pub const DEFAULT_QUEUE_ADMIN_PORT: u16 = 8022;
 
-/// The data path of a revision's pods (annotation [`ANNOTATION_DATAPLANE_MODE`], the
-/// same one queue-proxy-ebpf reads).
+/// The data path of a revision's pods (annotation [`ANNOTATION_DATAPLANE_MODE`]; the
+/// one type queue-proxy-ebpf and the node agent read too). How activator-lite uses it:
 ///
 /// - `userspace` (default) and `full`: the sidecar proxies the serving port; pods are
 ///   probed there, as Knative does.
@@ -39,25 +39,7 @@ pub const DEFAULT_QUEUE_ADMIN_PORT: u16 = 8022;
 ///   same request, path `/`), while requests still go to the serving port. The sidecar's
 ///   breaker and timeouts are gone in that mode; the activator's own per-pod
 ///   containerConcurrency and the revision timeouts still hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DataplaneMode {
-    #[default]
-    Userspace,
-    Full,
-    EventDriven,
-}
-
-impl DataplaneMode {
-    /// Parses the annotation value (surrounding blanks ignored).
-    pub fn parse(value: &str) -> Option<Self> {
-        match value.trim() {
-            "userspace" => Some(Self::Userspace),
-            "full" => Some(Self::Full),
-            "event-driven" => Some(Self::EventDriven),
-            _ => None,
-        }
-    }
-}
+pub use spright_core::dataplane_mode::DataplaneMode;
 
 /// Default Revision timeout (`config-defaults` revision-timeout-seconds).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -363,10 +345,9 @@ pub fn parse_manifests(text: &str, path: &Path) -> Result<FileObjects, ManifestE
                 }
                 let label = |k: &str| doc.metadata.label(k).unwrap_or_default();
                 let mode = doc.metadata.annotation(ANNOTATION_DATAPLANE_MODE);
-                let dataplane_mode = match mode.as_deref().map(DataplaneMode::parse) {
-                    None => DataplaneMode::default(),
-                    Some(Some(m)) => m,
-                    Some(None) => {
+                let dataplane_mode = match DataplaneMode::from_annotation(mode.as_deref()) {
+                    Ok(m) => m,
+                    Err(_) => {
                         // The sidecar refuses to start with such a value; its pods never
                         // get ready, whatever the activator probes.
                         tracing::warn!(

@@ -11,6 +11,7 @@
 pub mod autoscaler;
 pub mod chain;
 pub mod control;
+pub mod dataplane_mode;
 pub mod descriptor;
 pub mod host;
 pub mod logging;

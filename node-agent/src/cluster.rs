@@ -27,11 +27,11 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 
-use crate::pod::{BYPASS_NODE, DEFAULT_SERVING_PORT, PodMode, PodSpec};
+use crate::pod::{BYPASS_NODE, DEFAULT_SERVING_PORT, DataplaneMode, PodSpec};
 use crate::registry::{Registry, Source};
 
 /// The pod annotation with the revision's data path.
-pub const MODE_ANNOTATION: &str = "spright.dev/dataplane-mode";
+pub const MODE_ANNOTATION: &str = spright_core::dataplane_mode::ANNOTATION;
 /// Knative's name of the sidecar container.
 pub const QUEUE_CONTAINER: &str = "queue-proxy";
 /// Knative's default user port.
@@ -87,21 +87,13 @@ pub fn pod_spec(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Result<PodS
         })
     };
     let meta = &pod.metadata;
-    let mode = match meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MODE_ANNOTATION))
-        .map(|v| v.trim())
-    {
-        None | Some("userspace") => PodMode::Userspace,
-        Some("full") => PodMode::Full,
-        Some("event-driven") => PodMode::EventDriven,
-        Some(other) => {
-            return Err(PodError::Invalid(format!(
-                "annotation {MODE_ANNOTATION}={other:?}: use userspace, full or event-driven"
-            )));
-        }
-    };
+    let mode = DataplaneMode::from_annotation(
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(MODE_ANNOTATION))
+            .map(String::as_str),
+    )
+    .map_err(|e| PodError::Invalid(format!("annotation {e}")))?;
     let uid = meta
         .uid
         .as_deref()
@@ -123,7 +115,7 @@ pub fn pod_spec(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Result<PodS
         netns: None,
         mode,
         serving_port: port_env("QUEUE_SERVING_PORT", DEFAULT_SERVING_PORT)?,
-        bypass: if mode == PodMode::EventDriven {
+        bypass: if mode == DataplaneMode::EventDriven {
             vec![BYPASS_NODE.to_owned()]
         } else {
             Vec::new()
@@ -328,14 +320,17 @@ mod tests {
         assert_eq!(spec.name, "demo.hello-00001-deployment-abc");
         assert_eq!(spec.ip.to_string(), "10.244.1.7");
         assert_eq!((spec.port, spec.serving_port), (8081, 8012));
-        assert_eq!(spec.mode, PodMode::EventDriven);
+        assert_eq!(spec.mode, DataplaneMode::EventDriven);
         assert_eq!(spec.bypass, vec!["node".to_owned()]);
         assert_eq!(spec.cgroup, Some(cgroup));
         assert_eq!(spec.pid, Some(4242));
 
         let userspace = pod("registry.example/queue-proxy-ebpf:v1", "{}", "Running");
         let spec = pod_spec(&userspace, "queue-proxy-ebpf", &root).unwrap();
-        assert_eq!((spec.mode, spec.bypass.len()), (PodMode::Userspace, 0));
+        assert_eq!(
+            (spec.mode, spec.bypass.len()),
+            (DataplaneMode::Userspace, 0)
+        );
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub use config::Config;
-pub use pod::{PodMode, PodSpec};
+pub use pod::{DataplaneMode, PodSpec};
 pub use registry::{CountersJson, PodReport, Registry, RegistryError, Source};
 
 /// Largest registration body accepted.

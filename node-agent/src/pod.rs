@@ -51,7 +51,7 @@ pub struct PodSpec {
     pub netns: Option<PathBuf>,
     /// The revision's data path.
     #[serde(default)]
-    pub mode: PodMode,
+    pub mode: DataplaneMode,
     /// The sidecar's serving port (event-driven mode steers it).
     #[serde(default = "default_serving_port")]
     pub serving_port: u16,
@@ -72,18 +72,11 @@ fn default_serving_port() -> u16 {
     DEFAULT_SERVING_PORT
 }
 
-/// A revision's data path, as in the annotation `spright.dev/dataplane-mode`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PodMode {
-    /// The userspace proxy; the agent counts requests to the user port.
-    #[default]
-    Userspace,
-    /// The userspace proxy, its hop to the user container through a sockmap.
-    Full,
-    /// EPROXY: the serving port is steered to the user container.
-    EventDriven,
-}
+/// A revision's data path, as in the annotation `spright.dev/dataplane-mode` (the type
+/// spright-core shares with the sidecar and activator-lite). In a pod specification it is
+/// `"mode"`: `userspace` (default; the agent counts requests to the user port), `full` or
+/// `event-driven`.
+pub use spright_core::dataplane_mode::DataplaneMode;
 
 /// Why a pod specification is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -163,7 +156,7 @@ impl PodSpec {
         if self.port == 0 || self.serving_port == 0 {
             return Err(SpecError::Port);
         }
-        if self.mode == PodMode::EventDriven {
+        if self.mode == DataplaneMode::EventDriven {
             if self.port == self.serving_port {
                 return Err(SpecError::SamePorts(self.name.clone()));
             }
@@ -236,8 +229,8 @@ impl PodSpec {
     /// forwards to over TCP in userspace mode, else the serving port.
     pub fn counted_port(&self) -> u16 {
         match self.mode {
-            PodMode::Userspace => self.port,
-            PodMode::Full | PodMode::EventDriven => self.serving_port,
+            DataplaneMode::Userspace => self.port,
+            DataplaneMode::Full | DataplaneMode::EventDriven => self.serving_port,
         }
     }
 
@@ -317,16 +310,22 @@ mod tests {
             br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"event-driven"}"#,
         )
         .unwrap();
-        assert_eq!(spec.mode, PodMode::EventDriven);
+        assert_eq!(spec.mode, DataplaneMode::EventDriven);
         assert_eq!(spec.counted_port(), DEFAULT_SERVING_PORT);
         assert_eq!(spec.netns_path(), Some(PathBuf::from("/proc/1/ns/net")));
         let with_bypass = br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"bypass":["node","10.244.0.0/16"]}"#;
         assert_eq!(PodSpec::parse(with_bypass).unwrap().bypass.len(), 2);
         let spec = PodSpec::parse(br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1}"#).unwrap();
-        assert_eq!((spec.mode, spec.counted_port()), (PodMode::Userspace, 8080));
+        assert_eq!(
+            (spec.mode, spec.counted_port()),
+            (DataplaneMode::Userspace, 8080)
+        );
         let full = br#"{"name":"a","ip":"10.0.0.1","port":8080,"pid":1,"mode":"full"}"#;
         let full = PodSpec::parse(full).unwrap();
-        assert_eq!((full.mode, full.counted_port()), (PodMode::Full, 8012));
+        assert_eq!(
+            (full.mode, full.counted_port()),
+            (DataplaneMode::Full, 8012)
+        );
         for (input, needle) in [
             (
                 &br#"{"name":"a","ip":"10.0.0.1","port":8080,"cgroup":"/x","mode":"event-driven"}"#
@@ -366,7 +365,7 @@ mod tests {
                 cgroup: Some(path.into()),
                 pid: None,
                 netns: None,
-                mode: PodMode::Userspace,
+                mode: DataplaneMode::Userspace,
                 serving_port: DEFAULT_SERVING_PORT,
                 bypass: Vec::new(),
             };
@@ -391,7 +390,7 @@ mod tests {
             cgroup: None,
             pid: Some(std::process::id()),
             netns: None,
-            mode: PodMode::Userspace,
+            mode: DataplaneMode::Userspace,
             serving_port: DEFAULT_SERVING_PORT,
             bypass: Vec::new(),
         };

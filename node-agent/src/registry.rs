@@ -17,7 +17,7 @@ use spright_ebpf::accounting::{PodAccounting, PodCounters};
 use spright_ebpf::loopback::Loopback;
 use spright_ebpf::steering::{SourcePrefix, Steering};
 
-use crate::pod::{PodMode, PodSpec, SpecError};
+use crate::pod::{DataplaneMode, PodSpec, SpecError};
 
 /// Where a registration came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -240,15 +240,17 @@ impl Registry {
         };
         let accounting = PodAccounting::attach(&cgroup, spec.counted_port()).map_err(ebpf_error)?;
         let (steering, listeners_at_attach) = match spec.mode {
-            PodMode::EventDriven => {
+            DataplaneMode::EventDriven => {
                 let (steering, taken) = steer(&spec, &cgroup).map_err(ebpf_error)?;
                 (Some(steering), taken)
             }
-            PodMode::Userspace | PodMode::Full => (None, 0),
+            DataplaneMode::Userspace | DataplaneMode::Full => (None, 0),
         };
         let loopback = match spec.mode {
-            PodMode::Full => Some(Loopback::attach(&cgroup, &[spec.port]).map_err(ebpf_error)?),
-            PodMode::Userspace | PodMode::EventDriven => None,
+            DataplaneMode::Full => {
+                Some(Loopback::attach(&cgroup, &[spec.port]).map_err(ebpf_error)?)
+            }
+            DataplaneMode::Userspace | DataplaneMode::EventDriven => None,
         };
         (self.watch)(&events_path(&cgroup), true);
         let pod = Pod {

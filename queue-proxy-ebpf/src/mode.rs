@@ -23,53 +23,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The pod annotation that selects the mode.
-pub const ANNOTATION: &str = "spright.dev/dataplane-mode";
+pub use spright_core::dataplane_mode::{ANNOTATION, DataplaneMode};
+
 /// The environment variable that overrides the annotation.
 pub const ENV_MODE: &str = "SPRIGHT_DATAPLANE_MODE";
 /// The environment variable that moves the annotations file.
 pub const ENV_PODINFO: &str = "SPRIGHT_PODINFO_ANNOTATIONS";
 /// Where Knative's `queueproxy.mount-podinfo` feature puts the pod's annotations.
 pub const PODINFO_ANNOTATIONS: &str = "/etc/podinfo/annotations";
-
-/// The data path of a revision's pods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DataplaneMode {
-    /// The userspace proxy (the queue-proxy contract).
-    #[default]
-    Userspace,
-    /// Userspace proxy, in-pod hop through a sockmap, accounting in the kernel.
-    Full,
-    /// EPROXY: the serving port steered in the kernel to the user container.
-    EventDriven,
-}
-
-impl DataplaneMode {
-    /// The value as written in the annotation and the environment.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Userspace => "userspace",
-            Self::Full => "full",
-            Self::EventDriven => "event-driven",
-        }
-    }
-
-    /// Parses an annotation or environment value (surrounding blanks ignored).
-    pub fn parse(value: &str) -> Option<Self> {
-        match value.trim() {
-            "userspace" => Some(Self::Userspace),
-            "full" => Some(Self::Full),
-            "event-driven" => Some(Self::EventDriven),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for DataplaneMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Where the mode came from (logged at start-up).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +63,7 @@ pub fn select(
     if let Some(value) = get(ENV_MODE).filter(|v| !v.trim().is_empty()) {
         return DataplaneMode::parse(&value)
             .map(|m| (m, ModeSource::Env))
-            .ok_or(ModeError::Env(value));
+            .map_err(|_| ModeError::Env(value));
     }
     let path = get(ENV_PODINFO)
         .filter(|p| !p.trim().is_empty())
@@ -118,7 +79,7 @@ pub fn select(
         None => Ok((DataplaneMode::Userspace, ModeSource::Default)),
         Some(value) => DataplaneMode::parse(value)
             .map(|m| (m, ModeSource::Annotation(path.clone())))
-            .ok_or_else(|| ModeError::Annotation {
+            .map_err(|_| ModeError::Annotation {
                 path,
                 value: value.clone(),
             }),
