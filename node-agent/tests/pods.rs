@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+use spright_test_support::cgroup::{TestCgroup, program_ids};
+use spright_test_support::{TestDir, bpftool, free_port};
+
 const SERVING_PORT: u16 = 8080;
 /// Body size of `/big/<ms>`: many TCP segments.
 const BIG_BODY: usize = 1_000_000;
@@ -146,7 +148,7 @@ struct TestPod {
     name: String,
     netns: String,
     veth: String,
-    cgroup: PathBuf,
+    cgroup: TestCgroup,
     host_ip: Ipv4Addr,
     pod_ip: Ipv4Addr,
     pod_ip6: std::net::Ipv6Addr,
@@ -169,12 +171,11 @@ impl TestPod {
         let pod_ip = Ipv4Addr::new(10, 213, third, base + 2);
         let host_ip6: std::net::Ipv6Addr = format!("fd13:{third:x}:{n:x}::1").parse().expect("v6");
         let pod_ip6: std::net::Ipv6Addr = format!("fd13:{third:x}:{n:x}::2").parse().expect("v6");
-        let cgroup = Path::new(CGROUP_ROOT).join(format!("spright-test-{name}"));
         let pod = Self {
             name,
             netns: netns.clone(),
             veth: veth.clone(),
-            cgroup: cgroup.clone(),
+            cgroup: TestCgroup::new("pod"),
             host_ip,
             pod_ip,
             pod_ip6,
@@ -221,12 +222,6 @@ impl TestPod {
         ]);
         in_ns(&["ip", "link", "set", &peer, "up"]);
         in_ns(&["ip", "link", "set", "lo", "up"]);
-        std::fs::create_dir(&cgroup).unwrap_or_else(|e| {
-            panic!(
-                "mkdir {}: {e} (cgroup v2 at {CGROUP_ROOT}, root)",
-                cgroup.display()
-            )
-        });
         pod
     }
 
@@ -235,7 +230,7 @@ impl TestPod {
         let child = Command::new(std::env::current_exe().expect("exe"))
             .args([
                 "upstream",
-                self.cgroup.to_str().expect("utf-8"),
+                self.cgroup.path().to_str().expect("utf-8"),
                 &self.netns,
                 &SERVING_PORT.to_string(),
             ])
@@ -265,7 +260,7 @@ impl TestPod {
             r#"{{"name":"{}","ip":"{}","port":{SERVING_PORT},"cgroup":"{}","netns":"/var/run/netns/{}"}}"#,
             self.name,
             self.pod_ip,
-            self.cgroup.display(),
+            self.cgroup.path().display(),
             self.netns
         )
     }
@@ -293,14 +288,7 @@ impl TestPod {
     /// Removes everything: server, cgroup, netns, veth.
     fn destroy(&mut self) {
         self.stop_server();
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.cgroup) {
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                _ => break,
-            }
-        }
+        self.cgroup.remove();
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
             .output();
@@ -322,13 +310,6 @@ struct Agent {
     child: Child,
     admin: SocketAddr,
     node_port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 impl Agent {
@@ -420,19 +401,11 @@ fn ids(info: &serde_json::Value) -> (Vec<u64>, Vec<u64>) {
     (list("program_ids"), list("map_ids"))
 }
 
-fn bpftool_has(kind: &str, id: u64) -> bool {
-    Command::new("bpftool")
-        .args([kind, "show", "id", &id.to_string()])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or_else(|e| panic!("running bpftool: {e}"))
-}
-
 /// Waits (bounded) until every id is gone from the kernel.
 fn assert_gone(programs: &[u64], maps: &[u64]) {
     wait_until("programs and maps freed", || {
-        programs.iter().all(|id| !bpftool_has("prog", *id))
-            && maps.iter().all(|id| !bpftool_has("map", *id))
+        programs.iter().all(|id| !bpftool::exists("prog", *id))
+            && maps.iter().all(|id| !bpftool::exists("map", *id))
     });
 }
 
@@ -451,35 +424,48 @@ fn http(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    parse_response(&raw)
+    raw_http(
+        addr,
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
 }
 
-fn parse_response(raw: &str) -> std::io::Result<(u16, String)> {
-    let bad = || std::io::Error::other(format!("bad response {raw:?}"));
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
+/// Sends `request` as is on a fresh connection; returns (status, body as text).
+fn raw_http(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
+    let (status, body) = exchange(addr, request)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Sends `request` as is on a fresh connection and reads the answer until the server closes
+/// the connection; returns (status, body).
+fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let bad = || std::io::Error::other(format!("bad response {:?}", String::from_utf8_lossy(&raw)));
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .ok_or_else(bad)?;
-    Ok((status, body.to_owned()))
+    let status = std::str::from_utf8(&raw[..end])
+        .ok()
+        .and_then(|head| head.split_whitespace().nth(1)?.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, raw[end + 4..].to_vec()))
 }
 
 // ---------------------------------------------------------------- pod processes
 
 fn enter(cgroup: Option<&str>, netns: &str) {
     if let Some(cgroup) = cgroup {
-        std::fs::write(Path::new(cgroup).join("cgroup.procs"), "0").expect("join cgroup");
+        spright_test_support::cgroup::join(Path::new(cgroup));
     }
     let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).expect("open netns");
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -601,11 +587,7 @@ fn drive(
         .map(|w| {
             let path = path.to_owned();
             thread::spawn(move || {
-                let mut stream = TcpStream::connect(addr).expect("connect to the pod");
-                stream.set_nodelay(true).expect("nodelay");
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
+                let mut stream = connect(addr);
                 let proxied = w < proxied_workers;
                 let extra = if proxied {
                     "K-Proxy-Request: activator\r\n"
@@ -642,6 +624,16 @@ fn drive(
         total.proxied_in_flight_ns += t.proxied_in_flight_ns;
     }
     total
+}
+
+/// A client connection with Nagle off and a 10 s read timeout.
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect to the pod");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
 }
 
 /// Reads one response of the test upstream (body "ok", plain or chunked).
@@ -686,19 +678,18 @@ fn agent_attaches_and_detaches_through_the_api() {
     assert_eq!(programs.len(), 3, "ingress, egress and sock_ops programs");
     assert!(maps.len() >= 3, "{maps:?}");
     for id in &programs {
-        assert!(bpftool_has("prog", *id), "program {id} not in the kernel");
+        assert!(
+            bpftool::exists("prog", *id),
+            "program {id} not in the kernel"
+        );
     }
     // Attached to the pod's cgroup.
-    let tree = Command::new("bpftool")
-        .args(["cgroup", "show", pod.cgroup.to_str().expect("utf-8")])
-        .output()
-        .expect("bpftool cgroup show");
-    let listing = String::from_utf8_lossy(&tree.stdout);
+    let attached = program_ids(pod.cgroup.path());
     for id in &programs {
         assert!(
-            listing.split_whitespace().next().is_some() && listing.contains(&id.to_string()),
-            "program {id} not attached to {}: {listing}",
-            pod.cgroup.display()
+            attached.contains(id),
+            "program {id} not attached to {}: {attached:?}",
+            pod.cgroup.path().display()
         );
     }
     // A second registration of the same pod is refused.
@@ -806,12 +797,10 @@ fn a_pod_that_disappears_leaves_nothing_behind() {
 }
 
 fn manifest_directory_adds_and_removes_pods() {
-    let dir = std::env::temp_dir().join(format!("spright-agent-manifests-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("manifest dir");
+    let dir = TestDir::new("agent-manifests");
     let mut pod = TestPod::new();
     pod.start_server();
-    let agent = Agent::start(Some(&dir));
+    let agent = Agent::start(Some(dir.path()));
     let file = dir.join(format!("{}.json", pod.name));
     std::fs::write(&file, pod.spec()).expect("write manifest");
     std::fs::write(dir.join("broken.json"), "{").expect("write broken manifest");
@@ -826,7 +815,6 @@ fn manifest_directory_adds_and_removes_pods() {
         agent.pods().as_array().map(Vec::len) == Some(0)
     });
     assert_gone(&programs, &maps);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Reads until `done(bytes so far)`; returns them.
@@ -843,8 +831,17 @@ fn read_until(stream: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     buf
 }
 
+/// Whether the bytes read so far hold a whole response.
+type ResponseEnd<'a> = &'a dyn Fn(&[u8]) -> bool;
+
 fn ends_with(suffix: &'static [u8]) -> impl Fn(&[u8]) -> bool {
     move |b: &[u8]| b.ends_with(suffix)
+}
+
+/// Writes `request` on `stream`, then reads until `done(bytes so far)`.
+fn ask(stream: &mut TcpStream, request: &[u8], done: impl Fn(&[u8]) -> bool) {
+    stream.write_all(request).expect("send");
+    read_until(stream, done);
 }
 
 fn timed(truth: &mut Truth, f: impl FnOnce()) {
@@ -861,57 +858,60 @@ fn every_response_framing_ends_its_request() {
     agent.register(&pod);
     let c0 = counters(&agent, &pod);
     let mut truth = Truth::default();
-    let mut stream = TcpStream::connect(pod.serving_addr()).expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut stream = connect(pod.serving_addr());
     let header_end = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
-    // HEAD: the response ends with its headers although it announces a length.
-    timed(&mut truth, || {
-        stream
-            .write_all(b"HEAD /sleep/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
-            .expect("send");
-        read_until(&mut stream, header_end);
-    });
-    // 204: no body.
-    timed(&mut truth, || {
-        stream
-            .write_all(b"GET /nocontent/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
-            .expect("send");
-        read_until(&mut stream, header_end);
-    });
-    // 100 Continue, then the real answer.
-    timed(&mut truth, || {
-        stream
-            .write_all(b"GET /continue/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
-            .expect("send");
-        read_until(&mut stream, ends_with(b"\r\n\r\nok"));
-    });
-    // A body of many segments, counted down by Content-Length.
-    timed(&mut truth, || {
-        stream
-            .write_all(b"GET /big/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
-            .expect("send");
-        let want = BIG_BODY;
-        read_until(&mut stream, move |b: &[u8]| {
-            b.windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .is_some_and(|p| b.len() - p - 4 >= want)
-        });
-    });
-    // A kubelet-style probe is not a request.
-    stream
-        .write_all(b"GET /sleep/20 HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\n\r\n")
-        .expect("send");
-    read_until(&mut stream, ends_with(b"\r\n\r\nok"));
-    // Close-delimited body: the request ends with the connection.
-    timed(&mut truth, || {
-        stream
-            .write_all(b"GET /close/50 HTTP/1.1\r\nHost: pod\r\n\r\n")
-            .expect("send");
-        read_until(&mut stream, |_| false);
-    });
+    let whole_big_body = |b: &[u8]| {
+        b.windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_some_and(|p| b.len() - p - 4 >= BIG_BODY)
+    };
+    let ok_body = ends_with(b"\r\n\r\nok");
+    // (request, end of its response, whether it counts as a request)
+    let steps: [(&[u8], ResponseEnd, bool); 6] = [
+        // HEAD: the response ends with its headers although it announces a length.
+        (
+            b"HEAD /sleep/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            &header_end,
+            true,
+        ),
+        // 204: no body.
+        (
+            b"GET /nocontent/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            &header_end,
+            true,
+        ),
+        // 100 Continue, then the real answer.
+        (
+            b"GET /continue/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            &ok_body,
+            true,
+        ),
+        // A body of many segments, counted down by Content-Length.
+        (
+            b"GET /big/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            &whole_big_body,
+            true,
+        ),
+        // A kubelet-style probe is not a request.
+        (
+            b"GET /sleep/20 HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\n\r\n",
+            &ok_body,
+            false,
+        ),
+        // Close-delimited body: the request ends with the connection.
+        (
+            b"GET /close/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            &|_| false,
+            true,
+        ),
+    ];
+    for (request, done, counted) in steps {
+        if counted {
+            timed(&mut truth, || ask(&mut stream, request, done));
+        } else {
+            ask(&mut stream, request, done);
+        }
+    }
     let c1 = counters(&agent, &pod);
     let d = |key: &str| field(&c1, key) - field(&c0, key);
     eprintln!(
@@ -1027,7 +1027,7 @@ impl QueueProxy {
         let child = Command::new(std::env::current_exe().expect("exe"))
             .args([
                 "exec",
-                pod.cgroup.to_str().expect("utf-8"),
+                pod.cgroup.path().to_str().expect("utf-8"),
                 &pod.netns,
                 queue_proxy_binary().to_str().expect("utf-8"),
             ])
@@ -1053,20 +1053,13 @@ impl QueueProxy {
     }
 
     fn stat(&self, pod: &TestPod) -> Stat {
-        let mut stream =
-            TcpStream::connect(SocketAddr::from((pod.pod_ip, 9090))).expect("connect 9090");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: qp\r\nAccept: application/protobuf\r\nConnection: close\r\n\r\n")
-            .expect("scrape");
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).expect("read stat");
-        let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
-        let head = String::from_utf8_lossy(&raw[..end]);
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        <Stat as prost::Message>::decode(&raw[end..]).expect("Stat protobuf")
+        let (status, body) = exchange(
+            SocketAddr::from((pod.pod_ip, 9090)),
+            b"GET /metrics HTTP/1.1\r\nHost: qp\r\nAccept: application/protobuf\r\nConnection: close\r\n\r\n",
+        )
+        .expect("scrape");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        <Stat as prost::Message>::decode(&body[..]).expect("Stat protobuf")
     }
 }
 
@@ -1229,11 +1222,7 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
     // A proxied request written a few bytes at a time: the header scanner
     // keeps its place across segments.
     let c0 = counters(&agent, &pod);
-    let mut stream = TcpStream::connect(pod.serving_addr()).expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut stream = connect(pod.serving_addr());
     let request = b"GET /sleep/10 HTTP/1.1\r\nHost: pod\r\nK-Proxy-Request: activator\r\n\r\n";
     for piece in request.chunks(3) {
         stream.write_all(piece).expect("send");
@@ -1263,8 +1252,7 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
         b"User-Agent: kube-probe/1\r\n",
     ];
     for _ in 0..40 {
-        let stream = TcpStream::connect(pod.serving_addr()).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
+        let stream = connect(pod.serving_addr());
         for _ in 0..rng.below(12) {
             let mut piece: Vec<u8> = if rng.below(2) == 0 {
                 words[rng.below(words.len() as u64) as usize].to_vec()
@@ -1408,24 +1396,13 @@ fn sidecar_requests(pod: &TestPod) -> u64 {
         .sum()
 }
 
-/// Sends `request` as is on a fresh connection; returns (status, body).
-fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream.write_all(request).expect("send");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("answer");
-    parse_response(&raw).expect("response")
-}
-
 /// activator-lite's readiness probe on the admin port.
 fn queue_probe(pod: &TestPod) -> (u16, String) {
     raw_http(
         SocketAddr::from((pod.pod_ip, 8022)),
         b"GET / HTTP/1.1\r\nHost: qp\r\nK-Network-Probe: queue\r\nUser-Agent: activator-lite\r\nConnection: close\r\n\r\n",
     )
+    .expect("probe answer")
 }
 
 /// One request to the serving port on a fresh connection that the user
@@ -1447,12 +1424,7 @@ fn sk_lookup_links(pod: &TestPod) -> Vec<serde_json::Value> {
     let ino = std::fs::metadata(format!("/var/run/netns/{}", pod.netns))
         .expect("netns")
         .ino();
-    let out = Command::new("bpftool")
-        .args(["link", "show", "-j"])
-        .output()
-        .expect("bpftool link show");
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    links
+    bpftool::json(&["link", "show"])
         .as_array()
         .into_iter()
         .flatten()
@@ -1577,27 +1549,19 @@ fn standalone_event_driven_sidecar_steers_itself() {
     );
     // The sidecar's own programs: read the steering count from the kernel
     // (pod netns -> sk_lookup link -> program -> its steer_count map).
-    let bpftool = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new("bpftool")
-            .args(args)
-            .arg("-j")
-            .output()
-            .expect("bpftool");
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-    };
     let links = sk_lookup_links(&pod);
     assert_eq!(links.len(), 1, "{links:?}");
     let prog = links[0]["prog_id"].as_u64().expect("prog_id").to_string();
-    let count_map = bpftool(&["prog", "show", "id", &prog])["map_ids"]
+    let count_map = bpftool::json(&["prog", "show", "id", &prog])["map_ids"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(serde_json::Value::as_u64)
-        .find(|id| bpftool(&["map", "show", "id", &id.to_string()])["name"] == "steer_count")
+        .find(|id| bpftool::json(&["map", "show", "id", &id.to_string()])["name"] == "steer_count")
         .expect("steer_count map")
         .to_string();
     let steered = || {
-        let dump = bpftool(&["map", "dump", "id", &count_map]);
+        let dump = bpftool::json(&["map", "dump", "id", &count_map]);
         let sum = |key: u64| -> u64 {
             dump.as_array()
                 .into_iter()
@@ -1647,7 +1611,8 @@ fn kubelet_probes_from_the_node_reach_the_sidecar() {
     let answer = raw_http(
         SocketAddr::from((pod.pod_ip, 8012)),
         b"GET / HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nK-Network-Probe: queue\r\nConnection: close\r\n\r\n",
-    );
+    )
+    .expect("probe answer");
     assert_eq!(answer, (200, "queue".to_owned()));
     let (steered1, bypassed1) = counts();
     assert_eq!((steered1, bypassed1), (steered0, bypassed0 + 1));
@@ -1670,7 +1635,10 @@ fn full_mode_pod_gets_the_loopback_redirect() {
     let (programs, maps) = ids(&info);
     assert_eq!(programs.len(), 5, "accounting (3) and loopback (2): {info}");
     for id in &programs {
-        assert!(bpftool_has("prog", *id), "program {id} not in the kernel");
+        assert!(
+            bpftool::exists("prog", *id),
+            "program {id} not in the kernel"
+        );
     }
     let (status, _) = http(
         agent.admin,
