@@ -8,10 +8,9 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::accounting::RequestAccounting;
 use crate::breaker::Breaker;
 use crate::chain::Chain;
-use crate::drain::{Drainer, QUIET_PERIOD};
+use crate::drain::Drainer;
 use crate::env::{Config, RequestMetricsProtocol};
 use crate::metrics::RequestMetrics;
 use crate::proxy::Proxy;
@@ -69,7 +68,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let event_driven = dataplane == crate::mode::DataplaneMode::EventDriven;
     let accounting_mode = crate::eproxy::accounting_mode(event_driven, |k| std::env::var(k).ok())
         .map_err(|e| AppError::Config(e.to_string()))?;
-    let accounting: Arc<dyn RequestAccounting> = crate::ebpf_accounting::select(
+    let (accounting, kernel_load) = crate::ebpf_accounting::select_with_load(
         &accounting_mode,
         if event_driven {
             cfg.serving_port
@@ -121,7 +120,9 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             cfg.observability.enable_probe_request_log,
         ))
     });
-    let drainer = Drainer::new(QUIET_PERIOD);
+    // Event-driven mode: the drain also waits for the kernel's requests in flight (drain.rs).
+    let quiet = crate::drain::quiet_period(|k| std::env::var(k).ok()).map_err(AppError::Config)?;
+    let drainer = Drainer::watching_kernel(quiet, kernel_load.filter(|_| event_driven));
     let queue_probe = event_driven.then(|| crate::eproxy::QueueProbe {
         prober: prober.clone(),
         drainer: Arc::clone(&drainer),
@@ -243,7 +244,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     let _ = term_tx.send(true);
     tracing::info!(
-        "Received TERM signal, attempting to gracefully shutdown servers. Sleeping {QUIET_PERIOD:?} to allow K8s propagation of non-ready state"
+        "Received TERM signal, attempting to gracefully shutdown servers. Sleeping {quiet:?} to allow K8s propagation of non-ready state"
     );
     drainer.drain().await;
     let _ = stop_tx.send(true);

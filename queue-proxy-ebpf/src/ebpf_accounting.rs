@@ -97,6 +97,8 @@ impl Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Sample {
     pub now_ns: u64,
+    /// Requests in flight at `now_ns` (what a drain in event-driven mode waits for).
+    pub concurrency: u64,
     pub arrivals: u64,
     pub proxied_arrivals: u64,
     pub weighted_ns: u64,
@@ -115,6 +117,7 @@ impl Sample {
         };
         Ok(Self {
             now_ns: field("now_ns")?,
+            concurrency: field("concurrency")?,
             arrivals: field("arrivals")?,
             proxied_arrivals: field("proxied_arrivals")?,
             weighted_ns: field("weighted_ns")?,
@@ -144,6 +147,16 @@ impl Sample {
 pub trait CounterSource: Send + Sync + 'static {
     fn read(&self) -> Result<Sample, String>;
     fn describe(&self) -> String;
+}
+
+impl<T: CounterSource + ?Sized> CounterSource for Arc<T> {
+    fn read(&self) -> Result<Sample, String> {
+        T::read(self)
+    }
+
+    fn describe(&self) -> String {
+        T::describe(self)
+    }
 }
 
 /// spright-node-agent over HTTP on the node's address.
@@ -231,6 +244,7 @@ impl CounterSource for LocalSource {
             .map_err(|e| e.to_string())?;
         Ok(Sample {
             now_ns: c.now_ns,
+            concurrency: u64::from(c.concurrency),
             arrivals: c.arrivals,
             proxied_arrivals: c.proxied_arrivals,
             weighted_ns: c.weighted_ns,
@@ -263,32 +277,48 @@ pub(crate) fn own_cgroup() -> Result<PathBuf, String> {
 }
 
 /// Builds the accounting `mode` asks for, falling back to userspace (and
-/// saying so) when the kernel counters are not available.
-pub fn select(mode: &Mode, user_port: u16, start: Instant) -> Arc<dyn RequestAccounting> {
-    let kernel: Result<Arc<dyn RequestAccounting>, (String, String)> = match mode {
-        Mode::Userspace => return Arc::new(WindowedStats::new(start)),
-        Mode::Agent(addr) => {
-            let source = AgentSource::new(*addr);
-            let what = source.describe();
-            KernelAccounting::new(source, start)
-                .map(|k| Arc::new(k) as Arc<dyn RequestAccounting>)
-                .map_err(|e| (what, e))
-        }
+/// saying so) when the kernel counters are not available. With kernel
+/// counters, also their view of the counted port for the drainer
+/// ([`crate::drain::KernelLoad`]).
+pub fn select_with_load(
+    mode: &Mode,
+    user_port: u16,
+    start: Instant,
+) -> (Arc<dyn RequestAccounting>, Option<crate::drain::LoadProbe>) {
+    let source: Result<Arc<dyn CounterSource>, (String, String)> = match mode {
+        Mode::Userspace => return (Arc::new(WindowedStats::new(start)), None),
+        Mode::Agent(addr) => Ok(Arc::new(AgentSource::new(*addr))),
         Mode::Standalone(cgroup) => LocalSource::attach(cgroup.as_deref(), user_port)
-            .and_then(|source| KernelAccounting::new(source, start))
-            .map(|k| Arc::new(k) as Arc<dyn RequestAccounting>)
+            .map(|s| Arc::new(s) as Arc<dyn CounterSource>)
             .map_err(|e| ("programs loaded by this process".to_owned(), e)),
     };
+    let kernel =
+        source.and_then(
+            |source| match KernelAccounting::new(Arc::clone(&source), start) {
+                Ok(k) => Ok((k, source)),
+                Err(e) => Err((source.describe(), e)),
+            },
+        );
     match kernel {
-        Ok(accounting) => {
+        Ok((accounting, source)) => {
             tracing::info!(mode = ?mode, "request accounting in the kernel");
-            accounting
+            (Arc::new(accounting), Some(load_probe(source)))
         }
         Err((source, error)) => {
             tracing::warn!(%source, %error, "kernel request counters unavailable: falling back to userspace accounting");
-            Arc::new(WindowedStats::new(start))
+            (Arc::new(WindowedStats::new(start)), None)
         }
     }
+}
+
+/// Requests in flight and arrivals from `source`, for the drainer.
+pub fn load_probe(source: Arc<dyn CounterSource>) -> crate::drain::LoadProbe {
+    Arc::new(move || {
+        source.read().map(|s| crate::drain::KernelLoad {
+            in_flight: s.concurrency,
+            arrivals: s.arrivals,
+        })
+    })
 }
 
 #[derive(Debug, Default)]
@@ -418,6 +448,7 @@ mod tests {
     fn reports_are_differences_over_the_elapsed_time() {
         let a = Sample {
             now_ns: 1_000_000_000,
+            concurrency: 2,
             arrivals: 10,
             proxied_arrivals: 2,
             weighted_ns: 5_000_000_000,
@@ -427,6 +458,7 @@ mod tests {
         // one of them proxied for half the time.
         let b = Sample {
             now_ns: 2_000_000_000,
+            concurrency: 2,
             arrivals: 14,
             proxied_arrivals: 3,
             weighted_ns: 7_000_000_000,
@@ -447,11 +479,11 @@ mod tests {
             br#"{"pod":"p","now_ns":5,"concurrency":0,"proxied_concurrency":0,"arrivals":3,"proxied_arrivals":1,"completions":3,"proxied_completions":1,"weighted_ns":9,"weighted_proxied_ns":4}"#,
         )
         .unwrap();
-        assert_eq!(s.arrivals, 3);
+        assert_eq!((s.arrivals, s.concurrency), (3, 0));
         assert_eq!(s.weighted_proxied_ns, 4);
         assert!(Sample::from_json(b"{").is_err());
         assert!(
-            Sample::from_json(br#"{"now_ns":1}"#)
+            Sample::from_json(br#"{"now_ns":1,"concurrency":0}"#)
                 .unwrap_err()
                 .contains("arrivals")
         );
