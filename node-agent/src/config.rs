@@ -54,6 +54,8 @@ pub struct Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+    use serde_yaml::Value;
 
     #[test]
     fn defaults_and_flags() {
@@ -76,5 +78,143 @@ mod tests {
         assert!(c.cluster);
         assert_eq!(c.node_name.as_deref(), Some("n1"));
         assert_eq!(c.image_match, "queue-proxy-ebpf");
+    }
+
+    /// The DaemonSet in config/node-agent: its flags and environment must be ones this
+    /// agent reads, and must run it in cluster mode for its own node, on the node's address,
+    /// with the cgroup root it mounts; the RBAC must let it watch Pods.
+    #[test]
+    fn the_daemonset_manifest_matches_the_configuration() {
+        let text = include_str!("../../config/node-agent/node-agent.yaml");
+        let docs: Vec<Value> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
+            .collect();
+        let kind = |k: &str| -> &Value {
+            docs.iter()
+                .find(|d| d["kind"] == k)
+                .unwrap_or_else(|| panic!("no {k} in the manifest"))
+        };
+        let ds = kind("DaemonSet");
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true, "the sidecars reach HOST_IP");
+        assert_eq!(pod["hostPID"], true, "/proc/<pid>/ns/net and pidfd_getfd");
+        let container = &pod["containers"][0];
+        assert_eq!(container["securityContext"]["privileged"], true);
+
+        // The environment, with the downward API filled in and $(VAR) expanded, as the
+        // kubelet does.
+        let mut env: Vec<(String, String)> = Vec::new();
+        for e in container["env"].as_sequence().expect("env") {
+            let name = e["name"].as_str().expect("env name").to_owned();
+            let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("spec.nodeName") => "node-7".to_owned(),
+                Some("status.hostIP") => "10.9.8.7".to_owned(),
+                Some(other) => panic!("{name}: unexpected fieldPath {other}"),
+                None => {
+                    let mut v = e["value"].as_str().expect("env value").to_owned();
+                    for (k, val) in &env {
+                        v = v.replace(&format!("$({k})"), val);
+                    }
+                    v
+                }
+            };
+            env.push((name, value));
+        }
+        // Each variable becomes the flag that reads it: one the agent does not read is drift.
+        let command = Config::command();
+        let mut argv: Vec<String> = vec!["spright-node-agent".into()];
+        for a in container["args"].as_sequence().into_iter().flatten() {
+            argv.push(a.as_str().expect("arg").to_owned());
+        }
+        for (name, value) in &env {
+            if name == "HOST_IP" {
+                // Only for $(HOST_IP) above.
+                continue;
+            }
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name.as_str()))
+                .unwrap_or_else(|| panic!("the agent reads no variable {name}"));
+            let long = arg.get_long().expect("long flag");
+            if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+                assert_eq!(value, "true", "{name}");
+                argv.push(format!("--{long}"));
+            } else {
+                argv.push(format!("--{long}={value}"));
+            }
+        }
+        let cfg = Config::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        assert!(cfg.cluster, "cluster mode");
+        assert_eq!(cfg.node_name.as_deref(), Some("node-7"), "NODE_NAME");
+        // queue-proxy-ebpf reads http://$HOST_IP:$SPRIGHT_AGENT_PORT (default 9095).
+        assert_eq!(cfg.node_address, "10.9.8.7:9095".parse().unwrap());
+        assert!(cfg.admin_address.ip().is_loopback());
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let get = &container[probe]["httpGet"];
+            assert_eq!(get["path"], "/healthz", "{probe}");
+            assert_eq!(
+                get["port"].as_u64(),
+                Some(u64::from(cfg.admin_address.port()))
+            );
+            assert_eq!(get["host"], cfg.admin_address.ip().to_string().as_str());
+        }
+        assert_eq!(cfg.image_match, "queue-proxy-ebpf");
+
+        // The cgroup root is the node's cgroup v2 hierarchy, mounted from the host.
+        let mount = container["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"].as_str() == cfg.cgroup_root.to_str())
+            .unwrap_or_else(|| panic!("nothing mounted at {}", cfg.cgroup_root.display()));
+        let volume = |name: &Value| {
+            pod["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == *name)
+                .unwrap_or_else(|| panic!("no volume {name:?}"))
+                .clone()
+        };
+        assert_eq!(volume(&mount["name"])["hostPath"]["path"], "/sys/fs/cgroup");
+        let bpffs = container["volumeMounts"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"] == "/sys/fs/bpf")
+            .expect("bpffs mount");
+        assert_eq!(volume(&bpffs["name"])["hostPath"]["path"], "/sys/fs/bpf");
+
+        // RBAC: the service account may get, list and watch Pods.
+        let sa = kind("ServiceAccount");
+        assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+        let role = kind("ClusterRole");
+        let rule = role["rules"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|r| {
+                r["resources"]
+                    .as_sequence()
+                    .is_some_and(|rs| rs.iter().any(|x| x == "pods"))
+            })
+            .expect("a rule for pods");
+        assert_eq!(rule["apiGroups"][0], "");
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                rule["verbs"]
+                    .as_sequence()
+                    .is_some_and(|vs| vs.iter().any(|v| v == verb)),
+                "verb {verb}"
+            );
+        }
+        let binding = kind("ClusterRoleBinding");
+        assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+        assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
+        assert_eq!(
+            binding["subjects"][0]["namespace"],
+            sa["metadata"]["namespace"]
+        );
+        assert_eq!(ds["metadata"]["namespace"], sa["metadata"]["namespace"]);
     }
 }
