@@ -173,12 +173,14 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let mut servers = tokio::task::JoinSet::new();
 
     let c = Arc::clone(&chain);
-    servers.spawn(server::serve(
-        main_l,
-        move |req, peer| Arc::clone(&c).handle(req, peer),
-        stop_rx.clone(),
-        Plain,
-    ));
+    let handler = move |req, peer| Arc::clone(&c).handle(req, peer);
+    if chain.request_log.is_none() {
+        // Ordinary requests take the fast path (fast.rs); request logs need the hyper path.
+        let fast = crate::fast::Fast::new(Arc::clone(&chain), cfg.user_port, max_idle);
+        servers.spawn(server::serve(main_l, handler, stop_rx.clone(), fast));
+    } else {
+        servers.spawn(server::serve(main_l, handler, stop_rx.clone(), Plain));
+    }
     if let Some((l, wrap)) = tls {
         let c = Arc::clone(&chain);
         tracing::info!(port = cfg.serving_tls_port, "Starting tls server main");

@@ -51,11 +51,11 @@ impl std::fmt::Debug for Chain {
 
 /// Released when the response is complete: the completion event for the autoscaler and
 /// the duration for the request metrics.
-struct Guard {
-    accounting: Arc<dyn RequestAccounting>,
-    proxied: bool,
-    metrics: Option<(Arc<RequestMetrics>, StdInstant, u16)>,
-    _ticket: Option<Ticket>,
+pub(crate) struct Guard {
+    pub(crate) accounting: Arc<dyn RequestAccounting>,
+    pub(crate) proxied: bool,
+    pub(crate) metrics: Option<(Arc<RequestMetrics>, StdInstant, u16)>,
+    pub(crate) _ticket: Option<Ticket>,
 }
 
 impl Drop for Guard {

@@ -91,8 +91,9 @@ pub async fn serve<H, F, W>(
         let builder = builder.clone();
         let graceful_watch = graceful.watcher();
         let wrap = wrap.clone();
+        let stop_conn = stop.clone();
         tokio::spawn(async move {
-            let Some(io) = wrap.wrap(stream).await else {
+            let Some(io) = wrap.wrap(stream, peer, stop_conn).await else {
                 return;
             };
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -103,10 +104,16 @@ pub async fn serve<H, F, W>(
     graceful.shutdown().await;
 }
 
-/// Turns an accepted stream into the one HTTP runs on (identity, or TLS).
+/// Turns an accepted stream into the one hyper serves (identity, TLS, or what the fast
+/// path hands over); `None` when the connection is done. `stop` turns true on shutdown.
 pub trait Wrap: Clone + Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn wrap(&self, s: tokio::net::TcpStream) -> impl Future<Output = Option<Self::Io>> + Send;
+    fn wrap(
+        &self,
+        s: tokio::net::TcpStream,
+        peer: SocketAddr,
+        stop: watch::Receiver<bool>,
+    ) -> impl Future<Output = Option<Self::Io>> + Send;
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -114,7 +121,12 @@ pub struct Plain;
 
 impl Wrap for Plain {
     type Io = tokio::net::TcpStream;
-    async fn wrap(&self, s: tokio::net::TcpStream) -> Option<Self::Io> {
+    async fn wrap(
+        &self,
+        s: tokio::net::TcpStream,
+        _: SocketAddr,
+        _: watch::Receiver<bool>,
+    ) -> Option<Self::Io> {
         Some(s)
     }
 }

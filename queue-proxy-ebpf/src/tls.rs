@@ -236,7 +236,12 @@ pub struct Tls(pub TlsAcceptor);
 
 impl Wrap for Tls {
     type Io = TlsStream<tokio::net::TcpStream>;
-    async fn wrap(&self, s: tokio::net::TcpStream) -> Option<Self::Io> {
+    async fn wrap(
+        &self,
+        s: tokio::net::TcpStream,
+        _: std::net::SocketAddr,
+        _: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Self::Io> {
         match tokio::time::timeout(Duration::from_secs(10), self.0.accept(s)).await {
             Ok(Ok(t)) => Some(t),
             Ok(Err(e)) => {
