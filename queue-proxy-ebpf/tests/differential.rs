@@ -832,6 +832,92 @@ fn queued_request_times_out() {
     assert_eq!((o.0.0, o.1.0), (200, 504));
 }
 
+/// Knative also exports otelhttp and Go runtime series; the contract's two instruments
+/// are compared.
+fn kn_series(metrics: &str) -> Vec<String> {
+    let mut series: Vec<String> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("kn_serving_invocation_duration_seconds_count")
+                || l.starts_with("kn_serving_queue_depth")
+                || l.starts_with("# TYPE kn_serving")
+        })
+        .map(str::to_owned)
+        .collect();
+    series.sort();
+    series
+}
+
+/// Without request logs, ordinary requests take our fast path (src/fast.rs): its request
+/// metrics, pipelined requests and `Connection: close` against Knative's.
+#[test]
+fn fast_path_metrics_and_pipelining() {
+    require_oracle!();
+    let _g = port_lock();
+    let up = Upstream::start();
+    let mut env = knative_env(up.port);
+    env.insert("CONTAINER_CONCURRENCY".into(), "2".into());
+    env.insert(
+        "OBSERVABILITY_CONFIG".into(),
+        r#"{"requestMetrics":{"protocol":"prometheus"}}"#.into(),
+    );
+    let (k, o) = both(&env, |p| {
+        let port_open = (0..50).any(|_| {
+            let ok = std::net::TcpStream::connect(("127.0.0.1", 9091)).is_ok();
+            if !ok {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ok
+        });
+        let a = summary(&get(p.ports.serving, "/status?code=404", &[]));
+        let b = summary(&get(p.ports.serving, "/sleep?ms=1", &[]));
+        // Two requests in one write; the second closes the connection.
+        let pipelined = raw_answers(
+            p.ports.serving,
+            b"GET /status?code=500 HTTP/1.1\r\nHost: a\r\n\r\nPOST /echo HTTP/1.1\r\nHost: b\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let series = kn_series(&get(9091, "/metrics", &[]).text());
+        (port_open, a, b, pipelined, series)
+    });
+    assert_same("fast path: metrics, pipelining, Connection: close", &k, &o);
+    assert_eq!(
+        o.3.0,
+        vec!["HTTP/1.1 500 Internal Server Error", "HTTP/1.1 200 OK"]
+    );
+    assert!(o.3.1.contains("\"body\":\"hi\""), "{}", o.3.1);
+    assert!(
+        o.4.iter()
+            .any(|l| l.contains("http_response_status_code=\"500\"")),
+        "{:?}",
+        o.4
+    );
+}
+
+/// The status lines of every answer on one connection (which must close), and the text
+/// after the last head.
+fn raw_answers(port: u16, raw: &[u8]) -> (Vec<String>, String) {
+    let raw = raw.to_vec();
+    runtime().block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        s.write_all(&raw).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        // A body need not end with a newline: status lines are found anywhere.
+        let statuses = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(i, _)| text[i..].split("\r\n").next())
+            .map(str::to_owned)
+            .collect();
+        let last = text.rsplit("\r\n\r\n").next().unwrap_or("").to_owned();
+        (statuses, last)
+    })
+}
+
 #[test]
 fn request_metrics_and_logs() {
     require_oracle!();
@@ -871,18 +957,7 @@ fn request_metrics_and_logs() {
         std::thread::sleep(Duration::from_millis(200));
         let m = get(9091, "/metrics", &[]);
         let text = m.text();
-        // Knative also exports otelhttp and Go runtime series; the contract's two
-        // instruments and the resource's identity are compared.
-        let mut series: Vec<String> = text
-            .lines()
-            .filter(|l| {
-                l.starts_with("kn_serving_invocation_duration_seconds_count")
-                    || l.starts_with("kn_serving_queue_depth")
-                    || l.starts_with("# TYPE kn_serving")
-            })
-            .map(str::to_owned)
-            .collect();
-        series.sort();
+        let series = kn_series(&text);
         let target: Vec<String> = text
             .lines()
             .find(|l| l.starts_with("target_info{"))
