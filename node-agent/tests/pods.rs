@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use spright_test_support::cgroup::{TestCgroup, program_ids};
-use spright_test_support::{TestDir, bpftool, free_port};
+use spright_test_support::{Test, TestDir, bpftool, free_port, run_tests};
 
 const SERVING_PORT: u16 = 8080;
 /// Body size of `/big/<ms>`: many TCP segments.
@@ -36,13 +36,11 @@ fn main() -> ExitCode {
         }
         Some("fetch") => fetch_main(&args[2], &args[3]),
         Some("exec") => exec_main(&args[2], &args[3], &args[4..]),
-        _ => run_tests(args.get(1).cloned()),
+        _ => run_all(args.get(1).map(String::as_str)),
     }
 }
 
-type Test = (&'static str, fn());
-
-fn run_tests(filter: Option<String>) -> ExitCode {
+fn run_all(filter: Option<&str>) -> ExitCode {
     let tests: [Test; 15] = [
         (
             "agent_attaches_and_detaches_through_the_api",
@@ -99,32 +97,7 @@ fn run_tests(filter: Option<String>) -> ExitCode {
             queue_proxy_without_the_agent_falls_back_and_says_so,
         ),
     ];
-    let mut failed = 0;
-    let mut ran = 0;
-    for (name, test) in tests {
-        if let Some(f) = &filter
-            && !f.starts_with('-')
-            && !name.contains(f.as_str())
-        {
-            continue;
-        }
-        ran += 1;
-        eprintln!("test {name} ...");
-        let outcome = std::panic::catch_unwind(test);
-        match outcome {
-            Ok(()) => eprintln!("test {name} ... ok"),
-            Err(_) => {
-                eprintln!("test {name} ... FAILED");
-                failed += 1;
-            }
-        }
-    }
-    eprintln!("test result: {} passed; {failed} failed", ran - failed);
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    run_tests(&tests, filter)
 }
 
 // ---------------------------------------------------------------- pod helpers
@@ -368,6 +341,13 @@ impl Agent {
     fn context_switches(&self) -> u64 {
         context_switches(self.child.id())
     }
+}
+
+/// A pod with its server running, and a fresh agent (the pod not registered yet).
+fn serving_pod_and_agent() -> (TestPod, Agent) {
+    let mut pod = TestPod::new();
+    pod.start_server();
+    (pod, Agent::start(None))
 }
 
 impl Drop for Agent {
@@ -671,9 +651,7 @@ fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
 // ---------------------------------------------------------------- tests
 
 fn agent_attaches_and_detaches_through_the_api() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     let (programs, maps) = agent.register(&pod);
     assert_eq!(programs.len(), 3, "ingress, egress and sock_ops programs");
     assert!(maps.len() >= 3, "{maps:?}");
@@ -732,9 +710,7 @@ fn agent_attaches_and_detaches_through_the_api() {
 }
 
 fn counters_match_a_known_load() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
 
     // Idle: once the registration's connection is closed, the agent does
@@ -783,9 +759,7 @@ fn counters_match_a_known_load() {
 }
 
 fn a_pod_that_disappears_leaves_nothing_behind() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (mut pod, agent) = serving_pod_and_agent();
     let (programs, maps) = agent.register(&pod);
     drive(pod.serving_addr(), 1, 2, 0, "/sleep/1");
     // The pod goes: its process exits and its cgroup and namespace are removed.
@@ -852,9 +826,7 @@ fn timed(truth: &mut Truth, f: impl FnOnce()) {
 }
 
 fn every_response_framing_ends_its_request() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
     let c0 = counters(&agent, &pod);
     let mut truth = Truth::default();
@@ -1081,9 +1053,7 @@ fn agent_env(pod: &TestPod, port: u16) -> Vec<(&'static str, String)> {
 }
 
 fn queue_proxy_reports_the_kernel_counters() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
     check_stats(
         &pod,
@@ -1214,9 +1184,7 @@ impl Rng {
 }
 
 fn split_headers_and_random_bytes_keep_the_counters_sane() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
 
     // A proxied request written a few bytes at a time: the header scanner
@@ -1282,9 +1250,7 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
 }
 
 fn ipv6_requests_are_counted() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
     let c0 = counters(&agent, &pod);
     let truth = drive(
@@ -1587,9 +1553,7 @@ fn standalone_event_driven_sidecar_steers_itself() {
 }
 
 fn kubelet_probes_from_the_node_reach_the_sidecar() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     let spec = pod.spec().trim_end_matches('}').to_owned()
         + r#","mode":"event-driven","bypass":["node"]}"#;
     let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
@@ -1625,9 +1589,7 @@ fn kubelet_probes_from_the_node_reach_the_sidecar() {
 }
 
 fn full_mode_pod_gets_the_loopback_redirect() {
-    let mut pod = TestPod::new();
-    pod.start_server();
-    let agent = Agent::start(None);
+    let (pod, agent) = serving_pod_and_agent();
     let spec = pod.spec().trim_end_matches('}').to_owned() + r#","mode":"full"}"#;
     let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
     assert_eq!(status, 201, "{body}");

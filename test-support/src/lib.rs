@@ -10,6 +10,7 @@ pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const LOW: u32 = 20_000;
@@ -79,6 +80,38 @@ impl Drop for TestDir {
     }
 }
 
+/// A test of a `harness = false` test binary: its name and its body.
+pub type Test = (&'static str, fn());
+
+/// Runs `tests` one after the other, as libtest prints them (`test <name> ... ok` or
+/// `FAILED`, then `test result: ...`), a panic failing only its test. `filter`, the binary's
+/// first argument, keeps the tests whose name contains it; a flag (`-...`, as cargo passes
+/// them) filters nothing.
+pub fn run_tests(tests: &[Test], filter: Option<&str>) -> ExitCode {
+    let filter = filter.filter(|f| !f.starts_with('-'));
+    let mut failed = 0;
+    let mut ran = 0;
+    for (name, test) in tests {
+        if filter.is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        ran += 1;
+        eprintln!("test {name} ...");
+        if std::panic::catch_unwind(test).is_ok() {
+            eprintln!("test {name} ... ok");
+        } else {
+            eprintln!("test {name} ... FAILED");
+            failed += 1;
+        }
+    }
+    eprintln!("test result: {} passed; {failed} failed", ran - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +138,17 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), ports.len());
         assert!(ports.iter().all(|p| (20_000..32_768).contains(p)));
+    }
+
+    #[test]
+    fn run_tests_filters_by_name_and_fails_on_a_panic() {
+        fn passes() {}
+        fn fails() {
+            panic!("expected");
+        }
+        let tests: [Test; 2] = [("passes", passes), ("fails", fails)];
+        assert_eq!(run_tests(&tests, Some("pass")), ExitCode::SUCCESS);
+        assert_eq!(run_tests(&tests, Some("--nocapture")), ExitCode::FAILURE);
+        assert_eq!(run_tests(&tests, None), ExitCode::FAILURE);
     }
 }
