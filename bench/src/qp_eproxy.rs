@@ -21,12 +21,11 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
 
-use super::{QueueProxyBenchArgs, Row, Running, UPSTREAM_PORT};
-use crate::measure::{cpu_seconds, peak_rss_kb};
+use super::{BenchCgroup, QueueProxyBenchArgs, Row, Running, UPSTREAM_PORT};
+use crate::measure::{WrkResult, cpu_seconds, peak_rss_kb};
 
 /// The event-driven sidecar's ports (its serving port is steered).
 const SERVING_PORT: u16 = 18014;
@@ -40,10 +39,7 @@ pub const ROW_NAME: &str = "ours-event-driven";
 struct Measured {
     name: &'static str,
     connections: u32,
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    requests: u64,
+    wrk: WrkResult,
     sidecar: Option<f64>,
     upstream: f64,
     machine: f64,
@@ -52,35 +48,12 @@ struct Measured {
 
 impl Measured {
     fn per_10k(&self, seconds: f64) -> f64 {
-        if self.requests == 0 {
-            return f64::NAN;
-        }
-        seconds / self.requests as f64 * 10_000.0
+        super::per_10k(seconds, self.wrk.requests)
     }
 
     fn procs(&self) -> f64 {
         self.upstream + self.sidecar.unwrap_or(0.0)
     }
-}
-
-/// Busy seconds of all cores so far (/proc/stat `cpu` line).
-fn machine_busy() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("no cpu line")?;
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let busy: f64 =
-        v.iter().take(8).sum::<f64>() - v.get(3).unwrap_or(&0.0) - v.get(4).unwrap_or(&0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok(busy / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
 /// CPU seconds of the children this process has waited for (wrk).
@@ -101,43 +74,28 @@ fn measure_one(
     upstream: u32,
     sidecar: Option<u32>,
 ) -> Result<Measured> {
-    let side = || sidecar.map(cpu_seconds).transpose();
-    let (s0, u0, m0, w0) = (
-        side()?,
-        cpu_seconds(upstream)?,
-        machine_busy()?,
-        children_cpu(),
-    );
-    let w = super::wrk(args.load_cpu, port, connections, args.duration)?;
-    let (s1, u1, m1, w1) = (
-        side()?,
-        cpu_seconds(upstream)?,
-        machine_busy()?,
-        children_cpu(),
-    );
-    if w.errors > 0 {
-        eprintln!(
-            "warning: {name} at {connections} connections: {} errors",
-            w.errors
-        );
-    }
+    // Machine time minus wrk's own: (m1 - m0) - (w1 - w0) is the growth of m - w.
+    let (w, grew) = super::load(args, name, port, connections, || {
+        Ok(vec![
+            cpu_seconds(upstream)?,
+            super::busy_seconds(None)? - children_cpu(),
+            sidecar.map_or(Ok(0.0), cpu_seconds)?,
+        ])
+    })?;
     Ok(Measured {
         name,
         connections,
-        rps: w.rps,
-        p50_us: w.p50_us,
-        p99_us: w.p99_us,
-        requests: w.requests,
-        sidecar: s0.zip(s1).map(|(a, b)| b - a),
-        upstream: u1 - u0,
-        machine: (m1 - m0) - (w1 - w0),
+        wrk: w,
+        sidecar: sidecar.map(|_| grew[2]),
+        upstream: grew[0],
+        machine: grew[1],
         rss_kb: sidecar.map(peak_rss_kb).transpose()?,
     })
 }
 
 /// The emulated pod's cgroup with the upstream in it; puts the upstream back on drop.
 struct PodCgroup {
-    path: PathBuf,
+    cgroup: BenchCgroup,
     upstream: u32,
     home: PathBuf,
 }
@@ -151,24 +109,21 @@ impl PodCgroup {
             .find_map(|l| l.strip_prefix("0::"))
             .context("the upstream has no cgroup v2 entry")?;
         let home = root.join(rel.trim_start_matches('/'));
-        let path = root.join(format!("spright-bench-eproxy-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("creating {} (cgroup v2, root)", path.display()))?;
         let cg = Self {
-            path,
+            cgroup: BenchCgroup::new("eproxy")?,
             upstream,
             home,
         };
-        std::fs::write(cg.path.join("cgroup.procs"), upstream.to_string())
+        std::fs::write(cg.cgroup.path.join("cgroup.procs"), upstream.to_string())
             .context("moving the upstream into the pod cgroup")?;
         Ok(cg)
     }
 }
 
 impl Drop for PodCgroup {
+    /// Puts the upstream back; then `cgroup` is removed.
     fn drop(&mut self) {
         let _ = std::fs::write(self.home.join("cgroup.procs"), self.upstream.to_string());
-        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
@@ -178,12 +133,10 @@ fn start_sidecar(
     cgroup: &Path,
     log: &Path,
 ) -> Result<Running> {
-    super::wait_free(&[SERVING_PORT, ADMIN_PORT, STATS_PORT])?;
-    let mut child = super::pinned(args.proxy_cpu, ours)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .envs(super::queue_env(0))
-        .envs([
+    let running = super::spawn_queue(
+        super::pinned(args.proxy_cpu, ours),
+        0,
+        vec![
             ("QUEUE_SERVING_PORT", SERVING_PORT.to_string()),
             ("QUEUE_ADMIN_PORT", ADMIN_PORT.to_string()),
             ("QUEUE_AUTOSCALING_METRICS_PORT", STATS_PORT.to_string()),
@@ -191,25 +144,16 @@ fn start_sidecar(
             ("SPRIGHT_DATAPLANE_MODE", "event-driven".to_owned()),
             ("SPRIGHT_ACCOUNTING", "standalone".to_owned()),
             ("SPRIGHT_ACCOUNTING_CGROUP", cgroup.display().to_string()),
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .with_context(|| format!("starting {}", ours.display()))?;
-    super::wait_ports(
+        ],
         &[SERVING_PORT, ADMIN_PORT, STATS_PORT],
-        &mut child,
         "queue-proxy-ebpf (event-driven)",
+        std::fs::File::create(log)?.into(),
     )?;
-    let running = Running { child };
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    if !text.contains("steered in the kernel to the user container") {
+    if let Some(warnings) =
+        super::missing_in_log(log, "steered in the kernel to the user container")
+    {
         bail!(
-            "queue-proxy-ebpf did not steer (root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE needed): {}",
-            text.lines()
-                .filter(|l| l.contains("\"level\":\"warn\""))
-                .collect::<Vec<_>>()
-                .join(" ")
+            "queue-proxy-ebpf did not steer (root with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_PTRACE needed): {warnings}"
         );
     }
     Ok(running)
@@ -224,8 +168,13 @@ pub fn rows(
     upstream: u32,
 ) -> Result<(Vec<Row>, String)> {
     let cgroup = PodCgroup::new(upstream)?;
-    let sidecar = start_sidecar(args, ours, &cgroup.path, &dir.join("eproxy-sidecar.log"))?;
-    super::wrk(args.load_cpu, SERVING_PORT, 4, 1)?;
+    let sidecar = start_sidecar(
+        args,
+        ours,
+        &cgroup.cgroup.path,
+        &dir.join("eproxy-sidecar.log"),
+    )?;
+    super::warm_up(args, SERVING_PORT)?;
     let mut measured = Vec::new();
     for &c in &args.connections {
         measured.push(measure_one(
@@ -251,16 +200,9 @@ pub fn rows(
         .iter()
         .filter(|m| m.sidecar.is_some())
         .map(|m| Row {
-            name: ROW_NAME,
-            connections: m.connections,
-            container_concurrency: 0,
-            rps: m.rps,
-            p50_us: m.p50_us,
-            p99_us: m.p99_us,
-            requests: m.requests,
             cpu_s_per_10k: m.sidecar.map(|s| m.per_10k(s)),
             rss_kb: m.rss_kb,
-            idle_cpu_s: None,
+            ..Row::measured(ROW_NAME, m.connections, 0, &m.wrk)
         })
         .collect();
     Ok((rows, report(&measured)))
@@ -279,9 +221,9 @@ fn report(measured: &[Measured]) -> String {
             "{:<18} {:>5} {:>10.0} {:>9.1} {:>9.1} {:>9} {:>9.4} {:>9.4} {:>9.4}",
             m.name,
             m.connections,
-            m.rps,
-            m.p50_us,
-            m.p99_us,
+            m.wrk.rps,
+            m.wrk.p50_us,
+            m.wrk.p99_us,
             m.sidecar
                 .map_or_else(|| "-".to_owned(), |v| format!("{:.4}", m.per_10k(v))),
             m.per_10k(m.upstream),
@@ -296,9 +238,9 @@ fn report(measured: &[Measured]) -> String {
                 s,
                 "{} conns: event-driven/direct: added p50 {:.1} us ({:+.1}%), throughput {:.2}x, CPU per request: processes {:.2}x, machine {:.2}x",
                 e.connections,
-                e.p50_us - d.p50_us,
-                (e.p50_us / d.p50_us - 1.0) * 100.0,
-                ratio(e.rps, d.rps),
+                e.wrk.p50_us - d.wrk.p50_us,
+                (e.wrk.p50_us / d.wrk.p50_us - 1.0) * 100.0,
+                ratio(e.wrk.rps, d.wrk.rps),
                 ratio(e.per_10k(e.procs()), d.per_10k(d.procs())),
                 ratio(e.per_10k(e.machine), d.per_10k(d.machine)),
             );
@@ -313,7 +255,7 @@ mod tests {
 
     #[test]
     fn machine_and_children_cpu_read() {
-        assert!(machine_busy().expect("/proc/stat") > 0.0);
+        assert!(super::super::busy_seconds(None).expect("/proc/stat") > 0.0);
         assert!(children_cpu() >= 0.0);
     }
 
@@ -322,10 +264,13 @@ mod tests {
         let m = |name, p50, sidecar| Measured {
             name,
             connections: 1,
-            rps: 10_000.0,
-            p50_us: p50,
-            p99_us: 2.0 * p50,
-            requests: 10_000,
+            wrk: WrkResult {
+                requests: 10_000,
+                rps: 10_000.0,
+                p50_us: p50,
+                p99_us: 2.0 * p50,
+                errors: 0,
+            },
             sidecar,
             upstream: 1.0,
             machine: 2.0,

@@ -25,13 +25,13 @@
 //!   wherever it is charged; anything else running on that core counts too (noisy machine).
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{QueueProxyBenchArgs, Row, Running};
-use crate::measure::{cpu_seconds, peak_rss_kb};
+use super::{BenchCgroup, QueueProxyBenchArgs, Row, Running};
+use crate::measure::{WrkResult, cpu_seconds, peak_rss_kb};
 
 /// The row name in the queue-proxy table.
 pub const ROW_NAME: &str = "ours-full-ebpf";
@@ -70,32 +70,6 @@ const SOCKMAP: Ports = Ports {
     stats: 19098,
 };
 
-/// The emulated pod's cgroup; removed on drop (after its processes are gone).
-struct PodCgroup {
-    path: PathBuf,
-}
-
-impl PodCgroup {
-    fn new(name: &str) -> Result<Self> {
-        let path = Path::new(spright_ebpf::DEFAULT_CGROUP_PATH)
-            .join(format!("spright-bench-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("creating {} (cgroup v2, root)", path.display()))?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-}
-
 /// `program args...` pinned to `cpu`, started inside `cgroup` when given (a shell joins the
 /// cgroup, then execs: the process exists only inside it).
 fn command(cpu: u32, cgroup: Option<&Path>, program: &Path) -> Command {
@@ -118,29 +92,13 @@ fn start_upstream(
     cgroup: Option<&Path>,
 ) -> Result<Running> {
     super::wait_free(&[ports.upstream])?;
-    let conf = dir.join(format!("{name}.conf"));
-    std::fs::write(
+    let conf = super::nginx_conf(dir, name, ports.upstream, "return 200 \"hello\\n\";")?;
+    super::spawn_nginx(
+        command(args.proxy_cpu, cgroup, Path::new("nginx")),
         &conf,
-        format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/{name}.error.log warn;\npid {d}/{name}.pid;\n\
-events {{ worker_connections 4096; }}\n\
-http {{\n  access_log off;\n  client_body_temp_path {d}/{name}.body;\n  keepalive_requests 1000000;\n\
-  server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"hello\\n\"; }}\n  }}\n}}\n",
-            d = dir.display(),
-            port = ports.upstream
-        ),
-    )?;
-    let mut child = command(args.proxy_cpu, cgroup, Path::new("nginx"))
-        .arg("-c")
-        .arg(&conf)
-        .arg("-e")
-        .arg("stderr")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx (apt-get install nginx-light)")?;
-    super::wait_ports(&[ports.upstream], &mut child, name)?;
-    Ok(Running { child })
+        ports.upstream,
+        name,
+    )
 }
 
 /// Starts queue-proxy-ebpf in front of `ports.upstream`, inside `cgroup` when given; in full
@@ -153,9 +111,7 @@ fn start_sidecar(
     full: bool,
     log: &Path,
 ) -> Result<Running> {
-    super::wait_free(&[ports.serving, ports.admin, ports.stats])?;
-    let mut env = super::queue_env(0);
-    env.extend([
+    let mut env = vec![
         ("QUEUE_SERVING_PORT", ports.serving.to_string()),
         ("USER_PORT", ports.upstream.to_string()),
         (
@@ -168,7 +124,7 @@ fn start_sidecar(
         ("QUEUE_ADMIN_PORT", ports.admin.to_string()),
         ("QUEUE_AUTOSCALING_METRICS_PORT", ports.stats.to_string()),
         ("SERVING_LOGGING_LEVEL", "info".to_owned()),
-    ]);
+    ];
     match cgroup.filter(|_| full) {
         Some(path) => env.extend([
             ("SPRIGHT_DATAPLANE_MODE", "full".to_owned()),
@@ -177,58 +133,27 @@ fn start_sidecar(
         ]),
         None => env.push(("SPRIGHT_DATAPLANE_MODE", "userspace".to_owned())),
     }
-    let mut child = command(args.proxy_cpu, cgroup, ours)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .envs(env)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .with_context(|| format!("starting {}", ours.display()))?;
-    super::wait_ports(
+    let running = super::spawn_queue(
+        command(args.proxy_cpu, cgroup, ours),
+        0,
+        env,
         &[ports.serving, ports.admin, ports.stats],
-        &mut child,
         "queue-proxy-ebpf",
+        std::fs::File::create(log)?.into(),
     )?;
-    let running = Running { child };
     if full {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
         for (needle, what) in [
             ("redirected in the kernel", "the loopback redirect"),
             ("request accounting in the kernel", "the kernel accounting"),
         ] {
-            if !text.contains(needle) {
+            if let Some(warnings) = super::missing_in_log(log, needle) {
                 bail!(
-                    "queue-proxy-ebpf in full mode did not attach {what} (root with CAP_BPF and CAP_NET_ADMIN needed): {}",
-                    text.lines()
-                        .filter(|l| l.contains("WARN"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    "queue-proxy-ebpf in full mode did not attach {what} (root with CAP_BPF and CAP_NET_ADMIN needed): {warnings}"
                 );
             }
         }
     }
     Ok(running)
-}
-
-/// Busy seconds of core `cpu` so far (/proc/stat `cpuN`: all but idle and iowait).
-fn core_busy(cpu: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let prefix = format!("cpu{cpu} ");
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .with_context(|| format!("no {prefix}line in /proc/stat"))?;
-    let ticks: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions; it only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Ok((ticks.iter().sum::<f64>() - idle) / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
 /// One measurement: CPU seconds over the run.
@@ -237,10 +162,7 @@ struct Sample {
     name: &'static str,
     round: usize,
     connections: u32,
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    requests: u64,
+    wrk: WrkResult,
     sidecar: f64,
     upstream: f64,
     core: f64,
@@ -249,10 +171,7 @@ struct Sample {
 
 impl Sample {
     fn per_10k(&self, seconds: f64) -> f64 {
-        if self.requests == 0 {
-            return f64::NAN;
-        }
-        seconds / self.requests as f64 * 10_000.0
+        super::per_10k(seconds, self.wrk.requests)
     }
 
     fn procs(&self) -> f64 {
@@ -273,33 +192,21 @@ fn measure(
     round: usize,
     connections: u32,
 ) -> Result<Sample> {
-    let read = || -> Result<(f64, f64, f64)> {
-        Ok((
+    let (w, grew) = super::load(args, s.name, s.ports.serving, connections, || {
+        Ok(vec![
             cpu_seconds(s.sidecar.pid())?,
             cpu_seconds(s.upstream.pid())?,
-            core_busy(args.proxy_cpu)?,
-        ))
-    };
-    let (s0, u0, c0) = read()?;
-    let w = super::wrk(args.load_cpu, s.ports.serving, connections, args.duration)?;
-    let (s1, u1, c1) = read()?;
-    if w.errors > 0 {
-        eprintln!(
-            "warning: {} at {connections} connections: {} errors",
-            s.name, w.errors
-        );
-    }
+            super::busy_seconds(Some(args.proxy_cpu))?,
+        ])
+    })?;
     Ok(Sample {
         name: s.name,
         round,
         connections,
-        rps: w.rps,
-        p50_us: w.p50_us,
-        p99_us: w.p99_us,
-        requests: w.requests,
-        sidecar: s1 - s0,
-        upstream: u1 - u0,
-        core: c1 - c0,
+        wrk: w,
+        sidecar: grew[0],
+        upstream: grew[1],
+        core: grew[2],
         rss_kb: peak_rss_kb(s.sidecar.pid())?,
     })
 }
@@ -309,7 +216,7 @@ fn measure(
 pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<Row>, String)> {
     let user_up = start_upstream(args, dir, "userspace-upstream", USERSPACE, None)?;
     let user = start_sidecar(args, ours, USERSPACE, None, false, &dir.join("u.log"))?;
-    let full_pod = PodCgroup::new("full")?;
+    let full_pod = BenchCgroup::new("full")?;
     let full_up = start_upstream(args, dir, "full-upstream", FULL, Some(&full_pod.path))?;
     let full = start_sidecar(
         args,
@@ -319,7 +226,7 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
         true,
         &dir.join("f.log"),
     )?;
-    let sockmap_pod = PodCgroup::new("sockmap")?;
+    let sockmap_pod = BenchCgroup::new("sockmap")?;
     let redirect = spright_ebpf::loopback::Loopback::attach(&sockmap_pod.path, &[SOCKMAP.upstream])
         .context("loading the loopback redirect (root, CAP_BPF, CAP_NET_ADMIN)")?;
     let sockmap_up = start_upstream(
@@ -358,8 +265,7 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
         },
     ];
     for s in &setups {
-        // Warm-up: connections, pools, page faults.
-        super::wrk(args.load_cpu, s.ports.serving, 4, 1)?;
+        super::warm_up(args, s.ports.serving)?;
     }
     let mut samples = Vec::new();
     for &c in &args.connections {
@@ -409,17 +315,17 @@ fn median_row(samples: &[Sample], connections: u32) -> Option<Row> {
         .filter(|s| s.name == ROW_NAME && s.connections == connections)
         .collect();
     let of = |f: &dyn Fn(&Sample) -> f64| median(full.iter().map(|s| f(s)).collect());
+    let medians = WrkResult {
+        requests: full.iter().map(|s| s.wrk.requests).max()?,
+        rps: of(&|s| s.wrk.rps),
+        p50_us: of(&|s| s.wrk.p50_us),
+        p99_us: of(&|s| s.wrk.p99_us),
+        errors: full.iter().map(|s| s.wrk.errors).sum(),
+    };
     Some(Row {
-        name: ROW_NAME,
-        connections,
-        container_concurrency: 0,
-        rps: of(&|s| s.rps),
-        p50_us: of(&|s| s.p50_us),
-        p99_us: of(&|s| s.p99_us),
-        requests: full.iter().map(|s| s.requests).max()?,
         cpu_s_per_10k: Some(of(&|s| s.per_10k(s.sidecar))),
         rss_kb: full.iter().map(|s| s.rss_kb).max(),
-        idle_cpu_s: None,
+        ..Row::measured(ROW_NAME, connections, 0, &medians)
     })
 }
 
@@ -437,9 +343,9 @@ fn report(samples: &[Sample]) -> String {
             m.name,
             m.round,
             m.connections,
-            m.rps,
-            m.p50_us,
-            m.p99_us,
+            m.wrk.rps,
+            m.wrk.p50_us,
+            m.wrk.p99_us,
             m.per_10k(m.sidecar),
             m.per_10k(m.upstream),
             m.per_10k(m.procs()),
@@ -474,7 +380,7 @@ fn report(samples: &[Sample]) -> String {
             let _ = writeln!(
                 s,
                 "{c} conns, {variant}/{BASELINE} (median [per round]): throughput {}; CPU per request: sidecar {}, upstream {}, processes {}, proxy core {}",
-                show(&ratios(&|m| m.rps)),
+                show(&ratios(&|m| m.wrk.rps)),
                 show(&ratios(&|m| m.per_10k(m.sidecar))),
                 show(&ratios(&|m| m.per_10k(m.upstream))),
                 show(&ratios(&|m| m.per_10k(m.procs()))),
@@ -487,6 +393,8 @@ fn report(samples: &[Sample]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::process::Stdio;
+
     use super::*;
 
     fn sample(name: &'static str, round: usize, rps: f64, sidecar: f64) -> Sample {
@@ -494,10 +402,13 @@ mod tests {
             name,
             round,
             connections: 32,
-            rps,
-            p50_us: 100.0,
-            p99_us: 300.0,
-            requests: 100_000,
+            wrk: WrkResult {
+                requests: 100_000,
+                rps,
+                p50_us: 100.0,
+                p99_us: 300.0,
+                errors: 0,
+            },
             sidecar,
             upstream: 1.0,
             core: 4.0,
@@ -545,8 +456,8 @@ mod tests {
 
     #[test]
     fn core_busy_reads_proc_stat() {
-        assert!(core_busy(0).expect("cpu0") > 0.0);
-        assert!(core_busy(9999).is_err());
+        assert!(super::super::busy_seconds(Some(0)).expect("cpu0") > 0.0);
+        assert!(super::super::busy_seconds(Some(9999)).is_err());
     }
 
     #[test]

@@ -151,7 +151,13 @@ http {{\n  access_log off;\n  client_body_temp_path {dir}/{name}.body;\n  proxy_
 }
 
 fn start_nginx(cpu: u32, conf: &Path, port: u16, what: &str) -> Result<Running> {
-    let mut child = pinned(cpu, Path::new("nginx"))
+    spawn_nginx(pinned(cpu, Path::new("nginx")), conf, port, what)
+}
+
+/// Runs nginx with `conf` through `launcher` (a pinned `nginx` command) until it listens on
+/// `port`.
+fn spawn_nginx(mut launcher: Command, conf: &Path, port: u16, what: &str) -> Result<Running> {
+    let mut child = launcher
         .arg("-c")
         .arg(conf)
         .arg("-e")
@@ -195,21 +201,157 @@ fn queue_env(cc: u32) -> Vec<(&'static str, String)> {
 }
 
 fn start_queue(cpu: u32, binary: &Path, cc: u32, what: &str) -> Result<Running> {
-    wait_free(&FIXED_PORTS)?;
-    let mut child = pinned(cpu, binary)
+    spawn_queue(
+        pinned(cpu, binary),
+        cc,
+        Vec::new(),
+        &[PROXY_PORT, FIXED_PORTS[0], FIXED_PORTS[1]],
+        &format!("{what} ({})", binary.display()),
+        Stdio::null(),
+    )
+}
+
+/// Runs a queue-proxy through `launcher` (a pinned command of its binary) with only Knative's
+/// variables for containerConcurrency `cc`, overridden by `extra`; waits until its `ports`
+/// are free, then until it listens on them.
+fn spawn_queue(
+    mut launcher: Command,
+    cc: u32,
+    extra: Vec<(&'static str, String)>,
+    ports: &[u16],
+    what: &str,
+    stderr: Stdio,
+) -> Result<Running> {
+    wait_free(ports)?;
+    let mut child = launcher
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .envs(queue_env(cc))
+        .envs(extra)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
-        .with_context(|| format!("starting {what} ({})", binary.display()))?;
-    wait_ports(
-        &[PROXY_PORT, FIXED_PORTS[0], FIXED_PORTS[1]],
-        &mut child,
-        what,
-    )?;
+        .with_context(|| format!("starting {what}"))?;
+    wait_ports(ports, &mut child, what)?;
     Ok(Running { child })
+}
+
+/// The warning lines of a queue-proxy-ebpf log when `needle` (what a working kernel path
+/// logs) is not in it; `None` when it is.
+fn missing_in_log(log: &Path, needle: &str) -> Option<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if text.contains(needle) {
+        return None;
+    }
+    Some(
+        text.lines()
+            .filter(|l| l.contains("\"level\":\"warn\"") || l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Busy seconds so far (/proc/stat: all but idle and iowait) of core `cpu`, or of every core
+/// for `None`.
+fn busy_seconds(cpu: Option<u32>) -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let prefix = cpu.map_or_else(|| "cpu ".to_owned(), |c| format!("cpu{c} "));
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .with_context(|| format!("no {prefix}line in /proc/stat"))?;
+    // user nice system idle iowait irq softirq steal ...
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok((ticks.iter().sum::<f64>() - idle) / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// A cgroup of this bench run, `spright-bench-<name>-<pid>`; removed on drop (waiting briefly
+/// for its processes to leave it).
+struct BenchCgroup {
+    path: PathBuf,
+}
+
+impl BenchCgroup {
+    fn new(name: &str) -> Result<Self> {
+        let path = Path::new(spright_ebpf::DEFAULT_CGROUP_PATH)
+            .join(format!("spright-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("creating {} (cgroup v2, root)", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// CPU seconds per 10,000 requests (NaN without requests).
+fn per_10k(seconds: f64, requests: u64) -> f64 {
+    if requests == 0 {
+        return f64::NAN;
+    }
+    seconds / requests as f64 * 10_000.0
+}
+
+/// Warm-up before measuring `port`: connections, pools, page faults.
+fn warm_up(args: &QueueProxyBenchArgs, port: u16) -> Result<()> {
+    wrk(args.load_cpu, port, 4, 1).map(drop)
+}
+
+/// One wrk run of `args.duration` at `connections` against `port` (`name` in warnings), with
+/// `counters` (CPU seconds and the like) read right before and after: wrk's result and how
+/// much each counter grew.
+fn load(
+    args: &QueueProxyBenchArgs,
+    name: &str,
+    port: u16,
+    connections: u32,
+    counters: impl Fn() -> Result<Vec<f64>>,
+) -> Result<(WrkResult, Vec<f64>)> {
+    let before = counters()?;
+    let w = wrk(args.load_cpu, port, connections, args.duration)?;
+    let after = counters()?;
+    if w.errors > 0 {
+        eprintln!(
+            "warning: {name} at {connections} connections: {} errors",
+            w.errors
+        );
+    }
+    let grew = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    Ok((w, grew))
+}
+
+impl Row {
+    /// What wrk measured for `name` at `connections`; no CPU, memory or idle figures.
+    fn measured(name: &'static str, connections: u32, cc: u32, w: &WrkResult) -> Self {
+        Self {
+            name,
+            connections,
+            container_concurrency: cc,
+            rps: w.rps,
+            p50_us: w.p50_us,
+            p99_us: w.p99_us,
+            requests: w.requests,
+            cpu_s_per_10k: None,
+            rss_kb: None,
+            idle_cpu_s: None,
+        }
+    }
 }
 
 fn wrk(cpu: u32, port: u16, connections: u32, secs: u64) -> Result<WrkResult> {
@@ -233,31 +375,19 @@ fn measure(
     port: u16,
     proxy: Option<&Running>,
 ) -> Result<Vec<Row>> {
-    // Warm-up: connections, pools, page faults.
-    wrk(args.load_cpu, port, 4, 1)?;
+    warm_up(args, port)?;
     let mut rows = Vec::new();
     for &c in &args.connections {
-        let before = proxy.map(|p| cpu_seconds(p.pid())).transpose()?;
-        let w = wrk(args.load_cpu, port, c, args.duration)?;
-        let after = proxy.map(|p| cpu_seconds(p.pid())).transpose()?;
-        if w.errors > 0 {
-            eprintln!("warning: {name} at {c} connections: {} errors", w.errors);
-        }
-        let cpu = match (before, after) {
-            (Some(b), Some(a)) if w.requests > 0 => Some((a - b) / w.requests as f64 * 10_000.0),
-            _ => None,
-        };
+        let (w, cpu) = load(args, name, port, c, || {
+            proxy.map(|p| cpu_seconds(p.pid())).into_iter().collect()
+        })?;
         rows.push(Row {
-            name,
-            connections: c,
-            container_concurrency: cc,
-            rps: w.rps,
-            p50_us: w.p50_us,
-            p99_us: w.p99_us,
-            requests: w.requests,
-            cpu_s_per_10k: cpu,
+            cpu_s_per_10k: cpu
+                .first()
+                .filter(|_| w.requests > 0)
+                .map(|s| per_10k(*s, w.requests)),
             rss_kb: proxy.map(|p| peak_rss_kb(p.pid())).transpose()?,
-            idle_cpu_s: None,
+            ..Row::measured(name, c, cc, &w)
         });
     }
     Ok(rows)
