@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use spright_test_support::cgroup::{TestCgroup, program_ids};
-use spright_test_support::{Test, TestDir, bpftool, free_port, run_tests};
+use spright_test_support::{Test, TestDir, bpftool, free_port, run_ok, run_tests};
 
 const SERVING_PORT: u16 = 8080;
 /// Body size of `/big/<ms>`: many TCP segments.
@@ -105,15 +105,7 @@ fn run_all(filter: Option<&str>) -> ExitCode {
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e} (install iproute2)"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(cmd).args(args), "install iproute2");
 }
 
 /// An emulated pod: netns + veth pair + cgroup + an HTTP server inside both.
@@ -244,16 +236,11 @@ impl TestPod {
 
     /// GET from inside the pod's namespace; returns (status, body).
     fn fetch(&self, url: &str) -> (u16, String) {
-        let out = Command::new(std::env::current_exe().expect("exe"))
-            .args(["fetch", &self.netns, url])
-            .output()
-            .expect("spawn fetch");
-        assert!(
-            out.status.success(),
-            "fetch failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = run_ok(
+            Command::new(std::env::current_exe().expect("exe")).args(["fetch", &self.netns, url]),
+            "the test binary itself",
         );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = String::from_utf8_lossy(&out).into_owned();
         let (status, body) = text.split_once('\n').expect("status line");
         (status.parse().expect("status"), body.to_owned())
     }
@@ -325,9 +312,25 @@ impl Agent {
         serde_json::from_str(&body).expect("pods json")
     }
 
+    /// POST /v1/pods with `spec`; (status, body).
+    fn post_pod(&self, spec: &str) -> (u16, String) {
+        http(self.admin, "POST", "/v1/pods", Some(spec)).expect("register")
+    }
+
+    /// DELETE the pod's registration; the status.
+    fn unregister(&self, pod: &TestPod) -> u16 {
+        http(
+            self.admin,
+            "DELETE",
+            &format!("/v1/pods/{}", pod.name),
+            None,
+        )
+        .expect("delete")
+        .0
+    }
+
     fn register(&self, pod: &TestPod) -> (Vec<u64>, Vec<u64>) {
-        let (status, body) =
-            http(self.admin, "POST", "/v1/pods", Some(&pod.spec())).expect("register");
+        let (status, body) = self.post_pod(&pod.spec());
         assert_eq!(status, 201, "{body}");
         let info: serde_json::Value = serde_json::from_str(&body).expect("json");
         ids(&info)
@@ -671,10 +674,10 @@ fn agent_attaches_and_detaches_through_the_api() {
         );
     }
     // A second registration of the same pod is refused.
-    let (status, _) = http(agent.admin, "POST", "/v1/pods", Some(&pod.spec())).expect("post");
+    let (status, _) = agent.post_pod(&pod.spec());
     assert_eq!(status, 409);
     // Bad registrations get 400 with the reason.
-    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some("{\"name\":1}")).expect("post");
+    let (status, body) = agent.post_pod("{\"name\":1}");
     assert_eq!(status, 400, "{body}");
 
     // Only the pod itself reads its counters: a caller from the host is refused.
@@ -689,24 +692,10 @@ fn agent_attaches_and_detaches_through_the_api() {
     let own = counters(&agent, &pod);
     assert_eq!(own["pod"], pod.name.as_str());
 
-    let (status, body) = http(
-        agent.admin,
-        "DELETE",
-        &format!("/v1/pods/{}", pod.name),
-        None,
-    )
-    .expect("delete");
-    assert_eq!(status, 204, "{body}");
+    assert_eq!(agent.unregister(&pod), 204);
     assert_gone(&programs, &maps);
     assert_eq!(agent.pods().as_array().map(Vec::len), Some(0));
-    let (status, _) = http(
-        agent.admin,
-        "DELETE",
-        &format!("/v1/pods/{}", pod.name),
-        None,
-    )
-    .expect("delete");
-    assert_eq!(status, 404);
+    assert_eq!(agent.unregister(&pod), 404);
 }
 
 fn counters_match_a_known_load() {
@@ -1464,7 +1453,7 @@ fn event_driven_pod_through_the_agent() {
     pod.start_server();
     let agent = Agent::start(None);
     let spec = pod.spec().trim_end_matches('}').to_owned() + r#","mode":"event-driven"}"#;
-    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
+    let (status, body) = agent.post_pod(&spec);
     assert_eq!(status, 201, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).expect("json");
     let (programs, maps) = ids(&info);
@@ -1556,7 +1545,7 @@ fn kubelet_probes_from_the_node_reach_the_sidecar() {
     let (pod, agent) = serving_pod_and_agent();
     let spec = pod.spec().trim_end_matches('}').to_owned()
         + r#","mode":"event-driven","bypass":["node"]}"#;
-    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
+    let (status, body) = agent.post_pod(&spec);
     assert_eq!(status, 201, "{body}");
     let mut env = agent_env(&pod, agent.node_port);
     env.extend(event_driven_env());
@@ -1591,7 +1580,7 @@ fn kubelet_probes_from_the_node_reach_the_sidecar() {
 fn full_mode_pod_gets_the_loopback_redirect() {
     let (pod, agent) = serving_pod_and_agent();
     let spec = pod.spec().trim_end_matches('}').to_owned() + r#","mode":"full"}"#;
-    let (status, body) = http(agent.admin, "POST", "/v1/pods", Some(&spec)).expect("register");
+    let (status, body) = agent.post_pod(&spec);
     assert_eq!(status, 201, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).expect("json");
     let (programs, maps) = ids(&info);
@@ -1602,13 +1591,6 @@ fn full_mode_pod_gets_the_loopback_redirect() {
             "program {id} not in the kernel"
         );
     }
-    let (status, _) = http(
-        agent.admin,
-        "DELETE",
-        &format!("/v1/pods/{}", pod.name),
-        None,
-    )
-    .expect("delete");
-    assert_eq!(status, 204);
+    assert_eq!(agent.unregister(&pod), 204);
     assert_gone(&programs, &maps);
 }

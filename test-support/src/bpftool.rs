@@ -5,20 +5,14 @@ use std::process::Command;
 /// `bpftool -j <args>` as JSON; nothing printed (an empty list) is an empty array. Panics with
 /// bpftool's message when it fails.
 pub fn json(args: &[&str]) -> serde_json::Value {
-    let output = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .expect("run bpftool (apt-get install bpftool)");
-    assert!(
-        output.status.success(),
-        "bpftool {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = crate::run_ok(
+        Command::new("bpftool").arg("-j").args(args),
+        "apt-get install bpftool",
     );
-    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+    if stdout.iter().all(u8::is_ascii_whitespace) {
         return serde_json::Value::Array(Vec::new());
     }
-    serde_json::from_slice(&output.stdout).expect("bpftool JSON")
+    serde_json::from_slice(&stdout).expect("bpftool JSON")
 }
 
 /// Whether the kernel still has the program (`kind` "prog") or map ("map") with this id.

@@ -10,7 +10,7 @@ pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 const LOW: u32 = 20_000;
@@ -78,6 +78,20 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Runs `cmd` to its end and returns what it printed on stdout. Panics with `hint` (what to
+/// install) when it cannot be started, and with its stderr when it fails.
+pub fn run_ok(cmd: &mut Command, hint: &str) -> Vec<u8> {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e} ({hint})"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// A test of a `harness = false` test binary: its name and its body.

@@ -62,15 +62,11 @@ fn read(path: &Path) -> String {
 
 /// `openssl <args>` in `dir`; panics with openssl's message when it fails.
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl (Debian package openssl) makes the test certificates");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::run_ok(
+        std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args),
+        "Debian package openssl makes the test certificates",
     );
 }
 
