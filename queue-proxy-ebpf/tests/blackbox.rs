@@ -192,3 +192,61 @@ fn breaker_serves_in_arrival_order() {
     });
     assert_eq!(order, (0..8).collect::<Vec<_>>());
 }
+
+/// One connection that starts on the fast path (plain keep-alive requests) and then asks
+/// for a websocket upgrade: the connection is handed to hyper with the bytes already read,
+/// and the upgraded stream echoes. Not differential: the hand-over is ours alone.
+#[test]
+fn fast_path_hands_the_connection_to_hyper() {
+    let _g = port_lock();
+    let up = Upstream::start();
+    let p = start(Impl::Ours, &knative_env(up.port), None);
+    let port = p.ports.serving;
+    runtime().block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..2 {
+            s.write_all(b"GET /status?code=201 HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            got.clear();
+            while !got.ends_with(b"status 201") {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 201 Created\r\n"));
+        }
+        // The upgrade request and the first websocket bytes in one write.
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        got.clear();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 101 "),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+        s.write_all(b"ping").await.expect("write");
+        let mut echo = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(&echo, b"ping");
+    });
+}
