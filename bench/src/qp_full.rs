@@ -156,6 +156,23 @@ fn start_sidecar(
     Ok(running)
 }
 
+/// Starts `name`'s upstream nginx, then its queue-proxy-ebpf in front of it (in full mode when
+/// `full`, logging to `<name>.log` in `dir`), both inside `cgroup` when given.
+fn start_pod(
+    args: &QueueProxyBenchArgs,
+    ours: &Path,
+    dir: &Path,
+    name: &str,
+    ports: Ports,
+    cgroup: Option<&Path>,
+    full: bool,
+) -> Result<(Running, Running)> {
+    let upstream = start_upstream(args, dir, &format!("{name}-upstream"), ports, cgroup)?;
+    let log = dir.join(format!("{name}.log"));
+    let sidecar = start_sidecar(args, ours, ports, cgroup, full, &log)?;
+    Ok((upstream, sidecar))
+}
+
 /// One measurement: CPU seconds over the run.
 #[derive(Debug, Clone, PartialEq)]
 struct Sample {
@@ -214,35 +231,20 @@ fn measure(
 /// Measures userspace and full mode interleaved; returns the `ours-full-ebpf` rows for the
 /// queue-proxy table (medians over the rounds) and the detailed report.
 pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<Row>, String)> {
-    let user_up = start_upstream(args, dir, "userspace-upstream", USERSPACE, None)?;
-    let user = start_sidecar(args, ours, USERSPACE, None, false, &dir.join("u.log"))?;
+    let (user_up, user) = start_pod(args, ours, dir, "userspace", USERSPACE, None, false)?;
     let full_pod = BenchCgroup::new("full")?;
-    let full_up = start_upstream(args, dir, "full-upstream", FULL, Some(&full_pod.path))?;
-    let full = start_sidecar(
-        args,
-        ours,
-        FULL,
-        Some(&full_pod.path),
-        true,
-        &dir.join("f.log"),
-    )?;
+    let (full_up, full) = start_pod(args, ours, dir, "full", FULL, Some(&full_pod.path), true)?;
     let sockmap_pod = BenchCgroup::new("sockmap")?;
     let redirect = spright_ebpf::loopback::Loopback::attach(&sockmap_pod.path, &[SOCKMAP.upstream])
         .context("loading the loopback redirect (root, CAP_BPF, CAP_NET_ADMIN)")?;
-    let sockmap_up = start_upstream(
-        args,
-        dir,
-        "sockmap-upstream",
-        SOCKMAP,
-        Some(&sockmap_pod.path),
-    )?;
-    let sockmap = start_sidecar(
+    let (sockmap_up, sockmap) = start_pod(
         args,
         ours,
+        dir,
+        "sockmap",
         SOCKMAP,
         Some(&sockmap_pod.path),
         false,
-        &dir.join("s.log"),
     )?;
     let setups = [
         Setup {
