@@ -24,6 +24,15 @@ fn attach(cgroup: &TestCgroup, ports: &[u16]) -> Loopback {
         .unwrap_or_else(|e| panic!("attaching the loopback redirect failed: {e}"))
 }
 
+/// A test cgroup, a listener on 127.0.0.1 made inside it, and the redirect attached for the
+/// listener's port.
+fn redirected_listener(test: &str) -> (TestCgroup, TcpListener, Loopback) {
+    let cgroup = TestCgroup::new(test);
+    let listener = listener(&cgroup, "127.0.0.1:0");
+    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
+    (cgroup, listener, lb)
+}
+
 /// A connected pair: `client` made inside the cgroup, `server` accepted from a
 /// listener made inside it.
 struct Pair {
@@ -112,10 +121,7 @@ fn transfer(from: &TcpStream, to: &TcpStream, data: &[u8], chunk: usize) -> Vec<
 
 #[test]
 fn bytes_arrive_intact_both_ways_and_counters_equal_the_traffic() {
-    let cgroup = TestCgroup::new("lb-intact");
-    let listener = listener(&cgroup, "127.0.0.1:0");
-    let port = listener.local_addr().expect("addr").port();
-    let lb = attach(&cgroup, &[port]);
+    let (cgroup, listener, lb) = redirected_listener("lb-intact");
     let pair = connect_pair(&cgroup, &listener);
     wait_filed(&lb, 2);
 
@@ -212,9 +218,7 @@ fn ipv6_loopback_is_redirected_and_other_ports_are_not_touched() {
 
 #[test]
 fn msg_more_and_vectored_writes_are_delivered() {
-    let cgroup = TestCgroup::new("lb-more");
-    let listener = listener(&cgroup, "127.0.0.1:0");
-    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
+    let (cgroup, listener, lb) = redirected_listener("lb-more");
     let pair = connect_pair(&cgroup, &listener);
     wait_filed(&lb, 2);
 
@@ -256,9 +260,7 @@ fn msg_more_and_vectored_writes_are_delivered() {
 
 #[test]
 fn closed_and_reset_connections_do_not_hang_or_leak() {
-    let cgroup = TestCgroup::new("lb-close");
-    let listener = listener(&cgroup, "127.0.0.1:0");
-    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
+    let (cgroup, listener, lb) = redirected_listener("lb-close");
 
     // The server closes mid-stream: the reader of the client side sees EOF
     // after the bytes sent before the close; writes after it fail, never hang.
@@ -344,9 +346,7 @@ fn left_behind(ids: &spright_ebpf::loopback::LoopbackIds) -> Vec<String> {
 
 #[test]
 fn detach_keeps_unread_bytes_in_order_and_leaves_nothing_once_the_connection_closes() {
-    let cgroup = TestCgroup::new("lb-detach");
-    let listener = listener(&cgroup, "127.0.0.1:0");
-    let lb = attach(&cgroup, &[listener.local_addr().expect("addr").port()]);
+    let (cgroup, listener, lb) = redirected_listener("lb-detach");
     let ids = lb.ids().unwrap_or_else(|e| panic!("ids: {e}"));
     assert_eq!(ids.programs.len(), 2);
     let attached = program_ids(cgroup.path());
