@@ -55,7 +55,8 @@ pub struct BrokerBenchArgs {
     /// Concurrent closed-loop senders.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Paths to run (http, shm, chain-shm, chain-http, chain-stock).
+    /// Paths to run (http, shm, chain-shm, chain-http, chain-stock; also post: a bare POST
+    /// answered 202 at once, the floor of every path).
     #[arg(
         long,
         value_delimiter = ',',
@@ -75,6 +76,9 @@ pub struct BrokerBenchArgs {
     /// Log durability of broker-shm: append or msync.
     #[arg(long, default_value = "append")]
     pub durability: String,
+    /// Print where the paced events' time goes, stage by stage, for every path.
+    #[arg(long)]
+    pub stages: bool,
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -94,6 +98,9 @@ fn now_ns() -> u64 {
 /// Latencies and counts seen at the final step of a path.
 struct Stats {
     hist: Mutex<Histogram<u64>>,
+    /// From the ingress's receipt of the event (its handler has the decoded event) to the
+    /// last step: the "ingress-to-subscriber" latency, without the sender's own cost.
+    from_ingress: Mutex<Histogram<u64>>,
     count: AtomicU64,
     /// Events seen at the final step whether recording or not (to tell when a backlog is
     /// drained).
@@ -104,11 +111,8 @@ struct Stats {
 impl Stats {
     fn new() -> Arc<Stats> {
         Arc::new(Stats {
-            hist: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
-                    Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sigfigs is valid"))
-                }),
-            ),
+            hist: Mutex::new(micros()),
+            from_ingress: Mutex::new(micros()),
             count: AtomicU64::new(0),
             seen: AtomicU64::new(0),
             recording: AtomicBool::new(false),
@@ -123,12 +127,128 @@ impl Stats {
         let Some(sent) = sent.and_then(|s| s.parse::<u64>().ok()) else {
             return;
         };
-        let us = now_ns().saturating_sub(sent) / 1000;
+        let now = now_ns();
+        let us = now.saturating_sub(sent) / 1000;
         self.count.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut h) = self.hist.lock() {
             let _ = h.record(us.max(1));
         }
+        let at_ingress = ingress_times()
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&sent));
+        if let (Some(t), Ok(mut h)) = (at_ingress, self.from_ingress.lock()) {
+            let _ = h.record((now.saturating_sub(t) / 1000).max(1));
+        }
     }
+
+    fn reset(&self) {
+        for h in [&self.hist, &self.from_ingress] {
+            if let Ok(mut h) = h.lock() {
+                h.reset();
+            }
+        }
+        self.count.store(0, Ordering::Relaxed);
+    }
+}
+
+fn micros() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 sigfigs is valid"))
+    })
+}
+
+/// When each paced event (by its `benchsent`) first reached an ingress handler.
+fn ingress_times() -> &'static Mutex<std::collections::HashMap<u64, u64>> {
+    static TIMES: OnceLock<Mutex<std::collections::HashMap<u64, u64>>> = OnceLock::new();
+    TIMES.get_or_init(Mutex::default)
+}
+
+/// Per-stage times since the send (`benchsent`), keyed by event type and stage, recorded
+/// during the paced phase: where an event's time goes (broker-shm's probes plus the bench's
+/// own marks at the functions, subscribers, channel and the 202).
+struct Stages {
+    /// The paced phase is on (arrivals at the ingress are noted).
+    on: AtomicBool,
+    /// `--stages`: also record every stage.
+    detail: AtomicBool,
+    hists: Mutex<std::collections::BTreeMap<String, Histogram<u64>>>,
+}
+
+fn stages() -> &'static Stages {
+    static STAGES: OnceLock<Stages> = OnceLock::new();
+    STAGES.get_or_init(|| Stages {
+        on: AtomicBool::new(false),
+        detail: AtomicBool::new(false),
+        hists: Mutex::new(std::collections::BTreeMap::new()),
+    })
+}
+
+/// Records that an event sent at `sent` (the `benchsent` value) reached `stage`.
+fn mark_sent(stage: &str, ty: &str, sent: Option<&str>) {
+    let s = stages();
+    if !s.on.load(Ordering::Relaxed) || !s.detail.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(sent) = sent.and_then(|v| v.parse::<u64>().ok()) else {
+        return;
+    };
+    let ns = now_ns().saturating_sub(sent).max(1);
+    if let Ok(mut h) = s.hists.lock() {
+        let h = h.entry(format!("{ty:<9} {stage}")).or_insert_with(|| {
+            Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+        });
+        let _ = h.record(ns);
+    }
+}
+
+/// The probe broker-shm calls at each of its stages (both ingresses mark
+/// `ingress.decoded`, which starts the ingress-to-last-step latency).
+fn mark(stage: &'static str, ev: &CloudEvent) {
+    if stage == "ingress.decoded"
+        && stages().on.load(Ordering::Relaxed)
+        && let Some(sent) = ev.get("benchsent").and_then(|v| v.parse::<u64>().ok())
+        && let Ok(mut m) = ingress_times().lock()
+    {
+        // A reply re-entering the ingress keeps the first arrival.
+        m.entry(sent).or_insert_with(now_ns);
+    }
+    mark_sent(stage, ev.get("type").unwrap_or("?"), ev.get("benchsent"));
+}
+
+/// Prints the stage breakdown recorded since the last call, in order of median time.
+fn print_stages(name: &str) {
+    let Ok(mut hists) = stages().hists.lock() else {
+        return;
+    };
+    if hists.is_empty() {
+        return;
+    }
+    let mut rows: Vec<(u64, u64, u64, &String)> = hists
+        .iter()
+        .map(|(k, h)| {
+            (
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.9),
+                h.len(),
+                k,
+            )
+        })
+        .collect();
+    rows.sort();
+    println!("{name}: time since send, per stage (p50 / p90 us, samples)");
+    let mut prev = 0;
+    for (p50, p90, n, k) in rows {
+        println!(
+            "  {k:<40} {:>8.1} {:>8.1}  (+{:>6.1})  {n}",
+            p50 as f64 / 1000.0,
+            p90 as f64 / 1000.0,
+            p50.saturating_sub(prev) as f64 / 1000.0
+        );
+        prev = p50;
+    }
+    hists.clear();
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {
@@ -210,6 +330,7 @@ async fn http_subscriber(
             let Ok(ev) = CloudEvent::from_http(&parts.headers, body) else {
                 return resp(StatusCode::BAD_REQUEST);
             };
+            mark("subscriber.received", &ev);
             match next_type {
                 None => {
                     stats.record_sent(ev.get("benchsent"));
@@ -247,6 +368,7 @@ fn shm_function(
             let _ = f.run(|event| {
                 let ev = CloudEvent::from_structured(event.payload())
                     .map_err(|e| spright_core::sdk::Reject::bad_request(e.to_string()))?;
+                mark("fn.received", &ev);
                 match next_type {
                     None => {
                         stats.record_sent(ev.get("benchsent"));
@@ -357,6 +479,12 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
+            let hv = |k: &str| parts.headers.get(k).and_then(|v| v.to_str().ok());
+            mark_sent(
+                "channel.received",
+                hv("ce-type").unwrap_or("?"),
+                hv("ce-benchsent"),
+            );
             // Like the IMC dispatcher's fan-out: every subscription at once.
             for sub in subs {
                 let (c, reply_to, headers, body) = (
@@ -419,14 +547,16 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
     Ok(ingress_url)
 }
 
-/// Closed-loop load against `url`; returns the row measured at `stats`.
+/// Closed-loop load against `url`; returns the row measured at `stats` (from the sender's
+/// timestamp) and, when the path has a probed ingress, the same paced events measured from
+/// the ingress's receipt.
 async fn load(
     name: &str,
     url: &str,
     first_type: &str,
     stats: Arc<Stats>,
     args: &BrokerBenchArgs,
-) -> Row {
+) -> Vec<Row> {
     let stop = Arc::new(AtomicBool::new(false));
     let seq = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -483,10 +613,10 @@ async fn load(
             break;
         }
     }
-    if let Ok(mut h) = stats.hist.lock() {
-        h.reset();
+    stats.reset();
+    if let Ok(mut m) = ingress_times().lock() {
+        m.clear();
     }
-    stats.count.store(0, Ordering::Relaxed);
     stats.recording.store(true, Ordering::Relaxed);
     let c = client();
     // Time to the ingress's 202 of the same paced events (the stock ingress answers once the
@@ -498,6 +628,10 @@ async fn load(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let paced_end = Instant::now() + Duration::from_secs_f64(args.latency_seconds.max(0.1));
     let mut n = 0u64;
+    if let Ok(mut h) = stages().hists.lock() {
+        h.clear();
+    }
+    stages().on.store(true, Ordering::Relaxed);
     while Instant::now() < paced_end {
         tick.tick().await;
         n += 1;
@@ -510,12 +644,17 @@ async fn load(
         tokio::spawn(async move {
             let sent = now_ns().to_string();
             if send_one(&c, &url, &format!("p{n}"), &ty).await == Some(StatusCode::ACCEPTED) {
+                mark_sent("ingress 202 at sender", &ty, Some(&sent));
                 acks.record_sent(Some(&sent));
             }
         });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stats.recording.store(false, Ordering::Relaxed);
+    stages().on.store(false, Ordering::Relaxed);
+    if args.stages {
+        print_stages(name);
+    }
     if let Ok(h) = stats.hist.lock()
         && !h.is_empty()
     {
@@ -546,8 +685,20 @@ async fn load(
     if errs > 0 {
         eprintln!("{name}: {errs} sends not accepted");
     }
-    row
+    let mut rows = vec![row];
+    if let Ok(h) = stats.from_ingress.lock()
+        && !h.is_empty()
+    {
+        let mut r = Row::named(format!("{name} {FROM_INGRESS}"));
+        r.p50_us = Some(h.value_at_quantile(0.5) as f64);
+        r.p99_us = Some(h.value_at_quantile(0.99) as f64);
+        rows.push(r);
+    }
+    rows
 }
+
+/// Suffix of the rows measured from the ingress's receipt instead of the sender.
+const FROM_INGRESS: &str = "[from ingress]";
 
 async fn send_one(
     c: &Client<HttpConnector, Full<Bytes>>,
@@ -580,6 +731,8 @@ pub fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
 
 async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
     start();
+    broker_shm::probe::install(mark);
+    stages().detail.store(args.stages, Ordering::Relaxed);
     let tmp = std::env::temp_dir().join(format!("spright-bench-broker-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let durability: Durability = args.durability.parse().map_err(anyhow::Error::msg)?;
@@ -624,12 +777,40 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         ..Sinks::default()
     };
 
+    if want("post") {
+        // The floor of every path: one POST to a server that answers 202 at once.
+        let stats = Stats::new();
+        let st = stats.clone();
+        let port = serve_fn(move |req: Request<Incoming>| {
+            let st = st.clone();
+            async move {
+                let sent = req
+                    .headers()
+                    .get("ce-benchsent")
+                    .and_then(|v| v.to_str().ok());
+                st.record_sent(sent);
+                resp(StatusCode::ACCEPTED)
+            }
+        })
+        .await?;
+        let url = format!("http://127.0.0.1:{port}/bench/default");
+        rows.extend(
+            load(
+                "bare HTTP POST (202 at once)",
+                &url,
+                "bench.in",
+                stats,
+                &args,
+            )
+            .await,
+        );
+    }
     if want("http") {
         let stats = Stats::new();
         let port = http_subscriber(None, stats.clone()).await?;
         let yaml = format!("{BROKER}---\n{}", trigger("t", "bench.in", &uri(port)));
         let (url, _rt) = broker_shm(&yaml, &tmp.join("http"), durability, Sinks::default()).await?;
-        rows.push(
+        rows.extend(
             load(
                 "broker-shm -> HTTP subscriber",
                 &url,
@@ -646,7 +827,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
             trigger("t", "bench.in", &function_ref("fb"))
         );
         let (url, _rt) = broker_shm(&yaml, &tmp.join("shm"), durability, shm_sinks()).await?;
-        rows.push(
+        rows.extend(
             load(
                 "broker-shm -> shm function",
                 &url,
@@ -665,7 +846,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
             trigger("t3", "chain.s3", &function_ref("f3")),
         );
         let (url, _rt) = broker_shm(&yaml, &tmp.join("chain-shm"), durability, shm_sinks()).await?;
-        rows.push(
+        rows.extend(
             load(
                 "3-step chain, broker-shm + shm",
                 &url,
@@ -689,7 +870,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         );
         let (url, _rt) =
             broker_shm(&yaml, &tmp.join("chain-http"), durability, Sinks::default()).await?;
-        rows.push(
+        rows.extend(
             load(
                 "3-step chain, broker-shm + HTTP",
                 &url,
@@ -712,7 +893,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
             trigger("t3", "chain.s3", &uri(p3)),
         );
         let url = stock_topology(&triggers).await?;
-        rows.push(
+        rows.extend(
             load(
                 "3-step chain, stock topology",
                 &url,
@@ -725,7 +906,24 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
     }
 
     print!("{}", table(&rows));
-    let find = |n: &str| rows.iter().find(|r| r.name.starts_with(n));
+    let find = |n: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(n) && !r.name.ends_with(FROM_INGRESS))
+    };
+    let from_ingress = |n: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(n) && r.name.ends_with(FROM_INGRESS))
+            .and_then(|r| r.p50_us)
+    };
+    if let (Some(a), Some(b)) = (
+        from_ingress("3-step chain, broker-shm + shm"),
+        from_ingress("3-step chain, stock"),
+    ) {
+        println!(
+            "chain p50 latency from the ingress's receipt, shm / stock topology: {:.3}",
+            a / b.max(1e-9)
+        );
+    }
     if let (Some(shm), Some(stock)) = (
         find("3-step chain, broker-shm + shm"),
         find("3-step chain, stock"),

@@ -160,6 +160,7 @@ impl BrokerState {
             }
             other => other?,
         };
+        crate::probe::mark("log.appended", ev);
         let cores = self
             .cores
             .read()
@@ -569,6 +570,7 @@ impl TriggerCore {
         }
         p.inflight.insert(start);
         drop(p);
+        crate::probe::mark("trigger.matched", ev);
         self.deliver(start, ev.clone());
     }
 
@@ -689,6 +691,7 @@ impl TriggerCore {
             let ev2 = ev.clone();
             let ttl2 = ttl.clone();
             let done: Done = Box::new(move |attempt: Attempt| {
+                crate::probe::mark("reply.received", &ev2);
                 if attempt.is_success()
                     && let Ok(reply) = attempt.reply()
                 {
@@ -699,7 +702,10 @@ impl TriggerCore {
                 }
             });
             match shm.start(&self.trigger.subscriber, &ev, &self.send_options(), done) {
-                Ok(()) => return,
+                Ok(()) => {
+                    crate::probe::mark("descriptor.sent", &ev);
+                    return;
+                }
                 Err(_) => return self.spawn(off, ev, ttl, None),
             }
         }

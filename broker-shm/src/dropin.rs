@@ -113,6 +113,7 @@ async fn ingress_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         Ok(ev) => ev,
         Err(e) => return respond(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
+    crate::probe::mark("ingress.decoded", &ev);
     if let Err(IngestError::TtlExhausted) = apply_ingress_extensions(&mut ev, state.max_ttl) {
         return respond(StatusCode::BAD_REQUEST, Bytes::new());
     }

@@ -132,6 +132,7 @@ async fn handle_event(rt: &Arc<Runtime>, ns: &str, name: &str, req: Request<Inco
             return respond(StatusCode::BAD_REQUEST, format!("{e}\n"));
         }
     };
+    crate::probe::mark("ingress.decoded", &ev);
     match rt.ingest(ns, name, ev) {
         Ok(_) => respond(StatusCode::ACCEPTED, Bytes::new()),
         Err(e) => {

@@ -11,4 +11,5 @@ pub mod ingress;
 pub mod log;
 pub mod manifests;
 pub mod metrics;
+pub mod probe;
 pub mod shm;

@@ -258,7 +258,14 @@ impl ShmDataplane {
     }
 
     /// Sends `payload` to `function`; `done` gets the answer (or the failure) exactly once.
-    fn begin(&self, function: &str, payload: &[u8], timeout: Duration, done: Done) {
+    fn begin(
+        &self,
+        function: &str,
+        payload: &[u8],
+        timeout: Duration,
+        done: Done,
+        probe: Option<&CloudEvent>,
+    ) {
         let routing = self.host.routing();
         let Some(fid) = routing.id(function) else {
             return done(Attempt::failed(format!(
@@ -301,6 +308,9 @@ impl ShmDataplane {
                 calls.armed = Some(deadline);
                 self.timeouts.notify_one();
             }
+        }
+        if let Some(ev) = probe {
+            crate::probe::mark("shm.slot_written", ev);
         }
         let failure = match slot.send_to(fid) {
             Ok(desc) => match self.host.endpoint().send(&desc) {
@@ -360,6 +370,7 @@ impl Sink for ShmDataplane {
                 Box::new(move |a| {
                     let _ = tx.send(a);
                 }),
+                None,
             );
             rx.await
                 .unwrap_or_else(|_| Attempt::failed("the dataplane dropped the event"))
@@ -380,11 +391,14 @@ impl Sink for ShmDataplane {
         if self.must_not_send_here(name) {
             return Err(done);
         }
+        let payload = event.to_structured();
+        crate::probe::mark("shm.encoded", event);
         self.begin(
             name,
-            &event.to_structured(),
+            &payload,
             opts.timeout.unwrap_or(DEFAULT_TIMEOUT),
             done,
+            Some(event),
         );
         Ok(())
     }
