@@ -16,8 +16,8 @@
 //! A pod is unregistered when it is deleted or leaves the Running phase; a changed pod is
 //! re-attached. The agent needs RBAC to get, list and watch Pods.
 //!
-//! Not tested against a real API server: none runs where this was written. The translation
-//! from Pod to [`PodSpec`] and the cgroup lookup are unit-tested.
+//! The translation from Pod to [`PodSpec`] and the cgroup lookup are unit-tested. No API server
+//! runs in CI; the watch was run by hand against a real kube-apiserver (see the README).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -264,7 +264,7 @@ impl Registry {
             listeners_at_attach,
         };
         let info = info(&pod);
-        tracing::info!(pod = %pod.spec.name, cgroup = %pod.cgroup.display(), mode = ?pod.spec.mode, port = pod.spec.counted_port(), "attached request accounting");
+        tracing::info!(pod = %pod.spec.name, cgroup = %pod.cgroup.display(), mode = %pod.spec.mode, port = pod.spec.counted_port(), "attached request accounting");
         pods.insert(pod.spec.name.clone(), pod);
         Ok(info)
     }

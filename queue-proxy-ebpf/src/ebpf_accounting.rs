@@ -287,7 +287,19 @@ pub fn select_with_load(
 ) -> (Arc<dyn RequestAccounting>, Option<crate::drain::LoadProbe>) {
     let source: Result<Arc<dyn CounterSource>, (String, String)> = match mode {
         Mode::Userspace => return (Arc::new(WindowedStats::new(start)), None),
-        Mode::Agent(addr) => Ok(Arc::new(AgentSource::new(*addr))),
+        Mode::Agent(addr) => {
+            // In a cluster the agent registers the pod only once the pod runs, after this
+            // process started: until the agent answers, userspace accounting stands in.
+            let source: Arc<dyn CounterSource> = Arc::new(AgentSource::new(*addr));
+            let (accounting, error) = KernelAccounting::waiting(Arc::clone(&source), start);
+            match error {
+                None => tracing::info!(mode = ?mode, "request accounting in the kernel"),
+                Some(error) => {
+                    tracing::warn!(source = %source.describe(), %error, "kernel request counters unavailable: falling back to userspace accounting until the agent answers (it registers the pod once the pod runs)");
+                }
+            }
+            return (Arc::new(accounting), Some(load_probe(source)));
+        }
         Mode::Standalone(cgroup) => LocalSource::attach(cgroup.as_deref(), user_port)
             .map(|s| Arc::new(s) as Arc<dyn CounterSource>)
             .map_err(|e| ("programs loaded by this process".to_owned(), e)),
@@ -341,16 +353,31 @@ impl<S: CounterSource> KernelAccounting<S> {
     /// Takes the first sample now; fails (so the caller falls back) if the
     /// source cannot be read.
     pub fn new(source: S, start: Instant) -> Result<Self, String> {
-        let first = source.read()?;
-        Ok(Self {
+        match Self::waiting(source, start) {
+            (k, None) => Ok(k),
+            (_, Some(error)) => Err(error),
+        }
+    }
+
+    /// Like [`Self::new`], but a source that cannot be read yet is not final: userspace
+    /// accounting answers until a read succeeds (each scrape tries again). Returns why the
+    /// first read failed, if it did.
+    pub fn waiting(source: S, start: Instant) -> (Self, Option<String>) {
+        let (previous, error) = match source.read() {
+            Ok(first) => (Some((Instant::now(), first)), None),
+            Err(e) => (None, Some(e)),
+        };
+        let k = Self {
             source,
             start,
             fallback: WindowedStats::new(start),
             state: Mutex::new(State {
-                previous: Some((Instant::now(), first)),
-                ..State::default()
+                previous,
+                last: None,
+                failing: error.is_some(),
             }),
-        })
+        };
+        (k, error)
     }
 }
 
@@ -387,7 +414,8 @@ impl<S: CounterSource> RequestAccounting for KernelAccounting<S> {
                     s.last = Some(report);
                 }
                 s.previous = Some((now, sample));
-                s.last
+                // The first read after a wait has nothing to compare with yet.
+                s.last.or_else(|| self.fallback.snapshot(now))
             }
             Err(error) => {
                 if !s.failing {
@@ -531,6 +559,34 @@ mod tests {
             .unwrap();
         assert_eq!(r.request_count, 0.0);
         assert!(KernelAccounting::new(Scripted(Mutex::new(vec![Err("no".into())])), t0).is_err());
+    }
+
+    #[test]
+    fn an_agent_that_answers_late_takes_over_from_userspace() {
+        let t0 = Instant::now();
+        let sample = |s: u64, arrivals| Sample {
+            now_ns: s * 1_000_000_000,
+            arrivals,
+            ..Sample::default()
+        };
+        let source = Scripted(Mutex::new(vec![
+            Err("agent answered 403: no pod on this node has address 10.0.0.2".into()),
+            Err("still not registered".into()),
+            Ok(sample(5, 0)),
+            Ok(sample(6, 7)),
+        ]));
+        let (acc, error) = KernelAccounting::waiting(source, t0);
+        assert!(error.is_some_and(|e| e.contains("403")));
+        acc.arrival(false, t0);
+        // Not registered yet: the userspace window answers (one arrival, in flight).
+        let r = acc.snapshot(t0 + Duration::from_secs(2)).unwrap();
+        assert!(r.average_concurrency > 0.0);
+        // First good read: nothing to compare with yet, userspace still answers.
+        let r = acc.snapshot(t0 + Duration::from_secs(3)).unwrap();
+        assert!(r.average_concurrency > 0.0);
+        // From then on the kernel's counters: 7 arrivals in 1 s.
+        let r = acc.snapshot(t0 + Duration::from_secs(4)).unwrap();
+        assert!((r.request_count - 7.0).abs() < 1e-9, "{r:?}");
     }
 
     #[test]
