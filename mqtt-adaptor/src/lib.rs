@@ -9,6 +9,7 @@
 pub mod cloudevent;
 pub mod config;
 pub mod embedded;
+pub mod h1;
 pub mod mapping;
 pub mod metrics;
 pub mod mqtt;

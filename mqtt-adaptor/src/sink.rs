@@ -6,11 +6,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 use crate::cloudevent::{CloudEvent, STRUCTURED_CONTENT_TYPE};
 use crate::config::Format;
+use crate::h1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -79,7 +78,7 @@ pub struct H1Target {
     /// `Host` header value.
     host: http::HeaderValue,
     /// Origin-form request target (path and query).
-    path: http::Uri,
+    path: String,
 }
 
 impl H1Target {
@@ -98,32 +97,133 @@ impl H1Target {
         Some(H1Target {
             connect: format!("{}:{port}", authority.host()),
             host: http::HeaderValue::from_str(authority.as_str()).ok()?,
-            path: path.parse().ok()?,
+            path: path.to_owned(),
         })
     }
 }
 
-/// One delivery worker's keep-alive HTTP/1.1 connection to an [`H1Target`].
+/// One delivery worker's keep-alive HTTP/1.1 connection to an [`H1Target`], driven by the
+/// worker's own task (see [`crate::h1`]).
 #[derive(Debug, Default)]
 pub struct SinkConn {
-    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    stream: Option<tokio::net::TcpStream>,
+    /// The encoded request.
+    out: Vec<u8>,
+    /// Response bytes read and not yet consumed.
+    buf: bytes::BytesMut,
+}
+
+/// Why one request/response exchange failed.
+enum Exchange {
+    /// The reused connection was closed before any byte of a response: send again on a
+    /// fresh one.
+    Stale(String),
+    Failed(String),
 }
 
 impl SinkConn {
-    async fn open(
-        t: &H1Target,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    async fn open(t: &H1Target) -> Result<tokio::net::TcpStream, String> {
         let stream = tokio::net::TcpStream::connect(&t.connect)
             .await
             .map_err(|e| format!("connect {}: {e}", t.connect))?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake with {}: {e}", t.connect))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        Ok(stream)
+    }
+
+    /// Writes the encoded request and reads its response: the status and the first bytes of
+    /// the body. Leaves `stream` as `None` when the connection cannot be reused.
+    async fn exchange(&mut self) -> Result<(StatusCode, Bytes), Exchange> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Exchange::Failed("no connection".into()));
+        };
+        // Responses are never pipelined: anything left over is not ours.
+        self.buf.clear();
+        if let Err(e) = stream.write_all(&self.out).await {
+            self.stream = None;
+            return Err(Exchange::Stale(format!("write: {e}")));
+        }
+        let head = loop {
+            match h1::parse_head(&self.buf) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(e) => {
+                    self.stream = None;
+                    return Err(Exchange::Failed(e.to_string()));
+                }
+            }
+            match stream.read_buf(&mut self.buf).await {
+                Ok(n) if n > 0 => {}
+                Ok(_) if self.buf.is_empty() => {
+                    self.stream = None;
+                    return Err(Exchange::Stale("connection closed".into()));
+                }
+                Ok(_) => {
+                    self.stream = None;
+                    return Err(Exchange::Failed("connection closed mid-response".into()));
+                }
+                Err(e) if self.buf.is_empty() => {
+                    self.stream = None;
+                    return Err(Exchange::Stale(format!("read: {e}")));
+                }
+                Err(e) => {
+                    self.stream = None;
+                    return Err(Exchange::Failed(format!("read: {e}")));
+                }
+            }
+        };
+        let status = StatusCode::from_u16(head.status)
+            .map_err(|_| Exchange::Failed(format!("bad status {}", head.status)))?;
+        let mut keep = Vec::new();
+        let mut reusable = !head.close;
+        // Read the body so the connection can carry the next request; a body too large to
+        // be worth it (or delimited by close) ends the connection once the status is known.
+        loop {
+            let body = &self.buf[head.head_len..];
+            let done = match head.body {
+                h1::BodyLen::Empty => true,
+                h1::BodyLen::Length(n) if n > h1::MAX_BODY => {
+                    reusable = false;
+                    true
+                }
+                h1::BodyLen::Length(n) => body.len() >= n,
+                h1::BodyLen::Chunked => match h1::chunked_len(body, &mut keep) {
+                    Ok(Some(_)) => true,
+                    Ok(None) if body.len() > h1::MAX_BODY => {
+                        reusable = false;
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(_) => {
+                        reusable = false;
+                        true
+                    }
+                },
+                h1::BodyLen::UntilClose => {
+                    reusable = false;
+                    body.len() > h1::MAX_BODY
+                }
+            };
+            if done {
+                break;
+            }
+            match stream.read_buf(&mut self.buf).await {
+                Ok(n) if n > 0 => {}
+                Ok(_) if head.body == h1::BodyLen::UntilClose => break,
+                _ => {
+                    reusable = false;
+                    break;
+                }
+            }
+        }
+        if keep.is_empty() {
+            let body = &self.buf[head.head_len..];
+            keep.extend_from_slice(&body[..body.len().min(h1::KEEP_BODY)]);
+        }
+        if !reusable {
+            self.stream = None;
+        }
+        Ok((status, Bytes::from(keep)))
     }
 }
 
@@ -172,7 +272,7 @@ impl SinkClient {
         match tokio::time::timeout(self.timeout, self.post_h1_once(conn, t, ev)).await {
             Ok(a) => a,
             Err(_) => {
-                conn.sender = None;
+                conn.stream = None;
                 Attempt::Retry(format!(
                     "sink request timed out after {} s",
                     self.timeout.as_secs()
@@ -181,11 +281,12 @@ impl SinkClient {
         }
     }
 
-    fn h1_request(&self, t: &H1Target, ev: &CloudEvent) -> http::Request<Full<Bytes>> {
+    /// Encodes the request for `ev` into the connection's buffer.
+    fn encode_h1(&self, conn: &mut SinkConn, t: &H1Target, ev: &CloudEvent) {
         let (mut headers, body) = match self.format {
             Format::Binary => (ev.binary_headers(), ev.data.clone().unwrap_or_default()),
             Format::Structured => {
-                let mut h = http::HeaderMap::with_capacity(3);
+                let mut h = http::HeaderMap::with_capacity(2);
                 h.insert(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static(STRUCTURED_CONTENT_TYPE),
@@ -193,62 +294,35 @@ impl SinkClient {
                 (h, Bytes::from(ev.to_json()))
             }
         };
-        headers.insert(http::header::HOST, t.host.clone());
         if let Some(token) = self.token.get()
             && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {token}"))
         {
             headers.insert(http::header::AUTHORIZATION, v);
         }
-        let mut req = http::Request::new(Full::new(body));
-        *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = t.path.clone();
-        *req.headers_mut() = headers;
-        req
+        h1::encode_request(&mut conn.out, &t.path, t.host.as_bytes(), &headers, &body);
     }
 
     async fn post_h1_once(&self, conn: &mut SinkConn, t: &H1Target, ev: &CloudEvent) -> Attempt {
-        let mut req = self.h1_request(t, ev);
-        let mut fresh = false;
-        let resp = loop {
-            let sender = match &mut conn.sender {
-                Some(s) if !s.is_closed() => s,
-                _ => {
-                    fresh = true;
-                    match SinkConn::open(t).await {
-                        Ok(s) => conn.sender.insert(s),
-                        Err(e) => return Attempt::Retry(format!("sink request failed: {e}")),
-                    }
-                }
-            };
-            if sender.ready().await.is_err() {
-                conn.sender = None;
-                if fresh {
-                    return Attempt::Retry("sink request failed: connection closed".into());
-                }
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => break resp,
-                Err(mut e) => {
-                    conn.sender = None;
-                    match e.take_message() {
-                        Some(r) if !fresh => req = r,
-                        _ => {
-                            return Attempt::Retry(format!(
-                                "sink request failed: {}",
-                                e.into_error()
-                            ));
-                        }
-                    }
+        self.encode_h1(conn, t, ev);
+        let mut resent = false;
+        loop {
+            let fresh = conn.stream.is_none();
+            if fresh {
+                match SinkConn::open(t).await {
+                    Ok(s) => conn.stream = Some(s),
+                    Err(e) => return Attempt::Retry(format!("sink request failed: {e}")),
                 }
             }
-        };
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-        if body.is_err() {
-            conn.sender = None;
+            match conn.exchange().await {
+                Ok((status, body)) => return classify(status, body),
+                // A keep-alive connection the sink closed while idle: once more on a fresh
+                // one (at worst a duplicate, which at-least-once allows).
+                Err(Exchange::Stale(_)) if !fresh && !resent => resent = true,
+                Err(Exchange::Stale(e) | Exchange::Failed(e)) => {
+                    return Attempt::Retry(format!("sink request failed: {e}"));
+                }
+            }
         }
-        classify(status, body.unwrap_or_default())
     }
 
     /// One POST of `ev` to `url`.
