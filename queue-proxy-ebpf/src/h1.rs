@@ -19,9 +19,13 @@ use crate::health::{ACTIVATOR_UA, AUTOSCALING_UA, KUBE_PROBE_UA_PREFIX};
 pub const MAX_FAST_BODY: usize = 64 * 1024;
 /// Largest request head the fast path parses; bigger ones go to hyper (which allows 1 MiB).
 pub const MAX_FAST_HEAD: usize = 16 * 1024;
-/// Largest response head accepted from the user container on the fast path.
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Largest response head accepted from the user container: the hyper path's limit (Go's
+/// `DefaultMaxHeaderBytes` plus its slack, `server::MAX_HEADER_BYTES`).
+pub const MAX_RESPONSE_HEAD: usize = (1 << 20) + 4096;
+/// Headers parsed on the stack; a request with more goes to hyper.
 const MAX_HEADERS: usize = 64;
+/// Most response headers accepted, as on the hyper path (`server::MAX_HEADERS`).
+const MAX_RESPONSE_HEADERS: usize = 256;
 
 /// Hop-by-hop headers (Go's `hopHeaders`), removed in both directions.
 const HOP_BY_HOP: [&str; 9] = [
@@ -307,9 +311,26 @@ pub enum ParsedResponse {
 pub fn parse_response(buf: &[u8], head_method: bool) -> Result<ParsedResponse, ResponseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
+    match resp.parse(buf) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut more = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut more);
+            let parsed = resp.parse(buf);
+            response_from(&resp, parsed, buf.len(), head_method)
+        }
+        parsed => response_from(&resp, parsed, buf.len(), head_method),
+    }
+}
+
+fn response_from(
+    resp: &httparse::Response<'_, '_>,
+    parsed: httparse::Result<usize>,
+    buf_len: usize,
+    head_method: bool,
+) -> Result<ParsedResponse, ResponseError> {
+    let head_len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {
+        Ok(httparse::Status::Partial) if buf_len < MAX_RESPONSE_HEAD => {
             return Ok(ParsedResponse::Partial);
         }
         _ => return Err(ResponseError::Malformed),
@@ -652,6 +673,26 @@ mod tests {
         assert_eq!(
             parse_response(b"HTTP/1.1 200", false),
             Ok(ParsedResponse::Partial)
+        );
+        // More headers than the stack holds, as many as the hyper path takes.
+        let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let r = response(
+            &format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 0\r\n\r\n"),
+            false,
+        );
+        assert_eq!(r.framing, Framing::Length(0));
+        assert!(
+            String::from_utf8(r.out)
+                .expect("utf8")
+                .contains("x-h199: v\r\n")
+        );
+        let too_many: String = (0..300).map(|i| format!("x-h{i}: v\r\n")).collect();
+        assert_eq!(
+            parse_response(
+                format!("HTTP/1.1 200 OK\r\n{too_many}\r\n").as_bytes(),
+                false
+            ),
+            Err(ResponseError::Malformed)
         );
     }
 
