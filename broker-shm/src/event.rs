@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use std::collections::BTreeMap;
 
 /// Knative's broker TTL extension.
@@ -220,33 +220,49 @@ impl CloudEvent {
         Ok(ev)
     }
 
-    /// Serializes to the JSON event format.
+    /// Serializes to the JSON event format. Written straight into one buffer (members in
+    /// name order): JSON data is embedded as it came once it parses as JSON, without building
+    /// a value tree (this runs once per shared-memory delivery).
     pub fn to_structured(&self) -> Vec<u8> {
-        let mut obj = Map::new();
-        for (k, v) in &self.attrs {
-            obj.insert(k.clone(), Json::String(v.clone()));
-        }
-        if let Some(d) = &self.data {
-            let json_data = if is_json_type(self.get("datacontenttype")) {
-                serde_json::from_slice::<Json>(d).ok()
+        let data_len = self.data.as_ref().map_or(0, |d| d.len() * 4 / 3 + 16);
+        let attrs_len: usize = self.attrs.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let mut out = Vec::with_capacity(2 + attrs_len + data_len);
+        let data = self.data.as_ref().map(|d| {
+            let json = is_json_type(self.get("datacontenttype"));
+            if json && serde_json::from_slice::<serde::de::IgnoredAny>(d).is_ok() {
+                ("data", Data::Raw(d))
             } else {
-                None
-            };
-            match json_data {
-                Some(j) => {
-                    obj.insert("data".into(), j);
+                match std::str::from_utf8(d) {
+                    Ok(s) if !json => ("data", Data::Text(s)),
+                    _ => ("data_base64", Data::Base64(d)),
                 }
-                None => match std::str::from_utf8(d) {
-                    Ok(s) if !is_json_type(self.get("datacontenttype")) => {
-                        obj.insert("data".into(), Json::String(s.to_string()));
-                    }
-                    _ => {
-                        obj.insert("data_base64".into(), Json::String(B64.encode(d)));
-                    }
-                },
             }
+        });
+        out.push(b'{');
+        let mut first = true;
+        let mut member = |out: &mut Vec<u8>, name: &str| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            json_string(out, name);
+            out.push(b':');
+        };
+        let mut pending = data;
+        for (k, v) in &self.attrs {
+            if let Some((name, d)) = pending.take_if(|(name, _)| *name < k.as_str()) {
+                member(&mut out, name);
+                d.write(&mut out);
+            }
+            member(&mut out, k);
+            json_string(&mut out, v);
         }
-        serde_json::to_vec(&Json::Object(obj)).unwrap_or_default()
+        if let Some((name, d)) = pending {
+            member(&mut out, name);
+            d.write(&mut out);
+        }
+        out.push(b'}');
+        out
     }
 
     /// Binary-mode headers (`ce-*` plus `Content-Type`) for this event.
@@ -351,6 +367,34 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The data member of the JSON format.
+enum Data<'a> {
+    /// Valid JSON, embedded as is.
+    Raw(&'a [u8]),
+    Text(&'a str),
+    Base64(&'a [u8]),
+}
+
+impl Data<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Data::Raw(d) => out.extend_from_slice(d),
+            Data::Text(s) => json_string(out, s),
+            Data::Base64(d) => {
+                out.push(b'"');
+                out.extend_from_slice(B64.encode(d).as_bytes());
+                out.push(b'"');
+            }
+        }
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
 fn is_json_type(ct: Option<&str>) -> bool {
     match ct {
         None => true,
@@ -422,6 +466,7 @@ impl cesql::EventAttributes for CloudEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -432,6 +477,60 @@ mod tests {
             );
         }
         h
+    }
+
+    /// The JSON format as a value tree: what `to_structured` must mean.
+    fn reference(ev: &CloudEvent) -> Json {
+        let mut obj = Map::new();
+        for (k, v) in &ev.attrs {
+            obj.insert(k.clone(), Json::String(v.clone()));
+        }
+        if let Some(d) = &ev.data {
+            let json = is_json_type(ev.get("datacontenttype"));
+            match serde_json::from_slice::<Json>(d) {
+                Ok(j) if json => obj.insert("data".into(), j),
+                _ => match std::str::from_utf8(d) {
+                    Ok(s) if !json => obj.insert("data".into(), Json::String(s.into())),
+                    _ => obj.insert("data_base64".into(), Json::String(B64.encode(d))),
+                },
+            };
+        }
+        Json::Object(obj)
+    }
+
+    #[test]
+    fn structured_writer_matches_the_value_tree() {
+        let cases: [(Option<&str>, &[u8]); 7] = [
+            (
+                Some("application/json"),
+                b" {\"a\": [1, 2.50, \"\\u00e9\"]} ",
+            ),
+            (None, b"null"),
+            (Some("application/json"), b"{not json"),
+            (Some("text/plain"), "caf\u{e9} \"q\"\n".as_bytes()),
+            (Some("application/octet-stream"), &[0, 159, 255, 1]),
+            (Some("application/cloudevents+json; charset=utf-8"), b"42"),
+            (Some("text/plain"), b""),
+        ];
+        for (ct, data) in cases {
+            let mut ev = CloudEvent::new("id-\"1\"", "/s\\x", "t\u{1}");
+            ev.set("zz", "last");
+            ev.set("dataschema", "d");
+            if let Some(ct) = ct {
+                ev.set("datacontenttype", ct);
+            }
+            ev.data = Some(Bytes::copy_from_slice(data));
+            let out = ev.to_structured();
+            let parsed: Json = serde_json::from_slice(&out).unwrap();
+            assert_eq!(parsed, reference(&ev), "{}", String::from_utf8_lossy(&out));
+            let back = CloudEvent::from_structured(&out).unwrap();
+            assert_eq!(back.attrs, ev.attrs);
+        }
+        let ev = CloudEvent::new("1", "/s", "t");
+        assert_eq!(
+            serde_json::from_slice::<Json>(&ev.to_structured()).unwrap(),
+            reference(&ev)
+        );
     }
 
     #[test]
