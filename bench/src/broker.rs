@@ -21,7 +21,15 @@
 //! every path and well below the slowest path's throughput, so the figures are not queueing
 //! delay; a warning says when it is not); p50/p99 from the sender's timestamp taken before
 //! the POST to the ingress to the receipt at the last step, for every path alike. The send
-//! time rides in the extension `benchsent`.
+//! time rides in the extension `benchsent`. A second row per path, `[from ingress]`, measures
+//! the same paced events from the ingress handler's receipt of the decoded event (broker-shm's
+//! ingress or the drop-in ingress, through `broker_shm::probe`) to the last step: the issue's
+//! ingress-to-subscriber latency without the sender's own cost.
+//!
+//! `post` is the floor of every path: one POST answered 202 at once, through the same sender.
+//! `--stages` prints, per path, the paced events' time since the send at every probed stage
+//! (ingress, log append, trigger match, encode, slot write, descriptor send, function receipt,
+//! reply; channel and subscriber receipts for the HTTP paths): where the time goes.
 
 use crate::report::{Row, table, write_json};
 use broker_shm::broker::{Runtime, RuntimeConfig};

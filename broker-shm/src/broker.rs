@@ -166,8 +166,17 @@ impl BrokerState {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        for core in cores.iter() {
-            core.offer(start, end, ev);
+        // Every trigger claims (or passes) the record before any delivery starts: a delivery
+        // to a function may be answered, and its reply appended by the reply thread, before
+        // this thread gets the CPU back; that reply must find every trigger past this record
+        // to be dispatched inline rather than by a woken dispatcher task.
+        let claimed: Vec<&Arc<TriggerCore>> = cores
+            .iter()
+            .filter(|core| core.claim(start, end, ev))
+            .collect();
+        for core in claimed {
+            crate::probe::mark("trigger.matched", ev);
+            core.deliver(start, ev.clone());
         }
         Ok(end)
     }
@@ -548,17 +557,18 @@ impl TriggerCore {
         );
     }
 
-    /// Inline dispatch of the record `[start, end)` just appended. Takes it when this trigger
-    /// has nothing older to dispatch and room in flight; otherwise wakes the dispatcher.
-    fn offer(self: &Arc<Self>, start: u64, end: u64, ev: &CloudEvent) {
+    /// Inline dispatch of the record `[start, end)` just appended: claims it when this
+    /// trigger has nothing older to dispatch and room in flight (`true`: the caller starts
+    /// the delivery); a non-matching event is done here; otherwise the dispatcher is woken.
+    fn claim(&self, start: u64, end: u64, ev: &CloudEvent) -> bool {
         if self.stopped() {
-            return;
+            return false;
         }
         let mut p = lock(&self.progress);
         if p.next_read != start || p.inflight.len() >= self.max_inflight {
             drop(p);
             self.wake.notify_one();
-            return;
+            return false;
         }
         p.next_read = end;
         if !self.filter.passes(ev) {
@@ -566,12 +576,10 @@ impl TriggerCore {
             drop(p);
             self.after_commit(truncate);
             self.outcome("filtered");
-            return;
+            return false;
         }
         p.inflight.insert(start);
-        drop(p);
-        crate::probe::mark("trigger.matched", ev);
-        self.deliver(start, ev.clone());
+        true
     }
 
     /// The dispatcher task: catches up with the log whenever woken.
