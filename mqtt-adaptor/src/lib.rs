@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod mqtt;
 pub mod publisher;
 pub mod server;
+pub mod session;
 pub mod sink;
 pub mod source;

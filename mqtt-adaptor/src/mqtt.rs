@@ -1,4 +1,6 @@
-//! One MQTT connection over rumqttc, hiding whether it speaks 3.1.1 or 5.
+//! One MQTT connection over rumqttc, hiding whether it speaks 3.1.1 or 5 (the sink
+//! direction's publisher; the source has its own client loop in [`crate::session`]), and the
+//! settings and TLS setup both share.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,11 +9,11 @@ use bytes::Bytes;
 use rumqttc::v5 as r5;
 
 use crate::config::{Config, ProtocolVersion, TlsFiles};
-use crate::mapping::{InboundMessage, Outbound};
+use crate::mapping::Outbound;
 
 /// Largest packet we let the client library accept; the adaptor applies its own, smaller
 /// message limit with a policy instead of dropping the connection.
-const MAX_PACKET: u32 = 268_435_455;
+pub(crate) const MAX_PACKET: u32 = 268_435_455;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -77,7 +79,6 @@ pub enum MqttEvent {
     Connected {
         session_present: bool,
     },
-    Message(Box<(InboundMessage, AckToken)>),
     OutgoingPublish(u16),
     /// A publish waits for its packet id to be freed (rumqttc collision).
     AwaitAck(u16),
@@ -86,16 +87,7 @@ pub enum MqttEvent {
     /// QoS 2: PUBREC with a failure reason ends the flow.
     PubRecFailed(u16, String),
     PubComp(u16),
-    /// The event loop wrote one of our PUBACK/PUBREC acknowledgements to the network.
-    AckFlushed,
     Other,
-}
-
-/// The original publish, kept to acknowledge it after delivery.
-#[derive(Debug, Clone)]
-pub enum AckToken {
-    V4(rumqttc::Publish),
-    V5(r5::mqttbytes::v5::Publish),
 }
 
 /// Handle to send requests (acks, subscribes, publishes).
@@ -120,7 +112,7 @@ impl std::fmt::Debug for EventLoop {
     }
 }
 
-fn qos_of(q: u8) -> rumqttc::QoS {
+pub(crate) fn qos_of(q: u8) -> rumqttc::QoS {
     match q {
         0 => rumqttc::QoS::AtMostOnce,
         1 => rumqttc::QoS::AtLeastOnce,
@@ -128,7 +120,7 @@ fn qos_of(q: u8) -> rumqttc::QoS {
     }
 }
 
-fn qos5_of(q: u8) -> r5::mqttbytes::QoS {
+pub(crate) fn qos5_of(q: u8) -> r5::mqttbytes::QoS {
     match q {
         0 => r5::mqttbytes::QoS::AtMostOnce,
         1 => r5::mqttbytes::QoS::AtLeastOnce,
@@ -227,7 +219,7 @@ pub fn connect(s: &ConnSettings) -> Result<(Client, EventLoop), MqttError> {
     }
 }
 
-fn v4_refusal(code: rumqttc::ConnectReturnCode) -> String {
+pub(crate) fn v4_refusal(code: rumqttc::ConnectReturnCode) -> String {
     use rumqttc::ConnectReturnCode as C;
     match code {
         C::BadUserNamePassword => "bad user name or password".into(),
@@ -240,7 +232,7 @@ fn v4_refusal(code: rumqttc::ConnectReturnCode) -> String {
     }
 }
 
-fn v5_refusal(code: r5::mqttbytes::v5::ConnectReturnCode) -> String {
+pub(crate) fn v5_refusal(code: r5::mqttbytes::v5::ConnectReturnCode) -> String {
     use r5::mqttbytes::v5::ConnectReturnCode as C;
     match code {
         C::BadUserNamePassword => "bad user name or password".into(),
@@ -263,27 +255,12 @@ impl EventLoop {
                     Ok(Event::Incoming(Packet::ConnAck(a))) => Ok(MqttEvent::Connected {
                         session_present: a.session_present,
                     }),
-                    Ok(Event::Incoming(Packet::Publish(mut p))) => {
-                        // The token only needs qos and packet id: move the rest out.
-                        let msg = InboundMessage {
-                            topic: std::mem::take(&mut p.topic),
-                            payload: std::mem::take(&mut p.payload),
-                            qos: p.qos as u8,
-                            pkid: p.pkid,
-                            content_type: None,
-                            user_properties: Vec::new(),
-                        };
-                        Ok(MqttEvent::Message(Box::new((msg, AckToken::V4(p)))))
-                    }
                     Ok(Event::Incoming(Packet::PubAck(a))) => Ok(MqttEvent::PubAck(a.pkid, Ok(()))),
                     Ok(Event::Incoming(Packet::PubComp(a))) => Ok(MqttEvent::PubComp(a.pkid)),
                     Ok(Event::Outgoing(Outgoing::Publish(id))) => {
                         Ok(MqttEvent::OutgoingPublish(id))
                     }
                     Ok(Event::Outgoing(Outgoing::AwaitAck(id))) => Ok(MqttEvent::AwaitAck(id)),
-                    Ok(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
-                        Ok(MqttEvent::AckFlushed)
-                    }
                     Ok(_) => Ok(MqttEvent::Other),
                     Err(rumqttc::ConnectionError::ConnectionRefused(c)) => {
                         Err(MqttError::Refused(v4_refusal(c)))
@@ -298,19 +275,6 @@ impl EventLoop {
                     Ok(r5::Event::Incoming(Packet::ConnAck(a))) => Ok(MqttEvent::Connected {
                         session_present: a.session_present,
                     }),
-                    Ok(r5::Event::Incoming(Packet::Publish(mut p))) => {
-                        // The token only needs qos and packet id: move the rest out.
-                        let props = p.properties.take().unwrap_or_default();
-                        let msg = InboundMessage {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: std::mem::take(&mut p.payload),
-                            qos: p.qos as u8,
-                            pkid: p.pkid,
-                            content_type: props.content_type,
-                            user_properties: props.user_properties,
-                        };
-                        Ok(MqttEvent::Message(Box::new((msg, AckToken::V5(p)))))
-                    }
                     Ok(r5::Event::Incoming(Packet::PubAck(a))) => {
                         let res = match a.reason {
                             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
@@ -329,9 +293,6 @@ impl EventLoop {
                         Ok(MqttEvent::OutgoingPublish(id))
                     }
                     Ok(r5::Event::Outgoing(Outgoing::AwaitAck(id))) => Ok(MqttEvent::AwaitAck(id)),
-                    Ok(r5::Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
-                        Ok(MqttEvent::AckFlushed)
-                    }
                     Ok(_) => Ok(MqttEvent::Other),
                     Err(r5::ConnectionError::ConnectionRefused(c)) => {
                         Err(MqttError::Refused(v5_refusal(c)))
@@ -344,36 +305,6 @@ impl EventLoop {
 }
 
 impl Client {
-    /// Queues subscriptions without waiting (safe to call from the event-loop task).
-    pub fn try_subscribe(&self, topics: &[String], qos: u8) -> Result<(), MqttError> {
-        match self {
-            Client::V4(c) => c
-                .try_subscribe_many(
-                    topics
-                        .iter()
-                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), qos_of(qos))),
-                )
-                .map_err(|e| MqttError::Request(e.to_string())),
-            Client::V5(c) => c
-                .try_subscribe_many(
-                    topics
-                        .iter()
-                        .map(|t| r5::mqttbytes::v5::Filter::new(t.clone(), qos5_of(qos))),
-                )
-                .map_err(|e| MqttError::Request(e.to_string())),
-        }
-    }
-
-    /// Acknowledges a received message (PUBACK for QoS 1, PUBREC for QoS 2).
-    pub async fn ack(&self, token: &AckToken) -> Result<(), MqttError> {
-        let r = match (self, token) {
-            (Client::V4(c), AckToken::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Client::V5(c), AckToken::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            _ => Err("protocol mismatch".to_owned()),
-        };
-        r.map_err(MqttError::Request)
-    }
-
     /// Queues a publish without waiting; fails when the request queue is full.
     pub fn try_publish(&self, out: &Outbound, qos: u8) -> Result<(), MqttError> {
         match self {

@@ -6,7 +6,7 @@
 //! unacknowledged when the process stops is redelivered by the broker after restart.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -15,7 +15,8 @@ use crate::cloudevent::CloudEvent;
 use crate::config::Config;
 use crate::mapping::{self, Disposition, InboundMessage, WrapSettings};
 use crate::metrics::Metrics;
-use crate::mqtt::{self, AckToken, Client, ConnSettings, MqttEvent};
+use crate::mqtt::{self, ConnSettings, MqttError};
+use crate::session::{Incoming, Session};
 use crate::sink::{Attempt, H1Target, SinkClient, SinkConn, backoff};
 
 /// Shared state of the delivery workers.
@@ -30,9 +31,7 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     /// Messages handed to the workers and not finished (queued or being delivered).
     active: AtomicUsize,
-    /// Acknowledgements queued to the event loop and not yet written (may dip below 0 briefly).
-    acks_pending: AtomicI64,
-    /// Set while the event-loop task waits for a worker to finish (saturated or draining);
+    /// Set while the connection task waits for a worker to finish (saturated or draining);
     /// workers wake it only then, so a message costs no extra wake-up in steady state.
     waiting: AtomicBool,
     idle: Notify,
@@ -48,7 +47,16 @@ impl Pipeline {
     }
 }
 
-type Job = (InboundMessage, AckToken);
+/// What acknowledges a message: its packet id and QoS on the connection it came from
+/// (`conn`); an ack for an earlier connection is dropped (the broker redelivers).
+#[derive(Debug, Clone, Copy)]
+struct AckRef {
+    conn: u64,
+    pkid: u16,
+    qos: u8,
+}
+
+type Job = (InboundMessage, AckRef);
 
 /// Runs the source until `shutdown` turns true, then drains in-flight deliveries.
 pub async fn run(
@@ -73,7 +81,10 @@ pub async fn run(
         data_content_type: cfg.data_content_type.clone(),
     };
     let settings = ConnSettings::from_config(&cfg, cfg.client_id.clone(), true);
-    let (client, mut eventloop) = mqtt::connect(&settings)?;
+    // Fail fast on a broken TLS setup (files are read at startup).
+    if let Some(tls) = &settings.tls {
+        mqtt::rustls_config(tls)?;
+    }
     let p = Arc::new(Pipeline {
         cfg,
         h1: H1Target::parse(&sink_url),
@@ -82,7 +93,6 @@ pub async fn run(
         sink,
         metrics,
         active: AtomicUsize::new(0),
-        acks_pending: AtomicI64::new(0),
         waiting: AtomicBool::new(false),
         idle: Notify::new(),
     });
@@ -96,156 +106,267 @@ pub async fn run(
     );
 
     let window = usize::from(p.cfg.inflight);
-    let pending_limit = window * 2;
     // `window` long-lived delivery workers share one queue: no task spawned per message, and
     // each worker keeps its own sink connection. Messages waiting in the queue are plain data
-    // (a few hundred bytes each); `active` counts queued and in-delivery messages.
+    // (a few hundred bytes each); `active` counts queued and in-delivery messages. Workers
+    // send acknowledgements back over `acks`; the connection task writes all that are ready
+    // in one write.
     let (jobs, queue) = flume::unbounded::<Job>();
+    let (ack_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<AckRef>();
     for _ in 0..window {
-        tokio::spawn(worker(p.clone(), client.clone(), queue.clone()));
+        tokio::spawn(worker(p.clone(), ack_tx.clone(), queue.clone()));
     }
     drop(queue);
-    let mut reconnect_delay = Duration::from_millis(100);
-    let mut draining_since: Option<Instant> = None;
-    let mut last_error = String::new();
+    drop(ack_tx);
+    let mut state = Loop {
+        reconnect_delay: Duration::from_millis(100),
+        draining_since: None,
+        last_error: String::new(),
+        conn: 0,
+    };
     loop {
-        if draining_since.is_none() && *shutdown.borrow() {
-            draining_since = Some(Instant::now());
-            p.waiting.store(true, Ordering::SeqCst);
-            tracing::info!(
-                inflight = p.active.load(Ordering::Relaxed),
-                "draining in-flight deliveries"
-            );
+        if state.draining_since.is_none() && *shutdown.borrow() {
+            state.start_draining(&p);
         }
-        if let Some(since) = draining_since
-            && (p.active.load(Ordering::Acquire) == 0 || since.elapsed() > p.cfg.drain_timeout)
-        {
+        if state.drained(&p) {
             break;
         }
-        // Backpressure. Brokers do not reliably bound the unacknowledged messages they push
-        // (mosquitto 2.0 was seen to exceed both max_inflight_messages and the v5 receive
-        // maximum), so with `pending_limit` messages waiting for the sink the loop stops
-        // reading from the broker. It keeps polling while acknowledgements are queued (rumqttc
-        // writes them only from its event loop) and reads once per half keep-alive interval
-        // to keep the connection alive (at most 10 packets per read).
-        let saturated = || {
-            draining_since.is_none()
-                && p.active.load(Ordering::SeqCst) >= pending_limit
-                && p.acks_pending.load(Ordering::SeqCst) <= 0
+        let connected = tokio::select! {
+            c = Session::connect(&settings) => c,
+            _ = shutdown.changed(), if state.draining_since.is_none() => continue,
+            _ = p.idle.notified(), if state.draining_since.is_some() => continue,
         };
-        let event = if saturated() {
-            p.waiting.store(true, Ordering::SeqCst);
-            // Re-check after announcing the wait: a worker that finished in between saw
-            // `waiting` unset and did not notify.
-            if !saturated() {
-                p.waiting.store(false, Ordering::SeqCst);
-                continue;
+        let err = match connected {
+            Ok(sess) => {
+                state.conn += 1;
+                state.reconnect_delay = Duration::from_millis(100);
+                state.last_error.clear();
+                tracing::info!(
+                    session_present = sess.session_present,
+                    "connected to the MQTT broker"
+                );
+                match serve(&p, sess, &mut state, &jobs, &mut acks, &mut shutdown).await {
+                    Ok(()) => break,
+                    Err(e) => e,
+                }
             }
-            let ev = tokio::select! {
-                _ = p.idle.notified() => None,
-                _ = shutdown.changed() => None,
-                _ = tokio::time::sleep(p.cfg.keep_alive / 2) => Some(eventloop.poll().await),
-            };
-            p.waiting.store(false, Ordering::SeqCst);
-            match ev {
-                Some(ev) => ev,
-                None => continue,
-            }
-        } else {
-            tokio::select! {
-                ev = eventloop.poll() => ev,
-                _ = shutdown.changed(), if draining_since.is_none() => continue,
-                _ = p.idle.notified(), if draining_since.is_some() => continue,
-                _ = tokio::time::sleep(p.cfg.drain_timeout), if draining_since.is_some() => continue,
-            }
+            Err(e) => e,
         };
-        match event {
-            Ok(MqttEvent::Connected { session_present }) => {
-                reconnect_delay = Duration::from_millis(100);
-                last_error.clear();
-                tracing::info!(session_present, "connected to the MQTT broker");
-                if let Err(e) = client.try_subscribe(&p.cfg.topics, p.cfg.qos) {
-                    tracing::error!(error = %e, "cannot queue the subscription");
-                }
-                p.metrics.set_source_ready(true);
+        p.metrics.set_source_ready(false);
+        let text = err.to_string();
+        if text != state.last_error {
+            if err.is_auth() {
+                tracing::error!(error = %text, "MQTT credentials rejected; not ready until the broker accepts them");
+            } else {
+                tracing::warn!(error = %text, retry_in_ms = state.reconnect_delay.as_millis() as u64, "MQTT connection down, reconnecting");
             }
-            Ok(MqttEvent::Message(boxed)) => {
-                let (msg, token) = *boxed;
-                p.metrics.received.inc();
-                if draining_since.is_some() {
-                    // Not acknowledged: the broker redelivers it to the next session.
-                    continue;
-                }
-                // QoS 0 has no broker-side flow control and no redelivery: beyond 10 x the
-                // window it is dropped (at-most-once by definition), counted and logged.
-                if msg.qos == 0 && p.active.load(Ordering::Relaxed) >= window * 10 {
-                    p.metrics.failed.inc();
-                    tracing::warn!(topic = %msg.topic, "QoS 0 message dropped: the sink is not keeping up");
-                    continue;
-                }
-                p.active.fetch_add(1, Ordering::SeqCst);
-                if jobs.send((msg, token)).is_err() {
-                    // Unreachable while this loop holds `jobs` (workers never stop first);
-                    // the message stays unacknowledged and is redelivered.
-                    p.active.fetch_sub(1, Ordering::SeqCst);
-                }
-            }
-            Ok(MqttEvent::AckFlushed) => {
-                p.acks_pending.fetch_sub(1, Ordering::AcqRel);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                p.metrics.set_source_ready(false);
-                let text = e.to_string();
-                if text != last_error {
-                    if e.is_auth() {
-                        tracing::error!(error = %text, "MQTT credentials rejected; not ready until the broker accepts them");
-                    } else {
-                        tracing::warn!(error = %text, retry_in_ms = reconnect_delay.as_millis() as u64, "MQTT connection down, reconnecting");
-                    }
-                    last_error = text;
-                }
-                if draining_since.is_some() {
-                    break;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(reconnect_delay) => {}
-                    _ = shutdown.changed() => {}
-                }
-                reconnect_delay = (reconnect_delay * 2).min(Duration::from_secs(5));
-            }
+            state.last_error = text;
         }
+        if state.draining_since.is_some() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(state.reconnect_delay) => {}
+            _ = shutdown.changed() => {}
+        }
+        state.reconnect_delay = (state.reconnect_delay * 2).min(Duration::from_secs(5));
     }
     p.metrics.set_source_ready(false);
-    client.disconnect().await;
-    // Let the DISCONNECT go out.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if eventloop.poll().await.is_err() {
-                break;
-            }
-        }
-    })
-    .await;
     tracing::info!("MQTT source stopped");
     Ok(())
 }
 
+/// State of the connection task across reconnects.
+struct Loop {
+    reconnect_delay: Duration,
+    draining_since: Option<Instant>,
+    last_error: String,
+    /// Number of the current connection (acks carry it).
+    conn: u64,
+}
+
+impl Loop {
+    fn start_draining(&mut self, p: &Pipeline) {
+        self.draining_since = Some(Instant::now());
+        p.waiting.store(true, Ordering::SeqCst);
+        tracing::info!(
+            inflight = p.active.load(Ordering::Relaxed),
+            "draining in-flight deliveries"
+        );
+    }
+
+    fn drained(&self, p: &Pipeline) -> bool {
+        self.draining_since.is_some_and(|since| {
+            p.active.load(Ordering::Acquire) == 0 || since.elapsed() > p.cfg.drain_timeout
+        })
+    }
+}
+
+/// Serves one connection: subscribes, reads and dispatches messages, writes acknowledgements
+/// in batches and pings. `Ok` after a clean disconnect at the end of a drain.
+async fn serve(
+    p: &Pipeline,
+    mut sess: Session,
+    state: &mut Loop,
+    jobs: &flume::Sender<Job>,
+    acks: &mut tokio::sync::mpsc::UnboundedReceiver<AckRef>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), MqttError> {
+    let window = usize::from(p.cfg.inflight);
+    let pending_limit = window * 2;
+    let keep_alive = p.cfg.keep_alive;
+    sess.queue_subscribe(&p.cfg.topics, p.cfg.qos)?;
+    sess.flush().await?;
+    p.metrics.set_source_ready(true);
+    let mut last_write = Instant::now();
+    let mut batch = Vec::with_capacity(256);
+    // Decoding stopped at the window with packets still buffered.
+    let mut backlog = false;
+    loop {
+        if state.draining_since.is_none() && *shutdown.borrow() {
+            state.start_draining(p);
+        }
+        if state.drained(p) {
+            // Acknowledge what finished, then leave cleanly.
+            while let Ok(a) = acks.try_recv() {
+                if a.conn == state.conn {
+                    sess.queue_ack(a.pkid, a.qos)?;
+                }
+            }
+            sess.queue_disconnect()?;
+            let _ = tokio::time::timeout(Duration::from_millis(500), sess.flush()).await;
+            return Ok(());
+        }
+        // Backpressure. Brokers do not reliably bound the unacknowledged messages they push
+        // (mosquitto 2.0 was seen to exceed both max_inflight_messages and the v5 receive
+        // maximum), so with `pending_limit` messages waiting for the sink the task stops
+        // reading from the broker; acknowledgements and pings still go out. While draining,
+        // nothing more is read (unacknowledged messages are redelivered to the next session).
+        let saturated =
+            state.draining_since.is_some() || p.active.load(Ordering::SeqCst) >= pending_limit;
+        p.waiting.store(saturated, Ordering::SeqCst);
+        // Re-check after announcing the wait: a worker that finished in between saw
+        // `waiting` unset and did not notify.
+        let saturated = saturated
+            && (state.draining_since.is_some() || p.active.load(Ordering::SeqCst) >= pending_limit);
+        if !saturated && backlog {
+            // Packets left in the buffer when the window filled up.
+            backlog = decode(p, &mut sess, state.conn, jobs, pending_limit)?;
+            if sess.has_output() {
+                sess.flush().await?;
+                last_write = Instant::now();
+            }
+            continue;
+        }
+        let ping_at = last_write + keep_alive;
+        // Biased: ready acknowledgements first, then reads, so that a PINGRESP already in
+        // the socket is read before the keep-alive check.
+        tokio::select! {
+            biased;
+            n = acks.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    return Err(MqttError::Connection("delivery workers stopped".into()));
+                }
+                for a in batch.drain(..) {
+                    if a.conn == state.conn {
+                        sess.queue_ack(a.pkid, a.qos)?;
+                    }
+                }
+                // More may be ready: take them into the same write.
+                while let Ok(a) = acks.try_recv() {
+                    if a.conn == state.conn {
+                        sess.queue_ack(a.pkid, a.qos)?;
+                    }
+                }
+            }
+            r = sess.read_more(), if !saturated => {
+                r?;
+                backlog = decode(p, &mut sess, state.conn, jobs, pending_limit)?;
+            }
+            _ = p.idle.notified(), if saturated => {}
+            _ = tokio::time::sleep_until(ping_at.into()), if !keep_alive.is_zero() => {
+                if sess.ping_outstanding && !saturated {
+                    return Err(MqttError::Connection("no PINGRESP within the keep-alive interval".into()));
+                }
+                sess.queue_ping()?;
+            }
+            _ = shutdown.changed(), if state.draining_since.is_none() => {}
+            _ = tokio::time::sleep(p.cfg.drain_timeout), if state.draining_since.is_some() => {}
+        }
+        if sess.has_output() {
+            sess.flush().await?;
+            last_write = Instant::now();
+        }
+    }
+}
+
+/// Decodes the packets read so far, stopping (the rest stays buffered) once `pending_limit`
+/// messages wait for the sink; `Ok(true)` when it stopped there.
+fn decode(
+    p: &Pipeline,
+    sess: &mut Session,
+    conn: u64,
+    jobs: &flume::Sender<Job>,
+    pending_limit: usize,
+) -> Result<bool, MqttError> {
+    loop {
+        if p.active.load(Ordering::SeqCst) >= pending_limit {
+            return Ok(true);
+        }
+        match sess.next_packet()? {
+            None => return Ok(false),
+            Some(Incoming::Message(msg)) => dispatch(p, *msg, conn, jobs),
+            Some(Incoming::SubscribeRefused(reason)) => {
+                tracing::error!(reason = %reason, topics = ?p.cfg.topics, "the broker refused the subscription");
+            }
+            Some(Incoming::Other) => {}
+        }
+    }
+}
+
+/// Hands a message to the delivery workers (or drops a QoS 0 message under overload).
+fn dispatch(p: &Pipeline, msg: InboundMessage, conn: u64, jobs: &flume::Sender<Job>) {
+    p.metrics.received.inc();
+    let window = usize::from(p.cfg.inflight);
+    // QoS 0 has no broker-side flow control and no redelivery: beyond 10 x the window it is
+    // dropped (at-most-once by definition), counted and logged.
+    if msg.qos == 0 && p.active.load(Ordering::Relaxed) >= window * 10 {
+        p.metrics.failed.inc();
+        tracing::warn!(topic = %msg.topic, "QoS 0 message dropped: the sink is not keeping up");
+        return;
+    }
+    let ack = AckRef {
+        conn,
+        pkid: msg.pkid,
+        qos: msg.qos,
+    };
+    p.active.fetch_add(1, Ordering::SeqCst);
+    if jobs.send((msg, ack)).is_err() {
+        // Unreachable while the connection task holds `jobs` (workers never stop first);
+        // the message stays unacknowledged and is redelivered.
+        p.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One delivery worker: takes messages from the shared queue until it closes.
-async fn worker(p: Arc<Pipeline>, client: Client, queue: flume::Receiver<Job>) {
+async fn worker(
+    p: Arc<Pipeline>,
+    acks: tokio::sync::mpsc::UnboundedSender<AckRef>,
+    queue: flume::Receiver<Job>,
+) {
     let mut conn = SinkConn::default();
-    while let Ok((msg, token)) = queue.recv_async().await {
-        deliver_and_ack(&p, &client, &mut conn, msg, token).await;
+    while let Ok((msg, ack)) = queue.recv_async().await {
+        deliver_and_ack(&p, &acks, &mut conn, msg, ack).await;
         p.finished();
     }
 }
 
 async fn deliver_and_ack(
     p: &Pipeline,
-    client: &Client,
+    acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
     conn: &mut SinkConn,
     msg: InboundMessage,
-    token: AckToken,
+    ack: AckRef,
 ) {
     p.metrics.inflight.inc();
     let disposition =
@@ -262,15 +383,11 @@ async fn deliver_and_ack(
             dead_letter(p, ev, &reason).await
         }
     };
-    if done && msg.qos > 0 {
-        match client.ack(&token).await {
-            Ok(()) => {
-                p.acks_pending.fetch_add(1, Ordering::AcqRel);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot acknowledge; the broker will redeliver")
-            }
-        }
+    // Only now, after the sink's 2xx (or the configured policy), is the ack handed over.
+    if done && msg.qos > 0 && acks.send(ack).is_err() {
+        tracing::warn!(
+            "cannot acknowledge: the connection task stopped; the broker will redeliver"
+        );
     }
     p.metrics.inflight.dec();
 }

@@ -26,9 +26,9 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use spright_test_support::free_port;
+use spright_test_support::cgroup::TestCgroup;
+use spright_test_support::{Test, free_port, run_ok, run_tests};
 
-const CGROUPS: &str = "/sys/fs/cgroup/unified";
 const USER_PORT: u16 = 8080;
 const SERVING_PORT: u16 = 8012;
 const ADMIN_PORT: u16 = 8022;
@@ -49,8 +49,7 @@ fn main() -> ExitCode {
         user_container(port);
         return ExitCode::SUCCESS;
     }
-    let filter = args.get(1).filter(|a| !a.starts_with('-')).cloned();
-    let tests: [(&str, fn()); 2] = [
+    let tests: [Test; 2] = [
         ("agent_drain_waits_for_steered_requests", || {
             drain_waits_for_steered_requests(Accounting::Agent)
         }),
@@ -58,49 +57,20 @@ fn main() -> ExitCode {
             drain_waits_for_steered_requests(Accounting::Standalone)
         }),
     ];
-    let mut failed = 0;
-    let mut ran = 0;
-    for (name, test) in tests {
-        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        ran += 1;
-        eprintln!("test {name} ...");
-        if std::panic::catch_unwind(test).is_ok() {
-            eprintln!("test {name} ... ok");
-        } else {
-            eprintln!("test {name} ... FAILED");
-            failed += 1;
-        }
-    }
-    eprintln!("test result: {} passed; {failed} failed", ran - failed);
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    run_tests(&tests, args.get(1).map(String::as_str))
 }
 
 // ------------------------------------------------------------------------ the pod
 
 fn sh(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (iproute2 installed?)"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    run_ok(Command::new(program).args(args), "install iproute2");
 }
 
 /// A network namespace joined to this one by a veth pair, and a cgroup.
 struct Pod {
     netns: String,
     veth: String,
-    cgroup: PathBuf,
+    cgroup: TestCgroup,
     node_ip: Ipv4Addr,
     ip: Ipv4Addr,
 }
@@ -117,7 +87,7 @@ impl Pod {
         let pod = Self {
             netns: format!("spd{id}"),
             veth: format!("spdh{id}"),
-            cgroup: Path::new(CGROUPS).join(format!("spright-drain-test-{id}")),
+            cgroup: TestCgroup::new("drain-pod"),
             node_ip: Ipv4Addr::new(10, 214, third, fourth + 1),
             ip: Ipv4Addr::new(10, 214, third, fourth + 2),
         };
@@ -151,19 +121,14 @@ impl Pod {
             args.extend(cmd);
             sh("ip", &args);
         }
-        std::fs::create_dir(&pod.cgroup).unwrap_or_else(|e| {
-            panic!(
-                "creating {}: {e} (needs root and cgroup v2 at {CGROUPS})",
-                pod.cgroup.display()
-            )
-        });
         pod
     }
 
     /// A command that runs inside the pod: it joins the cgroup and the network namespace
     /// between fork and exec, before it opens any socket.
     fn command(&self, program: &Path) -> Command {
-        let procs = CString::new(format!("{}/cgroup.procs", self.cgroup.display())).expect("path");
+        let procs =
+            CString::new(format!("{}/cgroup.procs", self.cgroup.path().display())).expect("path");
         let netns = CString::new(format!("/var/run/netns/{}", self.netns)).expect("path");
         let mut cmd = Command::new(program);
         // SAFETY: between fork and exec the closure only makes system calls on memory
@@ -193,15 +158,8 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        // The cgroup empties once its processes are reaped; retry briefly.
-        for _ in 0..100 {
-            match std::fs::remove_dir(&self.cgroup) {
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                _ => break,
-            }
-        }
+        // The cgroup empties once its processes are reaped.
+        self.cgroup.remove();
         let _ = Command::new("ip")
             .args(["link", "del", &self.veth])
             .status();
@@ -382,7 +340,7 @@ impl Agent {
             "ip": pod.ip.to_string(),
             "port": USER_PORT,
             "serving_port": SERVING_PORT,
-            "cgroup": pod.cgroup,
+            "cgroup": pod.cgroup.path(),
             "netns": format!("/var/run/netns/{}", pod.netns),
             "mode": "event-driven",
         })
