@@ -120,9 +120,7 @@ impl Session {
                 .username
                 .as_ref()
                 .map(|u| p5::Login::new(u.clone(), s.password.clone().unwrap_or_default()));
-            p5::Packet::Connect(connect, None, login)
-                .write(&mut self.wbuf, None)
-                .map_err(codec)?;
+            self.put5(p5::Packet::Connect(connect, None, login))?;
         } else {
             let mut connect = rumqttc::Connect::new(s.client_id.clone());
             connect.keep_alive = keep_alive;
@@ -130,9 +128,7 @@ impl Session {
             if let Some(u) = &s.username {
                 connect.set_login(u.clone(), s.password.clone().unwrap_or_default());
             }
-            rumqttc::Packet::Connect(connect)
-                .write(&mut self.wbuf, MAX_PACKET as usize)
-                .map_err(codec)?;
+            self.put4(rumqttc::Packet::Connect(connect))?;
         }
         Ok(())
     }
@@ -181,9 +177,7 @@ impl Session {
                 None,
             );
             sub.pkid = 1;
-            p5::Packet::Subscribe(sub)
-                .write(&mut self.wbuf, None)
-                .map_err(codec)?;
+            self.put5(p5::Packet::Subscribe(sub))?;
         } else {
             let mut sub = rumqttc::Subscribe::new_many(
                 topics
@@ -191,9 +185,7 @@ impl Session {
                     .map(|t| rumqttc::SubscribeFilter::new(t.clone(), qos_of(qos))),
             );
             sub.pkid = 1;
-            rumqttc::Packet::Subscribe(sub)
-                .write(&mut self.wbuf, MAX_PACKET as usize)
-                .map_err(codec)?;
+            self.put4(rumqttc::Packet::Subscribe(sub))?;
         }
         Ok(())
     }
@@ -201,58 +193,41 @@ impl Session {
     /// Queues the acknowledgement of a delivered message: PUBACK (QoS 1) or PUBREC (QoS 2).
     pub fn queue_ack(&mut self, pkid: u16, qos: u8) -> Result<(), MqttError> {
         match (self.v5, qos) {
-            (true, 1) => {
-                p5::Packet::PubAck(p5::PubAck::new(pkid, None)).write(&mut self.wbuf, None)
-            }
-            (true, _) => {
-                p5::Packet::PubRec(p5::PubRec::new(pkid, None)).write(&mut self.wbuf, None)
-            }
-            (false, 1) => {
-                return rumqttc::Packet::PubAck(rumqttc::PubAck::new(pkid))
-                    .write(&mut self.wbuf, MAX_PACKET as usize)
-                    .map(drop)
-                    .map_err(codec);
-            }
-            (false, _) => {
-                return rumqttc::Packet::PubRec(rumqttc::PubRec::new(pkid))
-                    .write(&mut self.wbuf, MAX_PACKET as usize)
-                    .map(drop)
-                    .map_err(codec);
-            }
+            (true, 1) => self.put5(p5::Packet::PubAck(p5::PubAck::new(pkid, None))),
+            (true, _) => self.put5(p5::Packet::PubRec(p5::PubRec::new(pkid, None))),
+            (false, 1) => self.put4(rumqttc::Packet::PubAck(rumqttc::PubAck::new(pkid))),
+            (false, _) => self.put4(rumqttc::Packet::PubRec(rumqttc::PubRec::new(pkid))),
         }
-        .map(drop)
-        .map_err(codec)
     }
 
     pub fn queue_ping(&mut self) -> Result<(), MqttError> {
         self.ping_outstanding = true;
         if self.v5 {
-            p5::Packet::PingReq(p5::PingReq)
-                .write(&mut self.wbuf, None)
-                .map(drop)
-                .map_err(codec)
+            self.put5(p5::Packet::PingReq(p5::PingReq))
         } else {
-            rumqttc::Packet::PingReq
-                .write(&mut self.wbuf, MAX_PACKET as usize)
-                .map(drop)
-                .map_err(codec)
+            self.put4(rumqttc::Packet::PingReq)
         }
     }
 
     pub fn queue_disconnect(&mut self) -> Result<(), MqttError> {
         if self.v5 {
-            p5::Packet::Disconnect(p5::Disconnect::new(
+            self.put5(p5::Packet::Disconnect(p5::Disconnect::new(
                 p5::DisconnectReasonCode::NormalDisconnection,
-            ))
-            .write(&mut self.wbuf, None)
+            )))
+        } else {
+            self.put4(rumqttc::Packet::Disconnect)
+        }
+    }
+
+    fn put4(&mut self, packet: rumqttc::Packet) -> Result<(), MqttError> {
+        packet
+            .write(&mut self.wbuf, MAX_PACKET as usize)
             .map(drop)
             .map_err(codec)
-        } else {
-            rumqttc::Packet::Disconnect
-                .write(&mut self.wbuf, MAX_PACKET as usize)
-                .map(drop)
-                .map_err(codec)
-        }
+    }
+
+    fn put5(&mut self, packet: p5::Packet) -> Result<(), MqttError> {
+        packet.write(&mut self.wbuf, None).map(drop).map_err(codec)
     }
 
     /// Something is queued to send.
@@ -313,9 +288,7 @@ impl Session {
                     }))
                 }
                 p5::Packet::PubRel(r) => {
-                    p5::Packet::PubComp(p5::PubComp::new(r.pkid, None))
-                        .write(&mut self.wbuf, None)
-                        .map_err(codec)?;
+                    self.put5(p5::Packet::PubComp(p5::PubComp::new(r.pkid, None)))?;
                     Incoming::Other
                 }
                 p5::Packet::PingResp(_) => {
@@ -347,9 +320,7 @@ impl Session {
                     user_properties: Vec::new(),
                 })),
                 rumqttc::Packet::PubRel(r) => {
-                    rumqttc::Packet::PubComp(rumqttc::PubComp::new(r.pkid))
-                        .write(&mut self.wbuf, MAX_PACKET as usize)
-                        .map_err(codec)?;
+                    self.put4(rumqttc::Packet::PubComp(rumqttc::PubComp::new(r.pkid)))?;
                     Incoming::Other
                 }
                 rumqttc::Packet::PingResp => {
