@@ -454,8 +454,45 @@ fn enter(cgroup: Option<&str>, netns: &str) {
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
+/// What the pod's server saw of the requests it answered (kubelet probes aside): for each,
+/// the time from reading its whole head to starting the write that ends its response. The
+/// kernel's window of a request (ingress of its head to egress of its last byte) contains
+/// this one, whatever the scheduler does to the server, the sidecar or the client.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Held {
+    requests: u64,
+    proxied: u64,
+    ns: u64,
+    proxied_ns: u64,
+}
+
+impl Held {
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            requests: self.requests - earlier.requests,
+            proxied: self.proxied - earlier.proxied,
+            ns: self.ns - earlier.ns,
+            proxied_ns: self.proxied_ns - earlier.proxied_ns,
+        }
+    }
+}
+
+/// The server's running totals, answered on `GET /held` (see [`held`]).
+static HELD: std::sync::Mutex<Held> = std::sync::Mutex::new(Held {
+    requests: 0,
+    proxied: 0,
+    ns: 0,
+    proxied_ns: 0,
+});
+
+/// Query of the load helpers marking a proxied request to the pod's server (the truth of
+/// which requests are proxied, whatever a sidecar forwards of K-Proxy-Request).
+const PROXIED_MARK: &str = "?proxied";
+
 /// The pod's server. `GET /sleep/<ms>` answers "ok" with Content-Length after
 /// <ms>; `GET /chunked/<ms>` the same body chunked, in two writes. Keep-alive.
+/// `GET /held` answers [`Held`] as four numbers (ask it as a kubelet probe, so
+/// that the kernel does not count it).
 fn upstream(cgroup: &str, netns: &str, port: u16) {
     enter(Some(cgroup), netns);
     // Dual-stack: IPv4 and IPv6 clients.
@@ -481,48 +518,74 @@ fn serve_connection(mut stream: TcpStream) {
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         };
+        let read_at = Instant::now();
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
         buf.drain(..end);
-        let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let target = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let proxied = target.ends_with(PROXIED_MARK);
+        let path = target.trim_end_matches(PROXIED_MARK);
         let (kind, ms) = path
             .trim_start_matches('/')
             .split_once('/')
-            .unwrap_or(("sleep", "0"));
-        let head_request = head.starts_with("HEAD ");
-        let big = vec![b'x'; BIG_BODY];
-        thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
-        let ok = if head_request {
-            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            .unwrap_or((path.trim_start_matches('/'), "0"));
+        let probe = head.contains("User-Agent: kube-probe/");
+        let held_answer;
+        // The response: (pause before, bytes) per write.
+        let writes: Vec<(u64, &[u8])> = if head.starts_with("HEAD ") {
+            vec![(0, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")]
+        } else if kind == "held" {
+            let h = *HELD.lock().unwrap_or_else(|e| e.into_inner());
+            let body = format!("{} {} {} {}", h.requests, h.proxied, h.ns, h.proxied_ns);
+            held_answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            vec![(0, held_answer.as_bytes())]
         } else if kind == "nocontent" {
-            stream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            vec![(0, b"HTTP/1.1 204 No Content\r\n\r\n")]
         } else if kind == "continue" {
-            stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .and_then(|()| {
-                    thread::sleep(Duration::from_millis(20));
-                    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                })
+            vec![
+                (0, b"HTTP/1.1 100 Continue\r\n\r\n"),
+                (20, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            ]
         } else if kind == "big" {
-            stream
-                .write_all(
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_BODY}\r\n\r\n").as_bytes(),
-                )
-                .and_then(|()| stream.write_all(&big))
+            held_answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG_BODY}\r\n\r\n")
+                + &"x".repeat(BIG_BODY);
+            vec![(0, held_answer.as_bytes())]
         } else if kind == "close" {
             // No length: the body ends with the connection.
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok");
-            return;
+            vec![(0, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok")]
         } else if kind == "chunked" {
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
-                .and_then(|()| {
-                    thread::sleep(Duration::from_millis(2));
-                    stream.write_all(b"0\r\n\r\n")
-                })
+            vec![
+                (
+                    0,
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+                ),
+                (2, b"0\r\n\r\n"),
+            ]
         } else {
-            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            vec![(0, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")]
         };
-        if ok.is_err() {
+        thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+        let last = writes.len() - 1;
+        for (i, (pause, bytes)) in writes.into_iter().enumerate() {
+            thread::sleep(Duration::from_millis(pause));
+            if i == last && !probe && kind != "held" {
+                let ns = read_at.elapsed().as_nanos() as u64;
+                let mut h = HELD.lock().unwrap_or_else(|e| e.into_inner());
+                h.requests += 1;
+                h.ns += ns;
+                if proxied {
+                    h.proxied += 1;
+                    h.proxied_ns += ns;
+                }
+            }
+            if stream.write_all(bytes).is_err() {
+                return;
+            }
+        }
+        // `/held` is asked with Connection: close.
+        if kind == "close" || kind == "held" {
             return;
         }
     }
@@ -548,7 +611,9 @@ fn fetch_main(netns: &str, url: &str) -> ExitCode {
 
 // ---------------------------------------------------------------- load
 
-/// What the client saw: requests sent and ∫ in-flight dt (ns).
+/// What the client saw: requests sent and ∫ in-flight dt (ns), from before it wrote each
+/// request to after it read the whole response. The kernel's window of a request lies inside
+/// this one.
 #[derive(Debug, Default, Clone, Copy)]
 struct Truth {
     requests: u64,
@@ -578,6 +643,7 @@ fn drive(
                     ""
                 };
                 let mut truth = Truth::default();
+                let path = if proxied { path + PROXIED_MARK } else { path };
                 for _ in 0..per_worker {
                     let start = Instant::now();
                     write!(
@@ -635,6 +701,51 @@ fn read_response(stream: &mut TcpStream) {
             }
         }
     }
+}
+
+/// The pod's server's [`Held`] totals so far (asked as a kubelet probe: not a request).
+fn held(pod: &TestPod) -> Held {
+    let (status, body) = raw_http(
+        pod.serving_addr(),
+        b"GET /held HTTP/1.1\r\nHost: pod\r\nUser-Agent: kube-probe/1.30\r\nConnection: close\r\n\r\n",
+    )
+    .expect("the server's totals");
+    assert_eq!(status, 200, "{body}");
+    let n: Vec<u64> = body
+        .split_whitespace()
+        .map(|v| v.parse().expect("number"))
+        .collect();
+    let [requests, proxied, ns, proxied_ns] = n[..] else {
+        panic!("bad totals {body:?}");
+    };
+    Held {
+        requests,
+        proxied,
+        ns,
+        proxied_ns,
+    }
+}
+
+/// Checks the kernel's ∫ concurrency dt over a known load (`what`): it lies between what
+/// the pod's server saw and what the client saw (each request's kernel window is inside the
+/// client's and contains the server's, on the same monotonic clock, whatever the load on
+/// the machine), and it is within 5% of what the server held (the truth the autoscaler
+/// wants: time the requests spent in the pod).
+fn check_in_flight(what: &str, kernel_ns: u64, server_ns: u64, client_ns: u128) {
+    eprintln!(
+        "{what}: kernel {:.4} s, server {:.4} s, client {:.4} s",
+        kernel_ns as f64 / 1e9,
+        server_ns as f64 / 1e9,
+        client_ns as f64 / 1e9
+    );
+    assert!(
+        server_ns <= kernel_ns && u128::from(kernel_ns) <= client_ns,
+        "{what}: the kernel's in-flight time is outside [server, client]"
+    );
+    assert!(
+        within(kernel_ns as f64, server_ns as f64, 0.05),
+        "{what}: the kernel's in-flight time is off the server's by more than 5%"
+    );
 }
 
 fn counters(agent: &Agent, pod: &TestPod) -> serde_json::Value {
@@ -710,40 +821,44 @@ fn counters_match_a_known_load() {
     assert_eq!(agent.context_switches(), before, "the idle agent woke up");
 
     let c0 = counters(&agent, &pod);
-    // 4 keep-alive connections x 10 requests of 100 ms; 2 of them proxied.
-    let plain = drive(pod.serving_addr(), 4, 10, 2, "/sleep/100");
-    // 3 connections x 5 chunked responses of 50 ms, none proxied.
-    let chunked = drive(pod.serving_addr(), 3, 5, 0, "/chunked/50");
+    let h0 = held(&pod);
+    // 4 keep-alive connections x 5 requests of 200 ms; 2 of them proxied. Long requests:
+    // the scheduler's delays (waking the server on each request) stay far below 5%.
+    let plain = drive(pod.serving_addr(), 4, 5, 2, "/sleep/200");
+    // 3 connections x 3 chunked responses of 150 ms, none proxied.
+    let chunked = drive(pod.serving_addr(), 3, 3, 0, "/chunked/150");
+    let server = held(&pod).since(h0);
     let c1 = counters(&agent, &pod);
 
     let requests = plain.requests + chunked.requests;
     let proxied = plain.proxied + chunked.proxied;
-    let truth_ns = (plain.in_flight_ns + chunked.in_flight_ns) as f64;
-    let proxied_truth_ns = (plain.proxied_in_flight_ns + chunked.proxied_in_flight_ns) as f64;
     let d = |key: &str| field(&c1, key) - field(&c0, key);
     eprintln!(
-        "kernel: arrivals {} (truth {requests}), proxied {} (truth {proxied}), completions {}, \
-         in-flight {:.4} s (client {:.4} s), proxied in-flight {:.4} s (client {:.4} s)",
+        "kernel: arrivals {} (truth {requests}, server {}), proxied {} (truth {proxied}, server {}), \
+         completions {}",
         d("arrivals"),
+        server.requests,
         d("proxied_arrivals"),
+        server.proxied,
         d("completions"),
-        d("weighted_ns") as f64 / 1e9,
-        truth_ns / 1e9,
-        d("weighted_proxied_ns") as f64 / 1e9,
-        proxied_truth_ns / 1e9,
     );
+    assert_eq!((server.requests, server.proxied), (requests, proxied));
     assert_eq!(d("arrivals"), requests);
     assert_eq!(d("proxied_arrivals"), proxied);
     assert_eq!(d("completions"), requests);
     assert_eq!(field(&c1, "concurrency"), 0);
     assert_eq!(field(&c1, "proxied_concurrency"), 0);
-    assert!(
-        within(d("weighted_ns") as f64, truth_ns, 0.05),
-        "time-weighted concurrency off by more than 5%"
+    check_in_flight(
+        "in-flight",
+        d("weighted_ns"),
+        server.ns,
+        plain.in_flight_ns + chunked.in_flight_ns,
     );
-    assert!(
-        within(d("weighted_proxied_ns") as f64, proxied_truth_ns, 0.05),
-        "proxied time-weighted concurrency off by more than 5%"
+    check_in_flight(
+        "proxied in-flight",
+        d("weighted_proxied_ns"),
+        server.proxied_ns,
+        plain.proxied_in_flight_ns + chunked.proxied_in_flight_ns,
     );
 }
 
@@ -818,6 +933,7 @@ fn every_response_framing_ends_its_request() {
     let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
     let c0 = counters(&agent, &pod);
+    let h0 = held(&pod);
     let mut truth = Truth::default();
     let mut stream = connect(pod.serving_addr());
     let header_end = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
@@ -831,25 +947,25 @@ fn every_response_framing_ends_its_request() {
     let steps: [(&[u8], ResponseEnd, bool); 6] = [
         // HEAD: the response ends with its headers although it announces a length.
         (
-            b"HEAD /sleep/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            b"HEAD /sleep/200 HTTP/1.1\r\nHost: pod\r\n\r\n",
             &header_end,
             true,
         ),
         // 204: no body.
         (
-            b"GET /nocontent/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            b"GET /nocontent/200 HTTP/1.1\r\nHost: pod\r\n\r\n",
             &header_end,
             true,
         ),
         // 100 Continue, then the real answer.
         (
-            b"GET /continue/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            b"GET /continue/200 HTTP/1.1\r\nHost: pod\r\n\r\n",
             &ok_body,
             true,
         ),
         // A body of many segments, counted down by Content-Length.
         (
-            b"GET /big/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            b"GET /big/200 HTTP/1.1\r\nHost: pod\r\n\r\n",
             &whole_big_body,
             true,
         ),
@@ -861,7 +977,7 @@ fn every_response_framing_ends_its_request() {
         ),
         // Close-delimited body: the request ends with the connection.
         (
-            b"GET /close/50 HTTP/1.1\r\nHost: pod\r\n\r\n",
+            b"GET /close/200 HTTP/1.1\r\nHost: pod\r\n\r\n",
             &|_| false,
             true,
         ),
@@ -873,24 +989,21 @@ fn every_response_framing_ends_its_request() {
             ask(&mut stream, request, done);
         }
     }
+    let server = held(&pod).since(h0);
     let c1 = counters(&agent, &pod);
     let d = |key: &str| field(&c1, key) - field(&c0, key);
     eprintln!(
-        "framings: arrivals {} (truth {}), completions {}, in-flight {:.4} s (client {:.4} s)",
+        "framings: arrivals {} (truth {}, server {}), completions {}",
         d("arrivals"),
         truth.requests,
+        server.requests,
         d("completions"),
-        d("weighted_ns") as f64 / 1e9,
-        truth.in_flight_ns as f64 / 1e9
     );
+    assert_eq!(server.requests, truth.requests);
     assert_eq!(d("arrivals"), truth.requests);
     assert_eq!(d("completions"), truth.requests);
     assert_eq!(field(&c1, "concurrency"), 0);
-    assert!(within(
-        d("weighted_ns") as f64,
-        truth.in_flight_ns as f64,
-        0.05
-    ));
+    check_in_flight("framings", d("weighted_ns"), server.ns, truth.in_flight_ns);
 
     // A client that resets the connection mid-request: the request ends at the reset.
     let aborted = TcpStream::connect(pod.serving_addr()).expect("connect");
@@ -1086,16 +1199,21 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
         "queue-proxy-ebpf did not select kernel accounting: {}",
         qp.log()
     );
-    // The first report needs one period since start; the next covers the load.
+    // The first report needs one period since start; the next covers the load: it starts
+    // after the first scrape answered and ends before the second is sent, so the sidecar's
+    // window (between its two reads of the counters, one in each scrape) holds all of it.
     thread::sleep(Duration::from_millis(1100));
-    let _ = qp.stat(pod);
+    let h0 = held(pod);
+    let first = qp.stat(pod);
     let window_start = Instant::now();
-    let truth = drive(SocketAddr::from((pod.pod_ip, 8012)), 4, 10, 2, "/sleep/100");
+    // 4 connections x 5 requests of 200 ms, 2 connections proxied.
+    let truth = drive(SocketAddr::from((pod.pod_ip, 8012)), 4, 5, 2, "/sleep/200");
+    // The report is renewed only a period after the last one.
     thread::sleep(Duration::from_millis(
         1000u64.saturating_sub(window_start.elapsed().as_millis() as u64),
     ));
     let stat = qp.stat(pod);
-    let window = window_start.elapsed().as_secs_f64();
+    let server = held(pod).since(h0);
     thread::sleep(Duration::from_millis(300));
     let before = context_switches(qp.child.id());
     thread::sleep(Duration::from_secs(1));
@@ -1104,12 +1222,27 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
         before,
         "the idle sidecar woke up"
     );
-    let truth_concurrency = truth.in_flight_ns as f64 / 1e9 / window;
+    // The sidecar's window, as its own clock saw it: its uptime between the two scrapes
+    // (each read of the counters follows its scrape's uptime reading). The test's clock
+    // around the scrapes would add the scrapes' own latency, which grows with the load on
+    // the machine.
+    let window = stat.process_uptime - first.process_uptime;
     eprintln!(
-        "stat over {window:.3} s: {stat:?}; truth: {} requests ({} proxied), concurrency {truth_concurrency:.3}",
-        truth.requests, truth.proxied
+        "stat over {window:.3} s: {stat:?}; truth: {} requests ({} proxied); the server held \
+         them {:.4} s ({:.4} s proxied), the client {:.4} s ({:.4} s proxied)",
+        truth.requests,
+        truth.proxied,
+        server.ns as f64 / 1e9,
+        server.proxied_ns as f64 / 1e9,
+        truth.in_flight_ns as f64 / 1e9,
+        truth.proxied_in_flight_ns as f64 / 1e9,
     );
     assert_eq!(stat.pod_name, pod.name);
+    assert_eq!(
+        (server.requests, server.proxied),
+        (truth.requests, truth.proxied),
+        "the server saw the load"
+    );
     assert!(
         within(stat.request_count * window, truth.requests as f64, 0.05),
         "request count"
@@ -1123,13 +1256,17 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
         "proxied request count"
     );
     assert!(
-        within(stat.average_concurrent_requests, truth_concurrency, 0.05),
+        within(
+            stat.average_concurrent_requests * window,
+            server.ns as f64 / 1e9,
+            0.05
+        ),
         "average concurrency"
     );
     assert!(
         within(
-            stat.average_proxied_concurrent_requests,
-            truth.proxied_in_flight_ns as f64 / 1e9 / window,
+            stat.average_proxied_concurrent_requests * window,
+            server.proxied_ns as f64 / 1e9,
             0.05
         ),
         "average proxied concurrency"
@@ -1242,30 +1379,28 @@ fn ipv6_requests_are_counted() {
     let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
     let c0 = counters(&agent, &pod);
+    let h0 = held(&pod);
     let truth = drive(
         SocketAddr::from((pod.pod_ip6, SERVING_PORT)),
         2,
-        5,
+        2,
         1,
-        "/sleep/50",
+        "/sleep/250",
     );
+    let server = held(&pod).since(h0);
     let c1 = counters(&agent, &pod);
     let d = |key: &str| field(&c1, key) - field(&c0, key);
     eprintln!(
-        "ipv6: arrivals {} (truth {}), in-flight {:.4} s (client {:.4} s)",
+        "ipv6: arrivals {} (truth {}, server {})",
         d("arrivals"),
         truth.requests,
-        d("weighted_ns") as f64 / 1e9,
-        truth.in_flight_ns as f64 / 1e9
+        server.requests
     );
+    assert_eq!(server.requests, truth.requests);
     assert_eq!(d("arrivals"), truth.requests);
     assert_eq!(d("proxied_arrivals"), truth.proxied);
     assert_eq!(d("completions"), truth.requests);
-    assert!(within(
-        d("weighted_ns") as f64,
-        truth.in_flight_ns as f64,
-        0.05
-    ));
+    check_in_flight("ipv6", d("weighted_ns"), server.ns, truth.in_flight_ns);
 }
 
 /// Binds a listener inside the pod's namespace (from a thread that joined it).
@@ -1412,7 +1547,7 @@ fn check_event_driven(pod: &mut TestPod, qp: &QueueProxy, steered: &dyn Fn() -> 
     assert_eq!(steered_after - steered_before, 4, "connections steered");
     assert_eq!(taken_after, taken_before, "no listen(2) during the load");
     // Besides the two scrapes and the metrics reads, the sidecar did nothing
-    // per request: far fewer wake-ups than the 40 requests would need.
+    // per request: far fewer wake-ups than the 20 requests would need.
     let switches = context_switches(qp.child.id()) - switches_before;
     eprintln!("event-driven: sidecar context switches during the load {switches}");
 
