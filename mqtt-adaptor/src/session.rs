@@ -26,6 +26,7 @@ pub enum Incoming {
     Message(Box<InboundMessage>),
     /// The broker refused a subscription (filter and reason).
     SubscribeRefused(String),
+    PingResp,
     Other,
 }
 
@@ -220,14 +221,11 @@ impl Session {
     }
 
     fn put4(&mut self, packet: rumqttc::Packet) -> Result<(), MqttError> {
-        packet
-            .write(&mut self.wbuf, MAX_PACKET as usize)
-            .map(drop)
-            .map_err(codec)
+        put4(&mut self.wbuf, packet)
     }
 
     fn put5(&mut self, packet: p5::Packet) -> Result<(), MqttError> {
-        packet.write(&mut self.wbuf, None).map(drop).map_err(codec)
+        put5(&mut self.wbuf, packet)
     }
 
     /// Something is queued to send.
@@ -266,80 +264,103 @@ impl Session {
         }
     }
 
-    /// Decodes the next complete packet from what was read (`None`: read more). PINGRESP and
-    /// PUBREL are handled here (PUBCOMP queued).
+    /// Decodes the next complete packet from what was read (`None`: read more). PUBREL is
+    /// answered here (PUBCOMP queued).
     pub fn next_packet(&mut self) -> Result<Option<Incoming>, MqttError> {
-        if self.v5 {
-            let packet = match p5::Packet::read(&mut self.rbuf, Some(MAX_PACKET)) {
-                Ok(p) => p,
-                Err(r5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
-                Err(e) => return Err(codec(e)),
-            };
-            Ok(Some(match packet {
-                p5::Packet::Publish(p) => {
-                    let props = p.properties.unwrap_or_default();
-                    Incoming::Message(Box::new(InboundMessage {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload,
-                        qos: p.qos as u8,
-                        pkid: p.pkid,
-                        content_type: props.content_type,
-                        user_properties: props.user_properties,
-                    }))
-                }
-                p5::Packet::PubRel(r) => {
-                    self.put5(p5::Packet::PubComp(p5::PubComp::new(r.pkid, None)))?;
-                    Incoming::Other
-                }
-                p5::Packet::PingResp(_) => {
-                    self.ping_outstanding = false;
-                    Incoming::Other
-                }
-                p5::Packet::SubAck(a) => refused_v5(&a.return_codes),
-                p5::Packet::Disconnect(d) => {
-                    return Err(MqttError::Connection(format!(
-                        "the broker disconnected: {:?}",
-                        d.reason_code
-                    )));
-                }
-                _ => Incoming::Other,
-            }))
-        } else {
-            let packet = match rumqttc::Packet::read(&mut self.rbuf, MAX_PACKET as usize) {
-                Ok(p) => p,
-                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
-                Err(e) => return Err(codec(e)),
-            };
-            Ok(Some(match packet {
-                rumqttc::Packet::Publish(p) => Incoming::Message(Box::new(InboundMessage {
-                    topic: p.topic,
+        let packet = decode(self.v5, &mut self.rbuf, &mut self.wbuf)?;
+        if matches!(packet, Some(Incoming::PingResp)) {
+            self.ping_outstanding = false;
+        }
+        Ok(packet)
+    }
+}
+
+fn put4(wbuf: &mut BytesMut, packet: rumqttc::Packet) -> Result<(), MqttError> {
+    packet
+        .write(wbuf, MAX_PACKET as usize)
+        .map(drop)
+        .map_err(codec)
+}
+
+fn put5(wbuf: &mut BytesMut, packet: p5::Packet) -> Result<(), MqttError> {
+    packet.write(wbuf, None).map(drop).map_err(codec)
+}
+
+/// Decodes the next complete packet at the start of `rbuf` (consuming it) as broker input of
+/// MQTT 5 (`v5`) or 3.1.1: `Ok(None)` while incomplete. A PUBREL is answered with a PUBCOMP
+/// queued in `wbuf`.
+pub fn decode(
+    v5: bool,
+    rbuf: &mut BytesMut,
+    wbuf: &mut BytesMut,
+) -> Result<Option<Incoming>, MqttError> {
+    if v5 {
+        let packet = match p5::Packet::read(rbuf, Some(MAX_PACKET)) {
+            Ok(p) => p,
+            Err(r5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+            Err(e) => return Err(codec(e)),
+        };
+        Ok(Some(match packet {
+            p5::Packet::Publish(p) => {
+                let props = p.properties.unwrap_or_default();
+                Incoming::Message(Box::new(InboundMessage {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
                     payload: p.payload,
                     qos: p.qos as u8,
                     pkid: p.pkid,
-                    content_type: None,
-                    user_properties: Vec::new(),
-                })),
-                rumqttc::Packet::PubRel(r) => {
-                    self.put4(rumqttc::Packet::PubComp(rumqttc::PubComp::new(r.pkid)))?;
+                    content_type: props.content_type,
+                    user_properties: props.user_properties,
+                }))
+            }
+            p5::Packet::PubRel(r) => {
+                put5(wbuf, p5::Packet::PubComp(p5::PubComp::new(r.pkid, None)))?;
+                Incoming::Other
+            }
+            p5::Packet::PingResp(_) => Incoming::PingResp,
+            p5::Packet::SubAck(a) => refused_v5(&a.return_codes),
+            p5::Packet::Disconnect(d) => {
+                return Err(MqttError::Connection(format!(
+                    "the broker disconnected: {:?}",
+                    d.reason_code
+                )));
+            }
+            _ => Incoming::Other,
+        }))
+    } else {
+        let packet = match rumqttc::Packet::read(rbuf, MAX_PACKET as usize) {
+            Ok(p) => p,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+            Err(e) => return Err(codec(e)),
+        };
+        Ok(Some(match packet {
+            rumqttc::Packet::Publish(p) => Incoming::Message(Box::new(InboundMessage {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                content_type: None,
+                user_properties: Vec::new(),
+            })),
+            rumqttc::Packet::PubRel(r) => {
+                put4(
+                    wbuf,
+                    rumqttc::Packet::PubComp(rumqttc::PubComp::new(r.pkid)),
+                )?;
+                Incoming::Other
+            }
+            rumqttc::Packet::PingResp => Incoming::PingResp,
+            rumqttc::Packet::SubAck(a) => {
+                if a.return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    Incoming::SubscribeRefused("the broker refused a topic filter".into())
+                } else {
                     Incoming::Other
                 }
-                rumqttc::Packet::PingResp => {
-                    self.ping_outstanding = false;
-                    Incoming::Other
-                }
-                rumqttc::Packet::SubAck(a) => {
-                    if a.return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    {
-                        Incoming::SubscribeRefused("the broker refused a topic filter".into())
-                    } else {
-                        Incoming::Other
-                    }
-                }
-                _ => Incoming::Other,
-            }))
-        }
+            }
+            _ => Incoming::Other,
+        }))
     }
 }
 
@@ -350,5 +371,80 @@ fn refused_v5(codes: &[p5::SubscribeReasonCode]) -> Incoming {
     {
         Some(c) => Incoming::SubscribeRefused(format!("{c:?}")),
         None => Incoming::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_v4() -> Vec<u8> {
+        // PUBLISH QoS 1, topic "a/b", packet id 1, payload "hi".
+        vec![0x32, 9, 0, 3, b'a', b'/', b'b', 0, 1, b'h', b'i']
+    }
+
+    #[test]
+    fn decodes_messages_and_answers_pubrel() {
+        let mut input = publish_v4();
+        input.extend_from_slice(&[0x62, 2, 0, 7, 0xd0, 0]);
+        let mut rbuf = BytesMut::from(&input[..3]);
+        let mut wbuf = BytesMut::new();
+        assert!(matches!(decode(false, &mut rbuf, &mut wbuf), Ok(None)));
+        let mut rbuf = BytesMut::from(&input[..]);
+        match decode(false, &mut rbuf, &mut wbuf) {
+            Ok(Some(Incoming::Message(m))) => {
+                assert_eq!(
+                    (m.topic.as_str(), &m.payload[..], m.qos, m.pkid),
+                    ("a/b", &b"hi"[..], 1, 1)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(false, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::Other))
+        ));
+        assert_eq!(&wbuf[..], &[0x70, 2, 0, 7], "PUBCOMP for the PUBREL");
+        assert!(matches!(
+            decode(false, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::PingResp))
+        ));
+        assert!(rbuf.is_empty());
+        // MQTT 5: the same PUBLISH with an empty property section, then a refused SUBACK.
+        let mut v5 = vec![0x32, 10, 0, 3, b'a', b'/', b'b', 0, 1, 0, b'h', b'i'];
+        v5.extend_from_slice(&[0x90, 4, 0, 1, 0, 0x87]);
+        let mut rbuf = BytesMut::from(&v5[..]);
+        assert!(matches!(
+            decode(true, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::Message(_)))
+        ));
+        assert!(matches!(
+            decode(true, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::SubscribeRefused(_)))
+        ));
+    }
+
+    #[test]
+    fn random_input_never_panics_and_always_progresses() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 64) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|i| (x >> ((i * 5) % 57)) as u8).collect();
+            if x & 2 == 0 {
+                bytes.splice(0..0, publish_v4());
+            }
+            let mut rbuf = BytesMut::from(&bytes[..]);
+            let mut wbuf = BytesMut::new();
+            loop {
+                let before = rbuf.len();
+                match decode(x & 1 == 1, &mut rbuf, &mut wbuf) {
+                    Ok(Some(_)) => assert!(rbuf.len() < before),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
     }
 }

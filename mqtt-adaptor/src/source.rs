@@ -319,7 +319,7 @@ fn decode(
             Some(Incoming::SubscribeRefused(reason)) => {
                 tracing::error!(reason = %reason, topics = ?p.cfg.topics, "the broker refused the subscription");
             }
-            Some(Incoming::Other) => {}
+            Some(Incoming::Other | Incoming::PingResp) => {}
         }
     }
 }
