@@ -11,6 +11,14 @@
 //! the pod's namespace (both join the cgroup / namespace before opening any
 //! socket, so the programs see their sockets as the pod's). Set
 //! SPRIGHT_TEST_AGENT_LOG=1 to see the agents' logs.
+//!
+//! The in-flight time the kernel integrates is checked against two witnesses
+//! on the same monotonic clock: the pod's server (how long it held each
+//! request, from having read its head to starting its last write: inside the
+//! kernel's window) and the client (from writing the request to having read
+//! the response: around it). That bracket holds however loaded the machine
+//! is; the 5% bound is against the server's view, with requests long enough
+//! (150 ms and more) that the scheduler's delays stay far below it.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
