@@ -18,8 +18,9 @@
 //! last write), within 5%, and the client (from writing the request to having
 //! read the response), as an upper bound. Neither depends on how soon the
 //! scheduler runs the server or the client, so both hold however loaded the
-//! machine is. The sidecar's Stat is taken over its own window (its uptime
-//! between two scrapes), with the whole load inside it.
+//! machine is. The sidecar's Stat is checked over its own window, with the
+//! whole load inside it: rates against the known load, ratios between its
+//! fields for the in-flight time.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -1319,15 +1320,18 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
     // window (between its two reads of the counters, one in each scrape) holds all of it.
     thread::sleep(Duration::from_millis(1100));
     let h0 = held(pod);
-    let first = qp.stat(pod);
-    let window_start = Instant::now();
+    let outer_start = Instant::now();
+    let _ = qp.stat(pod);
+    let inner_start = Instant::now();
     // 4 connections x 5 requests of 200 ms, 2 connections proxied.
     let truth = drive(SocketAddr::from((pod.pod_ip, 8012)), 4, 5, 2, "/sleep/200");
     // The report is renewed only a period after the last one.
     thread::sleep(Duration::from_millis(
-        1000u64.saturating_sub(window_start.elapsed().as_millis() as u64),
+        1000u64.saturating_sub(inner_start.elapsed().as_millis() as u64),
     ));
+    let inner = inner_start.elapsed().as_secs_f64();
     let stat = qp.stat(pod);
+    let outer = outer_start.elapsed().as_secs_f64();
     let server = held(pod).since(h0);
     eprintln!("server: {server:?}");
     thread::sleep(Duration::from_millis(300));
@@ -1338,14 +1342,17 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
         before,
         "the idle sidecar woke up"
     );
-    // The sidecar's window, as its own clock saw it: its uptime between the two scrapes
-    // (each read of the counters follows its scrape's uptime reading). The test's clock
-    // around the scrapes would add the scrapes' own latency, which grows with the load on
-    // the machine.
-    let window = stat.process_uptime - first.process_uptime;
+    // The Stat's rates are over the sidecar's window (between its reads of the counters,
+    // one inside each scrape), which lies between `inner` and `outer`; how far from either
+    // depends on how the scheduler treats the scrapes, so the window is not taken from this
+    // side. The load, all inside it, is known exactly: N requests, P proxied, held S s.
+    // Then request_count × window = N, proxied_request_count / request_count = P / N and
+    // average_concurrent_requests / request_count × N = the kernel's in-flight seconds.
+    let n = truth.requests as f64;
+    let rc = stat.request_count;
     eprintln!(
-        "stat over {window:.3} s: {stat:?}; truth: {} requests ({} proxied); the server held \
-         them {:.4} s ({:.4} s proxied), the client {:.4} s ({:.4} s proxied)",
+        "stat over {inner:.3}..{outer:.3} s: {stat:?}; truth: {} requests ({} proxied); the \
+         server held them {:.4} s ({:.4} s proxied), the client {:.4} s ({:.4} s proxied)",
         truth.requests,
         truth.proxied,
         server.ns as f64 / 1e9,
@@ -1359,33 +1366,33 @@ fn check_stats(pod: &TestPod, qp: &QueueProxy) {
         (truth.requests, truth.proxied),
         "the server saw the load"
     );
+    let slack = 1e-9;
     assert!(
-        within(stat.request_count * window, truth.requests as f64, 0.05),
-        "request count"
+        rc * inner * (1.0 - slack) <= n && n <= rc * outer * (1.0 + slack),
+        "request count: {rc}/s is not {n} requests over a window of {inner:.3}..{outer:.3} s"
     );
     assert!(
         within(
-            stat.proxied_request_count * window,
-            truth.proxied as f64,
-            0.05
+            stat.proxied_request_count / rc,
+            truth.proxied as f64 / n,
+            slack
         ),
         "proxied request count"
     );
-    assert!(
-        within(
-            stat.average_concurrent_requests * window,
-            server.ns as f64 / 1e9,
-            0.05
-        ),
-        "average concurrency"
+    let kernel_s = stat.average_concurrent_requests / rc * n;
+    let kernel_proxied_s = stat.average_proxied_concurrent_requests / rc * n;
+    eprintln!("stat: in-flight {kernel_s:.4} s ({kernel_proxied_s:.4} s proxied)");
+    check_in_flight(
+        "stat in-flight",
+        (kernel_s * 1e9) as u64,
+        server.ns,
+        truth.in_flight_ns,
     );
-    assert!(
-        within(
-            stat.average_proxied_concurrent_requests * window,
-            server.proxied_ns as f64 / 1e9,
-            0.05
-        ),
-        "average proxied concurrency"
+    check_in_flight(
+        "stat proxied in-flight",
+        (kernel_proxied_s * 1e9) as u64,
+        server.proxied_ns,
+        truth.proxied_in_flight_ns,
     );
 }
 
