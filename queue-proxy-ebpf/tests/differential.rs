@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -43,16 +44,23 @@ macro_rules! require_oracle {
     };
 }
 
+/// What every case starts with: the oracle present, Knative's fixed ports held (keep the
+/// guard until the case ends), an upstream and Knative's environment for it.
+fn oracle_case() -> (MutexGuard<'static, ()>, Upstream, BTreeMap<String, String>) {
+    require_oracle!();
+    let guard = port_lock();
+    let up = Upstream::start();
+    let env = knative_env(up.port);
+    (guard, up, env)
+}
+
 fn summary(a: &Answer) -> (u16, String, BTreeMap<String, String>) {
     (a.status, a.text(), a.key_headers())
 }
 
 #[test]
 fn probe_matrix() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, up, mut env) = oracle_case();
     env.insert(
         "SERVING_READINESS_PROBE".into(),
         format!(
@@ -115,10 +123,8 @@ fn probe_matrix() {
     assert_eq!(o[5].0, 400, "the autoscaler's activator probe must get 400");
 
     // A failing readiness probe (nothing listens on the probed port).
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // Nothing listens on a free port.
+    let closed = free_port();
     env.insert(
         "SERVING_READINESS_PROBE".into(),
         format!(r#"{{"tcpSocket":{{"port":{closed},"host":"127.0.0.1"}},"periodSeconds":1,"timeoutSeconds":1}}"#),
@@ -182,10 +188,7 @@ fn probe_matrix() {
 
 #[test]
 fn proxied_request_headers() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let headers = [
         ("host", "hello.default.example.com"),
         ("user-agent", "diff-test"),
@@ -278,18 +281,13 @@ fn proxied_request_headers() {
 
 #[test]
 fn upstream_errors() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let env = knative_env(closed);
-    let (k, o) = both(&env, |p| summary(&get(p.ports.serving, "/", &[])));
+    let (_g, _up, env) = oracle_case();
+    // Nothing listens on a free port.
+    let mut refused = env.clone();
+    refused.insert("USER_PORT".into(), free_port().to_string());
+    let (k, o) = both(&refused, |p| summary(&get(p.ports.serving, "/", &[])));
     assert_same("502 on refused connection", &k, &o);
     assert_eq!(o.0, 502);
-    let env = knative_env(up.port);
     let (k, o) = both(&env, |p| {
         [404u16, 500, 503]
             .iter()
@@ -317,10 +315,7 @@ fn upstream_errors() {
 
 #[test]
 fn breaker_overflow() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, _up, mut env) = oracle_case();
     env.insert("CONTAINER_CONCURRENCY".into(), "1".into());
     let (k, o) = both(&env, |p| {
         let port = p.ports.serving;
@@ -358,11 +353,8 @@ fn breaker_overflow() {
 
 #[test]
 fn timeouts() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
     // Total timeout before the response starts, and after it started (cut with the message).
-    let mut env = knative_env(up.port);
+    let (_g, up, mut env) = oracle_case();
     env.insert("REVISION_TIMEOUT_SECONDS".into(), "1".into());
     let (k, o) = both(&env, |p| {
         (
@@ -422,10 +414,7 @@ fn collect_windows(port: u16, for_how_long: Duration) -> Vec<Stat> {
 
 #[test]
 fn autoscaler_stats_and_proxied_accounting() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         // Before the first window closes: only pod_name.
         let (first_answer, first) = scrape(p.ports.stats);
@@ -504,10 +493,7 @@ fn autoscaler_stats_and_proxied_accounting() {
 
 #[test]
 fn h2c_streaming_and_websocket() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, up, env) = oracle_case();
     let release = up.release.clone();
     let (k, o) = both(&env, |p| {
         let port = p.ports.serving;
@@ -575,10 +561,7 @@ fn h2c_streaming_and_websocket() {
 
 #[test]
 fn wait_for_drain_without_sigterm_resets() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         let (admin, serving) = (p.ports.admin, p.ports.serving);
         let probe = [
@@ -603,16 +586,13 @@ fn wait_for_drain_without_sigterm_resets() {
 
 #[test]
 fn sigterm_drain() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     // The drain lasts Knative's 30 s quiet period, so both run at once: ours on other ports.
     let mut env_ours = env.clone();
-    env_ours.insert("QUEUE_SERVING_PORT".into(), "28013".into());
+    env_ours.insert("QUEUE_SERVING_PORT".into(), free_port().to_string());
     let mut procs = [
         start(Impl::Knative, &env, None),
-        start(Impl::Ours, &env_ours, Some((28022, 29090))),
+        start(Impl::Ours, &env_ours, None),
     ];
     let t0 = Instant::now();
     let waiters: Vec<_> = procs
@@ -717,17 +697,13 @@ fn configuration_errors() {
 
 #[test]
 fn readiness_variants() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
+    let (_g, up, _) = oracle_case();
     let probe = [
         ("user-agent", "kube-probe/1.30"),
         ("k-network-probe", "queue"),
     ];
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // Nothing listens on a free port.
+    let closed = free_port();
     let mut cases: Vec<(&str, bool, String, (u16, u16))> = vec![
         (
             "grpc serving",
@@ -780,10 +756,8 @@ fn readiness_variants() {
 
     // Aggressive mode (periodSeconds 0): the probe retries until the container listens, and
     // concurrent probes share the one in flight.
-    let late = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // Not an ephemeral port: no connection can take it before the listener binds it.
+    let late = free_port();
     let mut env = knative_env(up.port);
     env.insert(
         "SERVING_READINESS_PROBE".into(),
@@ -809,10 +783,7 @@ fn readiness_variants() {
 
 #[test]
 fn queued_request_times_out() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, _up, mut env) = oracle_case();
     env.insert("CONTAINER_CONCURRENCY".into(), "1".into());
     env.insert("REVISION_TIMEOUT_SECONDS".into(), "1".into());
     let (k, o) = both(&env, |p| {
@@ -852,10 +823,7 @@ fn kn_series(metrics: &str) -> Vec<String> {
 /// metrics, pipelined requests and `Connection: close` against Knative's.
 #[test]
 fn fast_path_metrics_and_pipelining() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, _up, mut env) = oracle_case();
     env.insert("CONTAINER_CONCURRENCY".into(), "2".into());
     env.insert(
         "OBSERVABILITY_CONFIG".into(),
@@ -897,33 +865,20 @@ fn fast_path_metrics_and_pipelining() {
 /// The status lines of every answer on one connection (which must close), and the text
 /// after the last head.
 fn raw_answers(port: u16, raw: &[u8]) -> (Vec<String>, String) {
-    let raw = raw.to_vec();
-    runtime().block_on(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        s.write_all(&raw).await.expect("write");
-        let mut out = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        // A body need not end with a newline: status lines are found anywhere.
-        let statuses = text
-            .match_indices("HTTP/1.1 ")
-            .filter_map(|(i, _)| text[i..].split("\r\n").next())
-            .map(str::to_owned)
-            .collect();
-        let last = text.rsplit("\r\n\r\n").next().unwrap_or("").to_owned();
-        (statuses, last)
-    })
+    let text = raw_text(port, raw);
+    // A body need not end with a newline: status lines are found anywhere.
+    let statuses = text
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text[i..].split("\r\n").next())
+        .map(str::to_owned)
+        .collect();
+    let last = text.rsplit("\r\n\r\n").next().unwrap_or("").to_owned();
+    (statuses, last)
 }
 
 #[test]
 fn request_metrics_and_logs() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, _up, mut env) = oracle_case();
     env.insert("CONTAINER_CONCURRENCY".into(), "2".into());
     env.insert(
         "OBSERVABILITY_CONFIG".into(),
@@ -932,7 +887,7 @@ fn request_metrics_and_logs() {
     let mut results = Vec::new();
     for which in [Impl::Knative, Impl::Ours] {
         let mut p = start_opts(which, &env, None, true);
-        // 9091 opens with the prometheus protocol.
+        // 9091 opens with the prometheus protocol (a port Knative's cannot be moved from).
         let port_open = (0..50).any(|_| {
             let ok = std::net::TcpStream::connect(("127.0.0.1", 9091)).is_ok();
             if !ok {
@@ -1016,10 +971,7 @@ fn request_metrics_and_logs() {
 
 #[test]
 fn open_websocket_counts_as_in_flight() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         let (port, stats) = (p.ports.serving, p.ports.stats);
         let rt = runtime();
@@ -1053,10 +1005,7 @@ fn open_websocket_counts_as_in_flight() {
 
 #[test]
 fn grpc_through_h2c() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         let port = p.ports.serving;
         runtime().block_on(async move {
@@ -1079,10 +1028,7 @@ fn grpc_through_h2c() {
 
 #[test]
 fn revision_timeout_ends_websockets() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, _up, mut env) = oracle_case();
     env.insert("REVISION_TIMEOUT_SECONDS".into(), "1".into());
     let (k, o) = both(&env, |p| {
         let port = p.ports.serving;
@@ -1116,6 +1062,16 @@ fn revision_timeout_ends_websockets() {
 
 /// Sends `raw` on a fresh connection and returns the status and the echoed request.
 fn raw_exchange(port: u16, raw: &[u8]) -> (String, serde_json::Value) {
+    let text = raw_text(port, raw);
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let v = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, v)
+}
+
+/// Sends `raw` on a fresh connection and returns all that comes back until the connection
+/// closes (or 5 s pass).
+fn raw_text(port: u16, raw: &[u8]) -> String {
     let raw = raw.to_vec();
     runtime().block_on(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1125,20 +1081,13 @@ fn raw_exchange(port: u16, raw: &[u8]) -> (String, serde_json::Value) {
         s.write_all(&raw).await.expect("write");
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.lines().next().unwrap_or("").to_owned();
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let v = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-        (status, v)
+        String::from_utf8_lossy(&out).into_owned()
     })
 }
 
 #[test]
 fn http10_and_absolute_form() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         let a = raw_exchange(
             p.ports.serving,
@@ -1162,10 +1111,7 @@ fn http10_and_absolute_form() {
 
 #[test]
 fn malformed_requests() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         [
             &b"GARBAGE\r\n\r\n"[..],
@@ -1182,10 +1128,7 @@ fn malformed_requests() {
 
 #[test]
 fn large_upload_and_truncated_upstream() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let env = knative_env(up.port);
+    let (_g, _up, env) = oracle_case();
     let (k, o) = both(&env, |p| {
         let port = p.ports.serving;
         runtime().block_on(async move {
@@ -1207,12 +1150,9 @@ fn large_upload_and_truncated_upstream() {
 
 #[test]
 fn timeouts_when_the_head_waits_for_sniffing() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
     // The head counts as the response start even before Go sends it (it waits for the
     // first bytes to sniff a Content-Type).
-    let mut env = knative_env(up.port);
+    let (_g, up, mut env) = oracle_case();
     env.insert("REVISION_RESPONSE_START_TIMEOUT_SECONDS".into(), "1".into());
     let (k, o) = both(&env, |p| {
         summary(&get(
@@ -1236,10 +1176,7 @@ fn timeouts_when_the_head_waits_for_sniffing() {
 
 #[test]
 fn probe_request_logs_and_custom_template() {
-    require_oracle!();
-    let _g = port_lock();
-    let up = Upstream::start();
-    let mut env = knative_env(up.port);
+    let (_g, _up, mut env) = oracle_case();
     env.insert(
         "OBSERVABILITY_CONFIG".into(),
         r#"{"enableRequestLog":true,"enableProbeRequestLog":true,"requestLogTemplate":"{\"m\":\"{{.Request.Method}}\",\"u\":\"{{js .Request.RequestURI}}\",\"c\":{{.Response.Code}},\"rev\":\"{{.Revision.Name}}\",\"ns\":\"{{.Revision.Namespace}}\",\"pod\":\"{{.Revision.PodName}}\",\"ua\":\"{{js .Request.UserAgent}}\"}"}"#.into(),

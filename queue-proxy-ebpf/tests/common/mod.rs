@@ -18,6 +18,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+pub use spright_test_support::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -26,8 +27,10 @@ use tokio::sync::Notify;
 pub const KNATIVE_QUEUE: &str = "/root/go/bin/queue";
 pub const OURS: &str = env!("CARGO_BIN_EXE_queue-proxy-ebpf");
 
-/// Knative's queue-proxy binds 8022 and 9090 whatever its environment says, so every case
-/// that runs a queue-proxy holds this lock.
+/// Knative's queue-proxy binds its admin port 8022, its stats port 9090, its profiling port
+/// 8008 and (with request metrics over Prometheus) 9091 whatever its environment says
+/// (`pkg/networking/constants.go`), so every case that runs Knative's holds this lock. Every
+/// other port (serving, TLS, ours' admin and stats, the upstream) is a free one per test.
 static PORTS: Mutex<()> = Mutex::new(());
 
 pub fn port_lock() -> MutexGuard<'static, ()> {
@@ -59,9 +62,8 @@ pub struct Ports {
     pub stats: u16,
 }
 
-pub const SERVING_PORT: u16 = 28012;
-
-/// The environment Knative's revision reconciler would set, for `user_port`.
+/// The environment Knative's revision reconciler would set, for `user_port`, with a free
+/// serving port and TLS serving port of this test's own (Knative reads both from here).
 pub fn knative_env(user_port: u16) -> BTreeMap<String, String> {
     [
         ("SERVING_NAMESPACE", "default"),
@@ -70,8 +72,8 @@ pub fn knative_env(user_port: u16) -> BTreeMap<String, String> {
         ("SERVING_REVISION", "hello-00001"),
         ("SERVING_POD", "hello-00001-deployment-5d8f7c-abcde"),
         ("SERVING_POD_IP", "127.0.0.1"),
-        ("QUEUE_SERVING_PORT", &SERVING_PORT.to_string()),
-        ("QUEUE_SERVING_TLS_PORT", "28112"),
+        ("QUEUE_SERVING_PORT", &free_port().to_string()),
+        ("QUEUE_SERVING_TLS_PORT", &free_port().to_string()),
         ("USER_PORT", &user_port.to_string()),
         ("CONTAINER_CONCURRENCY", "0"),
         ("REVISION_TIMEOUT_SECONDS", "300"),
@@ -144,7 +146,8 @@ fn port_open(port: u16) -> bool {
     .is_ok()
 }
 
-/// Starts `which` with `env`; ours may be moved to other admin/stats ports with `alt`.
+/// Starts `which` with `env`. Knative's binds its fixed admin/stats ports; ours gets the
+/// admin/stats ports `alt`, or free ones.
 pub fn start(which: Impl, env: &BTreeMap<String, String>, alt: Option<(u16, u16)>) -> Proc {
     start_opts(which, env, alt, false)
 }
@@ -159,10 +162,11 @@ pub fn start_opts(
     let serving: u16 = env
         .get("QUEUE_SERVING_PORT")
         .and_then(|p| p.parse().ok())
-        .unwrap_or(SERVING_PORT);
+        .expect("QUEUE_SERVING_PORT in the environment");
     let (admin, stats) = match (which, alt) {
         (Impl::Ours, Some(a)) => a,
-        _ => (8022, 9090),
+        (Impl::Ours, None) => (free_port(), free_port()),
+        (Impl::Knative, _) => (8022, 9090),
     };
     // Knative's fixed ports may be held for a while by another suite that runs the real
     // queue-proxy (e.g. activator-lite's, when test binaries run side by side).
