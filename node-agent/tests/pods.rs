@@ -1457,7 +1457,10 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
 
     // Random bytes, some shaped like requests, in random pieces, on
     // connections closed at random points: whatever was counted ends.
-    let mut rng = Rng(0x5eed_1234_abcd_0001 ^ u64::from(std::process::id()));
+    let seed = 0x5eed_1234_abcd_0001 ^ u64::from(std::process::id());
+    // A failure replays with this seed.
+    eprintln!("random input seed {seed:#x}");
+    let mut rng = Rng(seed);
     let words: [&[u8]; 8] = [
         b"GET ",
         b"POST ",
@@ -1490,12 +1493,21 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
         }
         drop(stream);
     }
-    wait_until("every counted request to end", || {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
         let c = counters(&agent, &pod);
-        field(&c, "concurrency") == 0
+        if field(&c, "concurrency") == 0
             && field(&c, "proxied_concurrency") == 0
             && field(&c, "completions") == field(&c, "arrivals")
-    });
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests still counted in flight (seed {seed:#x}): {c}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn ipv6_requests_are_counted() {
