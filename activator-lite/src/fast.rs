@@ -23,6 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use spright_core::http1::{BodyCursor, ResponseRules, is_in, lists, push_header, visible_ascii};
+pub use spright_core::http1::{FastResponse, Framing, ParsedResponse, ResponseError};
+
 use crate::admission::{Head, MAX_HEAD, client_gone};
 use crate::handler::{Admission, HOP_BY_HOP, RequestError, first_byte_timeout};
 use crate::manifests::RevisionKey;
@@ -44,10 +47,6 @@ const REQ_DROP: [&str; 6] = [
     "k-proxy-request",
     "k-original-host",
 ];
-
-fn is_in(list: &[&str], name: &str) -> bool {
-    list.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
 
 /// A request the fast path serves.
 #[derive(Debug)]
@@ -96,32 +95,12 @@ pub fn revision_key(ns: &str, name: &str, host: Option<&str>) -> Option<Revision
     Some(RevisionKey::new(ns, name))
 }
 
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Whether a `Connection` header value lists `name` (case-insensitive).
-fn lists(connection: &[&[u8]], name: &str) -> bool {
-    connection.iter().any(|v| {
-        v.split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
-    })
-}
-
 /// The request headers that name the target revision, in the order `parse_request` reads.
 const ROUTING: [&str; 3] = [
     "knative-serving-namespace",
     "knative-serving-revision",
     "host",
 ];
-
-/// Bytes `http::HeaderValue::to_str` accepts: visible ASCII, space and tab.
-fn visible_ascii(v: &[u8]) -> bool {
-    v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
-}
 
 /// Parses a request head; `peer` is appended to `X-Forwarded-For`.
 pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
@@ -215,7 +194,7 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
     };
     let connection = &connection[..n_conn];
     let method = req.method.unwrap_or("GET");
-    if !fast || !path.starts_with('/') || method == "CONNECT" || lists(connection, "upgrade") {
+    if !fast || !path.starts_with('/') || method == "CONNECT" || lists(connection, b"upgrade") {
         return Parsed::Slow(Head::Revision(key));
     }
     let mut out = Vec::with_capacity(head_len + 96);
@@ -226,7 +205,10 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
     let mut xff: Option<&[u8]> = None;
     let mut xff_more = false;
     for h in req.headers.iter() {
-        if is_in(&HOP_BY_HOP, h.name) || is_in(&REQ_DROP, h.name) || lists(connection, h.name) {
+        if is_in(&HOP_BY_HOP, h.name)
+            || is_in(&REQ_DROP, h.name)
+            || lists(connection, h.name.as_bytes())
+        {
             continue;
         }
         if h.name.eq_ignore_ascii_case("x-forwarded-for") {
@@ -271,235 +253,33 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
         key,
         head_len,
         body_len: body_len.unwrap_or(0),
-        close: lists(connection, "close"),
+        close: lists(connection, b"close"),
         head_method: method == "HEAD",
         replayable: idempotency_key || matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE"),
         out,
     })
 }
 
-/// How a response body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// No body (HEAD, 204, 304).
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Read until the pod closes; the client connection closes after it.
-    UntilClose,
-}
-
-/// A parsed response head.
-#[derive(Debug)]
-pub struct FastResponse {
-    pub head_len: usize,
-    pub status: u16,
-    pub framing: Framing,
-    /// The pod connection may carry another request afterwards.
-    pub reusable: bool,
-    /// Status line and forwarded headers, without the blank line.
-    pub out: Vec<u8>,
-}
-
-/// Why a response head is not usable.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ResponseError {
-    #[error("malformed response head from the pod")]
-    Malformed,
-    #[error("the pod switched protocols without being asked")]
-    UnexpectedUpgrade,
-}
-
-/// The outcome of parsing bytes from the pod.
-#[derive(Debug)]
-pub enum ParsedResponse {
-    Partial,
-    /// An interim (1xx) head of this length: skip it.
-    Interim(usize),
-    Complete(FastResponse),
-}
+/// How a response head from a pod is rewritten: the hop-by-hop headers dropped but
+/// `transfer-encoding` (the body passes through in its own framing), names as sent.
+const RESPONSE_RULES: ResponseRules = ResponseRules {
+    max_head: MAX_RESPONSE_HEAD,
+    max_headers: MAX_HEADERS,
+    drop: &HOP_BY_HOP,
+    lowercase: false,
+    rechunk: false,
+};
 
 /// Parses a response head to a request that was `HEAD` when `head_method`.
 pub fn parse_response(buf: &[u8], head_method: bool) -> Result<ParsedResponse, ResponseError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {
-            return Ok(ParsedResponse::Partial);
-        }
-        _ => return Err(ResponseError::Malformed),
-    };
-    let status = resp.code.unwrap_or(0);
-    if status == 101 {
-        return Err(ResponseError::UnexpectedUpgrade);
-    }
-    if (100..200).contains(&status) {
-        return Ok(ParsedResponse::Interim(head_len));
-    }
-    let mut reusable = resp.version == Some(1);
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    let mut connection: [&[u8]; 4] = [b""; 4];
-    let mut n_conn = 0;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let l = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(ResponseError::Malformed)?;
-            if length.is_some_and(|p| p != l) {
-                return Err(ResponseError::Malformed);
-            }
-            length = Some(l);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            if n_conn == connection.len() {
-                return Err(ResponseError::Malformed);
-            }
-            connection[n_conn] = h.value;
-            n_conn += 1;
-        }
-    }
-    let connection = &connection[..n_conn];
-    if lists(connection, "close") {
-        reusable = false;
-    }
-    let framing = if head_method || status == 204 || status == 304 {
-        Framing::Empty
-    } else {
-        match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) | (None, None) => Framing::UntilClose,
-            (None, Some(l)) => Framing::Length(l),
-        }
-    };
-    if framing == Framing::UntilClose {
-        reusable = false;
-    }
-    let mut out = Vec::with_capacity(head_len + 32);
-    {
-        use std::io::Write as _;
-        let _ = write!(out, "HTTP/1.1 {status} ");
-    }
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        // `transfer-encoding` stays: the body passes through in its own framing.
-        if (is_in(&HOP_BY_HOP, h.name) && !h.name.eq_ignore_ascii_case("transfer-encoding"))
-            || lists(connection, h.name)
-            || (chunked.is_some() && h.name.eq_ignore_ascii_case("content-length"))
-        {
-            continue;
-        }
-        push_header(&mut out, h.name.as_bytes(), h.value);
-    }
-    Ok(ParsedResponse::Complete(FastResponse {
-        head_len,
-        status,
-        framing,
-        reusable,
-        out,
-    }))
+    spright_core::http1::parse_response(buf, head_method, &RESPONSE_RULES)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum ChunkState {
-    #[default]
-    Size,
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    TrailerLine,
-    TrailerLf,
-    FinalLf,
-    Done,
-}
-
-/// `next` when `b` is the byte the chunked syntax requires here.
-fn expect(b: u8, want: u8, next: ChunkState) -> Result<ChunkState, ResponseError> {
-    if b == want {
-        Ok(next)
-    } else {
-        Err(ResponseError::Malformed)
-    }
-}
-
-/// Finds the end of a chunked body passed through unchanged.
-#[derive(Debug, Default)]
-pub struct ChunkScanner {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-}
-
-impl ChunkScanner {
-    /// Consumes `data`; `Ok(Some(n))` when the body ends after its first `n` bytes.
-    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ResponseError> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            match self.state {
-                Size => match (b as char).to_digit(16) {
-                    Some(d) => {
-                        self.digits += 1;
-                        if self.digits > 15 {
-                            return Err(ResponseError::Malformed);
-                        }
-                        self.size = self.size * 16 + u64::from(d);
-                    }
-                    None if self.digits == 0 => return Err(ResponseError::Malformed),
-                    None => match b {
-                        b';' | b' ' | b'\t' => self.state = Ext,
-                        b'\r' => self.state = SizeLf,
-                        _ => return Err(ResponseError::Malformed),
-                    },
-                },
-                Ext => {
-                    if b == b'\r' {
-                        self.state = SizeLf;
-                    }
-                }
-                SizeLf => {
-                    let next = if self.size == 0 { TrailerStart } else { Data };
-                    self.state = expect(b, b'\n', next)?;
-                }
-                Data => {
-                    let take = (data.len() - i).min(self.size as usize);
-                    self.size -= take as u64;
-                    i += take;
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                DataCr => self.state = expect(b, b'\r', DataLf)?,
-                DataLf => {
-                    self.state = expect(b, b'\n', Size)?;
-                    self.digits = 0;
-                }
-                TrailerStart => self.state = if b == b'\r' { FinalLf } else { TrailerLine },
-                TrailerLine => {
-                    if b == b'\r' {
-                        self.state = TrailerLf;
-                    }
-                }
-                TrailerLf => self.state = expect(b, b'\n', TrailerStart)?,
-                FinalLf => {
-                    self.state = expect(b, b'\n', Done)?;
-                    return Ok(Some(i + 1));
-                }
-                Done => return Ok(Some(i)),
-            }
-            i += 1;
-        }
-        Ok((self.state == Done).then_some(i))
+/// What the client is told when the pod's response is not usable.
+fn pod_error(e: &ResponseError) -> &'static str {
+    match e {
+        ResponseError::Malformed => "malformed response head from the pod",
+        ResponseError::UnexpectedUpgrade => "the pod switched protocols without being asked",
     }
 }
 
@@ -650,7 +430,7 @@ async fn exchange(
                     continue;
                 }
                 Ok(ParsedResponse::Partial) => {}
-                Err(e) => return Err(Failed::Upstream(e.to_string())),
+                Err(e) => return Err(Failed::Upstream(pod_error(&e).into())),
             }
             // A pooled connection the pod closed before this request reached it.
             let retry_read = reused && replayable && ubuf.is_empty();
@@ -795,54 +575,22 @@ async fn pass_body(
     upstream: &mut TcpStream,
     client: &mut TcpStream,
     ubuf: &mut BytesMut,
-    mut head: Vec<u8>,
+    head: Vec<u8>,
     framing: Framing,
     deadline: Option<Instant>,
     idle: Option<Duration>,
 ) -> io::Result<bool> {
-    let mut scanner = ChunkScanner::default();
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    // How much of `data` belongs to the body, and whether the body is complete.
-    let mut take = |data: &[u8]| -> io::Result<(usize, bool)> {
-        match framing {
-            Framing::Empty => Ok((0, true)),
-            Framing::Length(_) => {
-                let n = (data.len() as u64).min(left) as usize;
-                left -= n as u64;
-                Ok((n, left == 0))
-            }
-            Framing::Chunked => match scanner.feed(data) {
-                Ok(Some(n)) => Ok((n, true)),
-                Ok(None) => Ok((data.len(), false)),
-                Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-            },
-            Framing::UntilClose => Ok((data.len(), false)),
-        }
-    };
-    let (n, mut complete) = take(ubuf)?;
-    head.extend_from_slice(&ubuf[..n]);
-    ubuf.advance(n);
-    client.write_all(&head).await?;
+    let mut cursor = BodyCursor::new(framing);
+    let mut complete = cursor.pass(client, ubuf, Some(head)).await?;
     while !complete {
         ubuf.clear();
         let got = bounded(fill(upstream, ubuf), deadline, idle).await?;
         if got == 0 {
-            return if framing == Framing::UntilClose {
-                Ok(false)
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the pod closed mid-body",
-                ))
-            };
+            return cursor
+                .upstream_closed("the pod closed mid-body")
+                .map(|()| false);
         }
-        let (n, c) = take(ubuf)?;
-        complete = c;
-        client.write_all(&ubuf[..n]).await?;
-        ubuf.advance(n);
+        complete = cursor.pass(client, ubuf, None).await?;
     }
     Ok(ubuf.is_empty())
 }
@@ -1027,71 +775,22 @@ mod tests {
         ));
     }
 
-    /// Encodes `body` in chunks of random sizes, with extensions and trailers now and then.
-    fn encode_chunked(body: &[u8], rng: &mut rand::rngs::StdRng) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut rest = body;
-        while !rest.is_empty() {
-            let n = rng.gen_range(1..=rest.len());
-            out.extend_from_slice(format!("{n:x}").as_bytes());
-            if rng.gen_bool(0.2) {
-                out.extend_from_slice(b";ext=1");
-            }
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(&rest[..n]);
-            out.extend_from_slice(b"\r\n");
-            rest = &rest[n..];
-        }
-        out.extend_from_slice(b"0\r\n");
-        if rng.gen_bool(0.3) {
-            out.extend_from_slice(b"X-Trailer: 1\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out
-    }
-
     #[test]
-    fn chunk_scanner_finds_the_end_in_random_splits() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for _ in 0..2000 {
-            let len = rng.gen_range(0..300);
-            let body: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
-            let enc = encode_chunked(&body, &mut rng);
-            let mut wire = enc.clone();
-            wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-            let mut sc = ChunkScanner::default();
-            let mut pos = 0;
-            let end = loop {
-                let step = rng.gen_range(1..=16).min(wire.len() - pos);
-                match sc.feed(&wire[pos..pos + step]).unwrap() {
-                    Some(n) => break pos + n,
-                    None => pos += step,
-                }
-                assert!(pos < wire.len(), "never ended");
-            };
-            assert_eq!(end, enc.len());
-        }
-    }
-
-    #[test]
-    fn chunk_scanner_rejects_garbage_without_panicking() {
-        let mut sc = ChunkScanner::default();
-        assert!(sc.feed(b"zz\r\n").is_err());
-        let mut sc = ChunkScanner::default();
-        assert!(sc.feed(b"3\r\nabcX").is_err());
-        let mut sc = ChunkScanner::default();
-        assert!(sc.feed(b"ffffffffffffffffff\r\n").is_err());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for _ in 0..5000 {
-            let data: Vec<u8> = (0..rng.gen_range(0..64))
-                .map(|_| {
-                    *b"0123456789abcdef\r\n; xZ"
-                        .get(rng.gen_range(0..23))
-                        .unwrap_or(&b'0')
-                })
-                .collect();
-            let _ = ChunkScanner::default().feed(&data);
-        }
+    fn responses_keep_transfer_encoding_and_upgrade() {
+        let r = complete(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nUpgrade: x\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.framing, Framing::UntilClose);
+        assert_eq!(
+            String::from_utf8(r.out).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nUpgrade: x\r\n"
+        );
+        let err = parse_response(b"HTTP/1.1 101 Switching\r\n\r\n", false).unwrap_err();
+        assert_eq!(
+            pod_error(&err),
+            "the pod switched protocols without being asked"
+        );
     }
 
     #[test]

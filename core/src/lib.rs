@@ -5,6 +5,7 @@
 //! - [`transport`]: the `Transport` trait with the sk_msg and Unix-socket implementations.
 //! - [`control`]: the control protocol by which a function joins the node's dataplane.
 //! - [`sdk`]: the function SDK.
+//! - [`http1`]: HTTP/1.1 response framing, chunked-body scanning and `Rewind` for the fast paths.
 //! - [`logging`]: zap-compatible JSON logs shared by every component.
 //! - [`autoscaler`]: the Knative autoscaler's wire messages (`Stat`, `WireStatMessages`).
 
@@ -14,6 +15,7 @@ pub mod control;
 pub mod dataplane_mode;
 pub mod descriptor;
 pub mod host;
+pub mod http1;
 pub mod logging;
 pub mod pool;
 pub mod sdk;

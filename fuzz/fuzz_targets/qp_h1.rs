@@ -23,6 +23,7 @@ mod health;
 use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
+use spright_core::http1::ChunkScanner;
 
 const GONE: [&str; 8] = [
     "connection",
@@ -63,9 +64,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = h1::parse_response(raw, flags & 2 != 0);
     let _ = h1::first_chunk_data(raw);
-    let whole = h1::ChunkScanner::default().feed(raw);
+    let whole = ChunkScanner::default().feed(raw);
     let cut = usize::from(flags).min(raw.len());
-    let mut s = h1::ChunkScanner::default();
+    let mut s = ChunkScanner::default();
     let split = match s.feed(&raw[..cut]) {
         Ok(Some(n)) => Ok(Some(n)),
         Ok(None) => s.feed(&raw[cut..]).map(|e| e.map(|n| n + cut)),

@@ -517,6 +517,15 @@ mod tests {
         );
     }
 
+    /// A sample taken `s` seconds in, after `arrivals` requests.
+    fn sample(s: u64, arrivals: u64) -> Sample {
+        Sample {
+            now_ns: s * 1_000_000_000,
+            arrivals,
+            ..Sample::default()
+        }
+    }
+
     struct Scripted(Mutex<Vec<Result<Sample, String>>>);
 
     impl CounterSource for Scripted {
@@ -531,11 +540,6 @@ mod tests {
     #[test]
     fn unreadable_counters_fall_back_to_userspace() {
         let t0 = Instant::now();
-        let sample = |s: u64, arrivals| Sample {
-            now_ns: s * 1_000_000_000,
-            arrivals,
-            ..Sample::default()
-        };
         let source = Scripted(Mutex::new(vec![
             Ok(sample(1, 0)),
             Ok(sample(2, 5)),
@@ -564,11 +568,6 @@ mod tests {
     #[test]
     fn an_agent_that_answers_late_takes_over_from_userspace() {
         let t0 = Instant::now();
-        let sample = |s: u64, arrivals| Sample {
-            now_ns: s * 1_000_000_000,
-            arrivals,
-            ..Sample::default()
-        };
         let source = Scripted(Mutex::new(vec![
             Err("agent answered 403: no pod on this node has address 10.0.0.2".into()),
             Err("still not registered".into()),

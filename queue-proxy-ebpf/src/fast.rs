@@ -14,21 +14,21 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use spright_core::http1::{BodyCursor, FastResponse, Framing};
+
 use crate::body::TEXT_PLAIN;
 use crate::chain::{Chain, Guard};
-use crate::h1::{self, ChunkScanner, FastResponse, Framing, Parsed, ParsedResponse};
+use crate::h1::{self, Parsed, ParsedResponse};
 use crate::server::Wrap;
 use crate::timeout::MESSAGE;
 
@@ -493,35 +493,12 @@ async fn pass_body(
     up: &mut TcpStream,
     client: &mut TcpStream,
     ubuf: &mut BytesMut,
-    mut head: Vec<u8>,
+    head: Vec<u8>,
     framing: Framing,
     (chain, total, idle): (&Chain, Instant, Option<Duration>),
 ) -> io::Result<Passed> {
-    let mut scanner = ChunkScanner::default();
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    let mut take = |data: &[u8]| -> io::Result<(usize, bool)> {
-        match framing {
-            Framing::Empty => Ok((0, true)),
-            Framing::Length(_) => {
-                let n = u64::try_from(data.len()).unwrap_or(u64::MAX).min(left);
-                left -= n;
-                Ok((usize::try_from(n).unwrap_or(usize::MAX), left == 0))
-            }
-            Framing::Chunked => match scanner.feed(data) {
-                Ok(Some(n)) => Ok((n, true)),
-                Ok(None) => Ok((data.len(), false)),
-                Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-            },
-            Framing::UntilClose => Ok((data.len(), false)),
-        }
-    };
-    let (n, mut complete) = take(ubuf)?;
-    head.extend_from_slice(&ubuf[..n]);
-    ubuf.advance(n);
-    client.write_all(&head).await?;
+    let mut cursor = BodyCursor::new(framing);
+    let mut complete = cursor.pass(client, ubuf, Some(head)).await?;
     while !complete {
         ubuf.clear();
         if ubuf.capacity() < 1024 {
@@ -535,7 +512,7 @@ async fn pass_body(
         let Some(got) = read else {
             // Knative ends the response with its timeout message.
             return match framing {
-                Framing::Chunked if scanner.at_boundary() => {
+                Framing::Chunked if cursor.at_chunk_boundary() => {
                     let end = format!("{:x}\r\n{MESSAGE}\r\n0\r\n\r\n", MESSAGE.len());
                     client.write_all(end.as_bytes()).await?;
                     Ok(Passed::TimedOut)
@@ -548,81 +525,17 @@ async fn pass_body(
             };
         };
         if got == 0 {
-            return if framing == Framing::UntilClose {
-                Ok(Passed::Closed)
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the user container closed mid-body",
-                ))
-            };
+            return cursor
+                .upstream_closed("the user container closed mid-body")
+                .map(|()| Passed::Closed);
         }
-        let (n, c) = take(ubuf)?;
-        complete = c;
-        client.write_all(&ubuf[..n]).await?;
-        ubuf.advance(n);
+        complete = cursor.pass(client, ubuf, None).await?;
     }
     Ok(Passed::Complete)
 }
 
 /// A client stream that first yields the bytes the fast path already read from it.
-#[derive(Debug)]
-pub struct Rewind {
-    pre: Bytes,
-    inner: TcpStream,
-}
-
-impl Rewind {
-    fn new(pre: Bytes, inner: TcpStream) -> Self {
-        Self { pre, inner }
-    }
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.pre.is_empty() {
-            return Pin::new(&mut self.inner).poll_read(cx, out);
-        }
-        let n = self.pre.len().min(out.remaining());
-        out.put_slice(&self.pre[..n]);
-        self.pre.advance(n);
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+pub type Rewind = spright_core::http1::Rewind<TcpStream>;
 
 #[cfg(test)]
 mod tests {

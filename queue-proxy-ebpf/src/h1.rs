@@ -13,6 +13,11 @@
 use std::io::Write as _;
 use std::net::IpAddr;
 
+pub use spright_core::http1::{ParsedResponse, ResponseError};
+use spright_core::http1::{
+    ResponseRules, is_in, lists, push_header_lowercase as push_header, visible_ascii,
+};
+
 use crate::health::{ACTIVATOR_UA, AUTOSCALING_UA, KUBE_PROBE_UA_PREFIX};
 
 /// Largest request body the fast path buffers; bigger or chunked ones are streamed by hyper.
@@ -73,30 +78,6 @@ const XFP: usize = 6;
 const XFH: usize = 7;
 const FORWARDED: usize = 8;
 const TE: usize = 9;
-
-fn is_in(list: &[&str], name: &str) -> bool {
-    list.iter().any(|n| n.eq_ignore_ascii_case(name))
-}
-
-/// Bytes `http::HeaderValue::to_str` accepts: visible ASCII, space and tab.
-fn visible_ascii(v: &[u8]) -> bool {
-    v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
-}
-
-/// Whether the `Connection` values list `token` (case-insensitive).
-fn lists(connection: &[&[u8]], token: &[u8]) -> bool {
-    connection.iter().any(|v| {
-        v.split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
-}
-
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend(name.iter().map(u8::to_ascii_lowercase));
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
 
 /// A request the fast path serves.
 #[derive(Debug, PartialEq, Eq)]
@@ -262,264 +243,19 @@ pub fn parse_request(buf: &[u8], peer: IpAddr) -> Parsed {
     })
 }
 
-/// How a response body ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// No body (HEAD, 204, 304).
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Read until the user container closes; the client connection closes after it.
-    UntilClose,
-}
-
-/// A parsed response head.
-#[derive(Debug, PartialEq, Eq)]
-pub struct FastResponse {
-    pub head_len: usize,
-    pub status: u16,
-    pub framing: Framing,
-    /// The upstream connection may carry another request afterwards.
-    pub reusable: bool,
-    /// No `Content-Type`, on a status that has a body: the client gets a sniffed one.
-    pub sniff: bool,
-    /// The response had a `Date` header.
-    pub dated: bool,
-    /// Status line and forwarded headers, without the blank line.
-    pub out: Vec<u8>,
-}
-
-/// Why a response head is not usable.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ResponseError {
-    #[error("malformed HTTP response")]
-    Malformed,
-    #[error("unexpected 101 Switching Protocols")]
-    UnexpectedUpgrade,
-}
-
-/// The outcome of parsing bytes from the user container.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ParsedResponse {
-    Partial,
-    /// An interim (1xx) head of this length: skipped.
-    Interim(usize),
-    Complete(FastResponse),
-}
+/// The hyper path's rules for a response head from the user container: hop-by-hop headers
+/// dropped, names lower-cased, a chunked body announced as such.
+const RESPONSE_RULES: ResponseRules = ResponseRules {
+    max_head: MAX_RESPONSE_HEAD,
+    max_headers: MAX_RESPONSE_HEADERS,
+    drop: &HOP_BY_HOP,
+    lowercase: true,
+    rechunk: true,
+};
 
 /// Parses a response head to a request that was `HEAD` when `head_method`.
 pub fn parse_response(buf: &[u8], head_method: bool) -> Result<ParsedResponse, ResponseError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Err(httparse::Error::TooManyHeaders) => {
-            let mut more = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-            let mut resp = httparse::Response::new(&mut more);
-            let parsed = resp.parse(buf);
-            response_from(&resp, parsed, buf.len(), head_method)
-        }
-        parsed => response_from(&resp, parsed, buf.len(), head_method),
-    }
-}
-
-fn response_from(
-    resp: &httparse::Response<'_, '_>,
-    parsed: httparse::Result<usize>,
-    buf_len: usize,
-    head_method: bool,
-) -> Result<ParsedResponse, ResponseError> {
-    let head_len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf_len < MAX_RESPONSE_HEAD => {
-            return Ok(ParsedResponse::Partial);
-        }
-        _ => return Err(ResponseError::Malformed),
-    };
-    let status = resp.code.unwrap_or(0);
-    if status == 101 {
-        return Err(ResponseError::UnexpectedUpgrade);
-    }
-    if (100..200).contains(&status) {
-        return Ok(ParsedResponse::Interim(head_len));
-    }
-    let mut reusable = resp.version == Some(1);
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    let mut connection: [&[u8]; 4] = [b""; 4];
-    let mut n_conn = 0;
-    let (mut typed, mut dated) = (false, false);
-    for h in resp.headers.iter() {
-        let n = h.name;
-        if n.eq_ignore_ascii_case("content-length") {
-            let l = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(ResponseError::Malformed)?;
-            if length.is_some_and(|p| p != l) {
-                return Err(ResponseError::Malformed);
-            }
-            length = Some(l);
-        } else if n.eq_ignore_ascii_case("transfer-encoding") {
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if n.eq_ignore_ascii_case("connection") {
-            if n_conn == connection.len() {
-                return Err(ResponseError::Malformed);
-            }
-            connection[n_conn] = h.value;
-            n_conn += 1;
-        } else if n.eq_ignore_ascii_case("content-type") {
-            typed = true;
-        } else if n.eq_ignore_ascii_case("date") {
-            dated = true;
-        }
-    }
-    let connection = &connection[..n_conn];
-    if lists(connection, b"close") {
-        reusable = false;
-    }
-    let no_body = status == 204 || status == 304;
-    let framing = if head_method || no_body {
-        Framing::Empty
-    } else {
-        match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) | (None, None) => Framing::UntilClose,
-            (None, Some(l)) => Framing::Length(l),
-        }
-    };
-    if framing == Framing::UntilClose {
-        reusable = false;
-    }
-    let mut out = Vec::with_capacity(head_len + 48);
-    let _ = write!(out, "HTTP/1.1 {status} ");
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        if is_in(&HOP_BY_HOP, h.name)
-            || lists(connection, h.name.as_bytes())
-            || (chunked.is_some() && h.name.eq_ignore_ascii_case("content-length"))
-        {
-            continue;
-        }
-        push_header(&mut out, h.name.as_bytes(), h.value);
-    }
-    if framing == Framing::Chunked {
-        // The body passes through in its own chunks.
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    Ok(ParsedResponse::Complete(FastResponse {
-        head_len,
-        status,
-        framing,
-        reusable,
-        sniff: !typed && !no_body,
-        dated,
-        out,
-    }))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-enum ChunkState {
-    #[default]
-    Size,
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    TrailerLine,
-    TrailerLf,
-    FinalLf,
-    Done,
-}
-
-/// Follows a chunked body as it passes through, to find where it ends.
-#[derive(Debug, Default)]
-pub struct ChunkScanner {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-}
-
-fn want(b: u8, expected: u8, next: ChunkState) -> Result<ChunkState, ResponseError> {
-    if b == expected {
-        Ok(next)
-    } else {
-        Err(ResponseError::Malformed)
-    }
-}
-
-impl ChunkScanner {
-    /// Consumes `data`; `Some(n)` when the body ended after its first `n` bytes.
-    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ResponseError> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < data.len() {
-            let b = data[i];
-            match self.state {
-                Size => match (b as char).to_digit(16) {
-                    Some(d) => {
-                        self.digits += 1;
-                        if self.digits > 15 {
-                            return Err(ResponseError::Malformed);
-                        }
-                        self.size = self.size * 16 + u64::from(d);
-                    }
-                    None if self.digits == 0 => return Err(ResponseError::Malformed),
-                    None => match b {
-                        b';' | b' ' | b'\t' => self.state = Ext,
-                        b'\r' => self.state = SizeLf,
-                        _ => return Err(ResponseError::Malformed),
-                    },
-                },
-                Ext => {
-                    if b == b'\r' {
-                        self.state = SizeLf;
-                    }
-                }
-                SizeLf => {
-                    let next = if self.size == 0 { TrailerStart } else { Data };
-                    self.state = want(b, b'\n', next)?;
-                }
-                Data => {
-                    let rest = u64::try_from(data.len() - i).unwrap_or(u64::MAX);
-                    let take = rest.min(self.size);
-                    self.size -= take;
-                    i += usize::try_from(take).unwrap_or(usize::MAX);
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                DataCr => self.state = want(b, b'\r', DataLf)?,
-                DataLf => {
-                    self.state = want(b, b'\n', Size)?;
-                    self.digits = 0;
-                }
-                TrailerStart => self.state = if b == b'\r' { FinalLf } else { TrailerLine },
-                TrailerLine => {
-                    if b == b'\r' {
-                        self.state = TrailerLf;
-                    }
-                }
-                TrailerLf => self.state = want(b, b'\n', TrailerStart)?,
-                FinalLf => {
-                    self.state = want(b, b'\n', Done)?;
-                    return Ok(Some(i + 1));
-                }
-                Done => return Ok(Some(i)),
-            }
-            i += 1;
-        }
-        Ok((self.state == Done).then_some(i))
-    }
-
-    /// Between chunks: a chunk of our own can be written here.
-    pub fn at_boundary(&self) -> bool {
-        self.state == ChunkState::Size && self.digits == 0
-    }
+    spright_core::http1::parse_response(buf, head_method, &RESPONSE_RULES)
 }
 
 /// The data of the first chunk of a chunked body, as far as `buf` holds it.
@@ -536,6 +272,8 @@ pub fn first_chunk_data(buf: &[u8]) -> Option<&[u8]> {
 
 #[cfg(test)]
 mod tests {
+    use spright_core::http1::{FastResponse, Framing};
+
     use super::*;
 
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
@@ -697,24 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn chunks() {
-        let body = b"5\r\nhello\r\n3;x=1\r\nabc\r\n0\r\nTrailer: t\r\n\r\nNEXT";
-        for split in 0..body.len() {
-            let mut s = ChunkScanner::default();
-            let first = s.feed(&body[..split]).expect("ok");
-            let end = match first {
-                Some(n) => n,
-                None => split + s.feed(&body[split..]).expect("ok").expect("ends"),
-            };
-            assert_eq!(&body[end..], b"NEXT", "split {split}");
-        }
-        let mut s = ChunkScanner::default();
-        assert!(s.at_boundary());
-        assert_eq!(s.feed(b"5\r\nhel"), Ok(None));
-        assert!(!s.at_boundary());
-        assert_eq!(s.feed(b"lo\r\n"), Ok(None));
-        assert!(s.at_boundary());
-        assert!(ChunkScanner::default().feed(b"x\r\n").is_err());
+    fn first_chunk() {
         assert_eq!(first_chunk_data(b"5\r\nhello\r\n"), Some(&b"hello"[..]));
         assert_eq!(first_chunk_data(b"a;e\r\nhel"), Some(&b"hel"[..]));
         assert_eq!(first_chunk_data(b"5\r\n"), None);
@@ -733,7 +454,7 @@ mod tests {
                 .collect();
             let _ = parse_request(&b, PEER);
             let _ = parse_response(&b, rng.r#gen());
-            let _ = ChunkScanner::default().feed(&b);
+            let _ = spright_core::http1::ChunkScanner::default().feed(&b);
             let _ = first_chunk_data(&b);
         }
     }
