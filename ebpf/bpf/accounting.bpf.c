@@ -177,11 +177,20 @@ static __always_inline void transition(int what, int proxied)
 		s->concurrency += 1;
 		s->arrivals += 1;
 	} else if (what == PROBE) {
-		// A probe is not a request (Knative skips kubelet probes).
+		// A probe is not a request (Knative skips kubelet probes):
+		// take back its arrival, and its proxied arrival if
+		// K-Proxy-Request was counted before the User-Agent was seen
+		// (the two headers in different segments).
 		if (s->concurrency > 0)
 			s->concurrency -= 1;
 		if (s->arrivals > 0)
 			s->arrivals -= 1;
+		if (proxied) {
+			if (s->proxied_concurrency > 0)
+				s->proxied_concurrency -= 1;
+			if (s->proxied_arrivals > 0)
+				s->proxied_arrivals -= 1;
+		}
 	} else if (what == PROXIED_ARRIVAL) {
 		s->proxied_concurrency += 1;
 		s->proxied_arrivals += 1;
@@ -203,10 +212,13 @@ static __always_inline int busy(struct conn *c)
 	return c->state >= ST_REQUEST && c->state <= ST_UNTIL_CLOSE;
 }
 
+// Ends the connection's request, releasing exactly what its arrival took:
+// nothing for a probe (taken back when seen), the proxied share only if it
+// was counted (proxied == 2).
 static __always_inline void complete(struct conn *c)
 {
 	if (busy(c) && !c->probe)
-		transition(COMPLETION, c->proxied);
+		transition(COMPLETION, c->proxied == 2);
 	c->state = ST_IDLE;
 	c->probe = 0;
 	c->proxied = 0;
@@ -556,9 +568,12 @@ int acct_ingress(struct __sk_buff *skb)
 	if (scan_headers(skb, c, off, n, MASK_PROXY | MASK_PROBE, 0))
 		c->req_done = 1;
 	if (c->probe == 1) {
-		// Taken back at once; its end is tracked but not counted.
+		// Taken back at once, with its proxied arrival if one was
+		// counted from an earlier segment; its end is tracked but not
+		// counted.
 		c->probe = 2;
-		transition(PROBE, 0);
+		transition(PROBE, c->proxied == 2);
+		c->proxied = 0;
 		return 1;
 	}
 	if (c->proxied == 1 && !c->probe) {

@@ -43,7 +43,10 @@
 //! the request line. Requests carrying `User-Agent: kube-probe/...` (the
 //! sidecar's HTTP readiness probes of the user container, which Knative does
 //! not count) are taken back as soon as that header is seen: neither arrival
-//! nor completion nor concurrency keeps a trace beyond those microseconds.
+//! nor completion nor concurrency keeps a trace beyond those microseconds,
+//! and a proxied arrival already counted from an earlier segment is taken
+//! back with it. Every end of a request (response end, close or reset, a new
+//! request on the connection) releases exactly what its arrival took.
 //!
 //! # What is approximated
 //!
