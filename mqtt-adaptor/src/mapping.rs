@@ -367,50 +367,47 @@ mod tests {
         }
     }
 
-    /// Fuzz finding (mqtt_cloudevent): a v5 binary-mode message with a user property named
-    /// `data` is not a valid CloudEvent; it follows the invalid-message policy.
-    #[test]
-    fn v5_property_named_data_is_an_invalid_event() {
-        // `data_base64` is no attribute name (underscore): ignored like any other property.
+    /// A v5 binary-mode message: the four required attributes plus one more user property.
+    fn v5_binary_with(name: &str, value: &str) -> InboundMessage {
         let mut m = msg("t", b"payload");
         m.user_properties = vec![
             ("specversion".into(), "1.0".into()),
             ("id".into(), "42".into()),
             ("source".into(), "/s".into()),
             ("type".into(), "t".into()),
-            ("data_base64".into(), "x".into()),
+            (name.into(), value.into()),
         ];
+        m
+    }
+
+    /// Fuzz finding (mqtt_cloudevent): a v5 binary-mode message with a user property named
+    /// `data` is not a valid CloudEvent; it follows the invalid-message policy.
+    #[test]
+    fn v5_property_named_data_is_an_invalid_event() {
+        // `data_base64` is no attribute name (underscore): ignored like any other property.
+        let m = v5_binary_with("data_base64", "x");
         assert!(
             matches!(to_cloudevent(&m, &settings()), Mapped::Event(ev) if ev.attr("data_base64").is_none())
         );
-        {
-            let name = "data";
-            let mut m = msg("t", b"payload");
-            m.user_properties = vec![
-                ("specversion".into(), "1.0".into()),
-                ("id".into(), "42".into()),
-                ("source".into(), "/s".into()),
-                ("type".into(), "t".into()),
-                (name.into(), "x".into()),
-            ];
-            let Mapped::Invalid { wrapped, error } = to_cloudevent(&m, &settings()) else {
-                panic!("{name}: accepted")
-            };
-            assert_eq!(error, CeError::AttributeName(name.into()));
-            assert_eq!(wrapped.data.as_deref(), Some(&b"payload"[..]));
-            // Wrapped as a plain message, it encodes and parses back.
-            assert_eq!(CloudEvent::from_json(&wrapped.to_json()).unwrap(), wrapped);
-            let d = dispose(&m, &settings(), InvalidPolicy::Wrap, 1 << 20);
-            assert!(
-                matches!(&d, Disposition::Sink(ev) if ev.id() == wrapped.id() && ev.data == wrapped.data),
-                "{d:?}"
-            );
-            let d = dispose(&m, &settings(), InvalidPolicy::DeadLetter, 1 << 20);
-            assert!(
-                matches!(&d, Disposition::DeadLetter(_, r) if r.contains("data")),
-                "{d:?}"
-            );
-        }
+
+        let m = v5_binary_with("data", "x");
+        let Mapped::Invalid { wrapped, error } = to_cloudevent(&m, &settings()) else {
+            panic!("data: accepted")
+        };
+        assert_eq!(error, CeError::AttributeName("data".into()));
+        assert_eq!(wrapped.data.as_deref(), Some(&b"payload"[..]));
+        // Wrapped as a plain message, it encodes and parses back.
+        assert_eq!(CloudEvent::from_json(&wrapped.to_json()).unwrap(), wrapped);
+        let d = dispose(&m, &settings(), InvalidPolicy::Wrap, 1 << 20);
+        assert!(
+            matches!(&d, Disposition::Sink(ev) if ev.id() == wrapped.id() && ev.data == wrapped.data),
+            "{d:?}"
+        );
+        let d = dispose(&m, &settings(), InvalidPolicy::DeadLetter, 1 << 20);
+        assert!(
+            matches!(&d, Disposition::DeadLetter(_, r) if r.contains("data")),
+            "{d:?}"
+        );
     }
 
     #[test]
