@@ -26,12 +26,24 @@
 //! ingress or the drop-in ingress, through `broker_shm::probe`) to the last step: the issue's
 //! ingress-to-subscriber latency without the sender's own cost.
 //!
+//! Placement, the same for every path and as in `spright-bench queue-proxy`: the component
+//! under test — broker-shm, or the drop-in ingress, the channel and the drop-in filter — with
+//! its functions, HTTP subscribers and the dataplane's threads on one core
+//! (`--component-cpu`, default 0; one runtime worker, what a runtime picks in a one-core
+//! cpuset, as Go's GOMAXPROCS would for the stock broker), the load generator on another
+//! (`--load-cpu`, default 1; its own one-worker runtime). Every thread is pinned from its
+//! start (the main thread before it starts any other, the runtimes' threads as they start),
+//! so no path pays a cross-core wake-up inside the component, and the sender's
+//! cost stays off the component's core. The run prints the placement first.
+//!
 //! `post` is the floor of every path: one POST answered 202 at once, through the same sender.
 //! `--stages` prints, per path, the paced events' time since the send at every probed stage
 //! (ingress, log append, trigger match, encode, slot write, descriptor send, function receipt,
 //! reply; channel and subscriber receipts for the HTTP paths): where the time goes.
 
+use crate::measure::pin_self;
 use crate::report::{Row, table, write_json};
+use anyhow::Context;
 use broker_shm::broker::{Runtime, RuntimeConfig};
 use broker_shm::config::Mode;
 use broker_shm::delivery::Sinks;
@@ -87,6 +99,14 @@ pub struct BrokerBenchArgs {
     /// Print where the paced events' time goes, stage by stage, for every path.
     #[arg(long)]
     pub stages: bool,
+    /// Core of the component under test: the brokers (broker-shm, or the drop-in ingress,
+    /// channel and filter), their runtime, the dataplane threads, the functions and the HTTP
+    /// subscribers.
+    #[arg(long, default_value_t = 0)]
+    pub component_cpu: usize,
+    /// Core of the load generator (the senders and their runtime).
+    #[arg(long, default_value_t = 1)]
+    pub load_cpu: usize,
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -555,10 +575,29 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
     Ok(ingress_url)
 }
 
-/// Closed-loop load against `url`; returns the row measured at `stats` (from the sender's
-/// timestamp) and, when the path has a probed ingress, the same paced events measured from
-/// the ingress's receipt.
+/// Closed-loop load against `url`, generated on the load runtime `on`; returns the row
+/// measured at `stats` (from the sender's timestamp) and, when the path has a probed ingress,
+/// the same paced events measured from the ingress's receipt.
 async fn load(
+    on: &tokio::runtime::Handle,
+    name: &str,
+    url: &str,
+    first_type: &str,
+    stats: Arc<Stats>,
+    args: &BrokerBenchArgs,
+) -> Vec<Row> {
+    let (name, url, ty, args) = (
+        name.to_string(),
+        url.to_string(),
+        first_type.to_string(),
+        args.clone(),
+    );
+    on.spawn(async move { generate(&name, &url, &ty, stats, &args).await })
+        .await
+        .unwrap_or_default()
+}
+
+async fn generate(
     name: &str,
     url: &str,
     first_type: &str,
@@ -730,14 +769,50 @@ async fn send_one(
 
 /// Runs `spright-bench broker`.
 pub fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(args))
+    let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    for cpu in [args.component_cpu, args.load_cpu] {
+        if !allowed.is_set(cpu).unwrap_or(false) {
+            anyhow::bail!(
+                "CPU {cpu} is not in this process's cpuset: choose others with --component-cpu and --load-cpu"
+            );
+        }
+    }
+    // Placement (see the module doc): this thread, and so every thread it starts (the
+    // dataplane's reply and timeout threads, the functions), on the component's core.
+    pin_self(args.component_cpu)
+        .with_context(|| format!("pinning the component to CPU {}", args.component_cpu))?;
+    let component = runtime_on(args.component_cpu)?;
+    let load = runtime_on(args.load_cpu)?;
+    println!(
+        "placement: component under test (brokers, channel, dataplane threads, functions, subscribers; 1 runtime worker) on CPU {}, load generator (1 runtime worker) on CPU {}",
+        args.component_cpu, args.load_cpu
+    );
+    if args.component_cpu == args.load_cpu {
+        eprintln!(
+            "warning: the component and the load generator share CPU {}",
+            args.load_cpu
+        );
+    }
+    let result = component.block_on(run_async(args, load.handle().clone()));
+    drop(load);
+    result
 }
 
-async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
+/// A one-worker runtime whose threads (worker and blocking pool) all run on `cpu`: the
+/// worker count a runtime picks by itself in a one-core cpuset.
+fn runtime_on(cpu: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .on_thread_start(move || {
+            if let Err(e) = pin_self(cpu) {
+                eprintln!("cannot pin a runtime thread to CPU {cpu}: {e}");
+            }
+        })
+        .enable_all()
+        .build()?)
+}
+
+async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow::Result<()> {
     start();
     broker_shm::probe::install(mark);
     stages().detail.store(args.stages, Ordering::Relaxed);
@@ -804,6 +879,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         let url = format!("http://127.0.0.1:{port}/bench/default");
         rows.extend(
             load(
+                &on,
                 "bare HTTP POST (202 at once)",
                 &url,
                 "bench.in",
@@ -820,6 +896,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         let (url, _rt) = broker_shm(&yaml, &tmp.join("http"), durability, Sinks::default()).await?;
         rows.extend(
             load(
+                &on,
                 "broker-shm -> HTTP subscriber",
                 &url,
                 "bench.in",
@@ -837,6 +914,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         let (url, _rt) = broker_shm(&yaml, &tmp.join("shm"), durability, shm_sinks()).await?;
         rows.extend(
             load(
+                &on,
                 "broker-shm -> shm function",
                 &url,
                 "bench.in",
@@ -856,6 +934,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         let (url, _rt) = broker_shm(&yaml, &tmp.join("chain-shm"), durability, shm_sinks()).await?;
         rows.extend(
             load(
+                &on,
                 "3-step chain, broker-shm + shm",
                 &url,
                 "chain.s1",
@@ -880,6 +959,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
             broker_shm(&yaml, &tmp.join("chain-http"), durability, Sinks::default()).await?;
         rows.extend(
             load(
+                &on,
                 "3-step chain, broker-shm + HTTP",
                 &url,
                 "chain.s1",
@@ -903,6 +983,7 @@ async fn run_async(args: BrokerBenchArgs) -> anyhow::Result<()> {
         let url = stock_topology(&triggers).await?;
         rows.extend(
             load(
+                &on,
                 "3-step chain, stock topology",
                 &url,
                 "chain.s1",
