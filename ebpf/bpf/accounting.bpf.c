@@ -33,6 +33,14 @@
 // of the user container) are taken back once their headers are seen: Knative
 // does not count probes.
 //
+// Cost per packet (bpftool prog show run_time_ns / run_cnt): packets of
+// other ports stop at the socket's own port (skb->local_port), pure ACKs
+// before the connection's storage is looked up; only a segment that starts a
+// request or continues its unfinished headers, and a response head, are
+// scanned, 8 bytes per bpf_loop step, a word that cannot change the scanner's
+// state (no CR or LF, in a line already decided) counted at once; body
+// segments are only counted down.
+//
 // TCP sequence numbers filter retransmissions out. What is approximated is
 // documented in ebpf/src/accounting.rs. The map and program names are the
 // interface with that loader; keep them in sync.
@@ -338,39 +346,85 @@ struct scan_ctx {
 	struct scan *sc;
 };
 
-static long scan_byte(__u32 index, void *ctx)
+#define WORD 8
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+// Whether the 8 bytes of `w` contain the byte repeated in `pattern`.
+static __always_inline int has_byte(__u64 w, __u64 pattern)
+{
+	__u64 v = w ^ pattern;
+
+	return ((v - ONES) & ~v & HIGHS) != 0;
+}
+
+// Whether `feed` would only count the next bytes into the line length,
+// provided none of them is CR or LF: a header line already decided (or
+// skipped), or the request line, or a status line past its code.
+static __always_inline int skipping(struct conn *c, __u8 response)
+{
+	if (c->line_no == 0)
+		return !response || c->line_len >= 12;
+	return c->hdr == HDR_SKIP;
+}
+
+// One bpf_loop step: the next WORD bytes. A word the scanner would only
+// count (see `skipping`) is counted at once; any other word is fed byte by
+// byte. Exactly what feeding every byte does, with an eighth of the calls.
+static long scan_word(__u32 index, void *ctx)
 {
 	struct scan_ctx *sctx = ctx;
 	struct scan *sc = sctx->sc;
 	struct conn *c = sctx->c;
+	__u32 pos = sc->pos;
+	__u32 left;
 	__u32 i;
 	__u32 n;
+	__u32 k;
+	__u64 w;
 
-	i = sc->pos & (CHUNK - 1);
-	if (sc->pos >= sc->len)
+	if (pos >= sc->len)
 		return 1;
+	left = sc->len - pos;
+	i = pos & (CHUNK - 1);
 	if (i == 0) {
 		// Load the next chunk (bytes are read CHUNK at a time).
-		n = sc->len - sc->pos;
-		if (n > CHUNK)
-			n = CHUNK;
+		n = left > CHUNK ? CHUNK : left;
 		// 1..=CHUNK in a form the verifier can follow.
 		n = ((n - 1) & (CHUNK - 1)) + 1;
-		if (bpf_skb_load_bytes(sctx->skb, sc->off + sc->pos, sc->buf, n) < 0)
+		if (bpf_skb_load_bytes(sctx->skb, sc->off + pos, sc->buf, n) < 0)
 			return 1;
 	}
-	sc->pos++;
-	if (feed(c, sc->buf[i], sc->line_mask, sc->response)) {
-		// A 1xx other than 101 is an interim answer: the final
-		// response follows on the same connection.
-		if (sc->response && c->status >= 100 && c->status < 200 && c->status != 101) {
-			reset_scanner(c, sc->line_mask);
+	// pos advances by whole words except at the end: i is a multiple of 8.
+	i &= CHUNK - WORD;
+	if (left >= WORD && skipping(c, sc->response)) {
+		w = *(__u64 *)&sc->buf[i];
+		if (!has_byte(w, 0x0d * ONES) && !has_byte(w, 0x0a * ONES)) {
+			n = (__u32)c->line_len + WORD;
+			c->line_len = n > 255 ? 255 : n;
+			sc->pos = pos + WORD;
 			return 0;
 		}
-		sc->end = sc->pos;
-		return 1;
 	}
-	return 0;
+	for (k = 0; k < WORD; k++) {
+		if (k >= left)
+			break;
+		pos++;
+		if (feed(c, sc->buf[(i + k) & (CHUNK - 1)], sc->line_mask, sc->response)) {
+			// A 1xx other than 101 is an interim answer: the final
+			// response follows on the same connection.
+			if (sc->response && c->status >= 100 && c->status < 200 &&
+			    c->status != 101) {
+				reset_scanner(c, sc->line_mask);
+				continue;
+			}
+			sc->pos = pos;
+			sc->end = pos;
+			return 1;
+		}
+	}
+	sc->pos = pos;
+	return k < WORD;
 }
 
 // Scans up to MAX_CHUNKS * CHUNK bytes of headers; returns the offset after
@@ -385,12 +439,12 @@ static __always_inline __u32 scan_headers(struct __sk_buff *skb, struct conn *c,
 	if (!sc)
 		return 0;
 	sc->off = off;
-	sc->len = len;
+	sc->len = len > MAX_CHUNKS * CHUNK ? MAX_CHUNKS * CHUNK : len;
 	sc->pos = 0;
 	sc->end = 0;
 	sc->line_mask = line_mask;
 	sc->response = response;
-	bpf_loop(MAX_CHUNKS * CHUNK, scan_byte, &sctx, 0);
+	bpf_loop(MAX_CHUNKS * CHUNK / WORD, scan_word, &sctx, 0);
 	return sc->end;
 }
 
@@ -457,9 +511,16 @@ static __always_inline struct conn *conn_of(struct __sk_buff *skb, struct segmen
 
 	if (!cfg || cfg->port == 0)
 		return 0;
+	// The socket's own port first: other traffic of the pod costs no parsing.
+	if (skb->local_port != cfg->port)
+		return 0;
 	if (parse(skb, ingress, seg) < 0)
 		return 0;
 	if (seg->local_port != cfg->port)
+		return 0;
+	// A segment without payload matters only when it carries the FIN of a
+	// response (egress): pure ACKs need no connection state.
+	if (seg->payload_len == 0 && (ingress || !seg->fin))
 		return 0;
 	sk = skb->sk;
 	if (!sk)
