@@ -2,8 +2,9 @@
 //! a request encoded into one buffer (one write), the response read in the worker's own task
 //! (no connection task, no channel hop per event) and framed by the pure functions below.
 //!
-//! Requests are never pipelined: one request, then its whole response, on a keep-alive
-//! connection. Response framing follows RFC 9112 section 6.3: no body for 1xx (skipped), 204
+//! By default one request, then its whole response, on a keep-alive connection; with
+//! `--sink-pipeline` several requests are written at once and [`frame_response`] takes their
+//! answers off the connection in order. Response framing follows RFC 9112 section 6.3: no body for 1xx (skipped), 204
 //! and 304; chunked when `Transfer-Encoding` ends in `chunked`; else `Content-Length`; else
 //! until the sink closes.
 
@@ -190,12 +191,60 @@ pub fn chunked_len(buf: &[u8], keep: &mut Vec<u8>) -> Result<Option<usize>, H1Er
     }
 }
 
+/// One whole response at the start of a pipelined connection's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Framed {
+    pub status: u16,
+    /// Bytes of the buffer it took (head and body).
+    pub len: usize,
+    /// Up to [`KEEP_BODY`] bytes of its body, for error messages.
+    pub body: Bytes,
+    /// Nothing more can be read from the connection after it: the sink closes it, or the body
+    /// is delimited by the close or too large to read (`len` then takes the whole buffer).
+    pub close: bool,
+}
+
+/// Frames the response at the start of `buf`: `Ok(None)` while incomplete.
+pub fn frame_response(buf: &[u8]) -> Result<Option<Framed>, H1Error> {
+    let Some(head) = parse_head(buf)? else {
+        return Ok(None);
+    };
+    let body = &buf[head.head_len..];
+    let whole = |keep: &[u8]| Framed {
+        status: head.status,
+        len: buf.len(),
+        body: Bytes::copy_from_slice(&keep[..keep.len().min(KEEP_BODY)]),
+        close: true,
+    };
+    let (body_len, keep) = match head.body {
+        BodyLen::Empty => (0, Bytes::new()),
+        BodyLen::Length(n) if n > MAX_BODY => return Ok(Some(whole(body))),
+        BodyLen::Length(n) if body.len() < n => return Ok(None),
+        BodyLen::Length(n) => (n, Bytes::copy_from_slice(&body[..n.min(KEEP_BODY)])),
+        BodyLen::Chunked => {
+            let mut keep = Vec::new();
+            match chunked_len(body, &mut keep)? {
+                Some(n) => (n, Bytes::from(keep)),
+                None if body.len() > MAX_BODY => return Ok(Some(whole(b""))),
+                None => return Ok(None),
+            }
+        }
+        BodyLen::UntilClose => return Ok(Some(whole(body))),
+    };
+    Ok(Some(Framed {
+        status: head.status,
+        len: head.head_len + body_len,
+        body: keep,
+        close: head.close,
+    }))
+}
+
 fn find_crlf(hay: &[u8]) -> Option<usize> {
     hay.windows(2).position(|w| w == b"\r\n")
 }
 
-/// Encodes `POST <path> HTTP/1.1` with `headers` (values are valid header values by
-/// construction) and a `Content-Length` body into `out`.
+/// Appends `POST <path> HTTP/1.1` with `headers` (values are valid header values by
+/// construction) and a `Content-Length` body to `out`.
 pub fn encode_request(
     out: &mut Vec<u8>,
     path: &str,
@@ -203,7 +252,6 @@ pub fn encode_request(
     headers: &http::HeaderMap,
     body: &Bytes,
 ) {
-    out.clear();
     out.reserve(256 + body.len());
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(path.as_bytes());
@@ -265,6 +313,35 @@ mod tests {
         let mut big = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
         assert_eq!(parse_head(&big), Err(H1Error::HeadTooLarge));
+    }
+
+    #[test]
+    fn pipelined_responses_in_order() {
+        let two = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\nHTTP/1.1 503 x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbusy\r\n0\r\n\r\nHTTP/1.1 2";
+        let a = frame_response(two).unwrap().unwrap();
+        assert_eq!((a.status, a.close, &a.body[..]), (202, false, &b""[..]));
+        let rest = &two[a.len..];
+        let b = frame_response(rest).unwrap().unwrap();
+        assert_eq!((b.status, b.close, &b.body[..]), (503, false, &b"busy"[..]));
+        assert_eq!(frame_response(&rest[b.len..]).unwrap(), None);
+        for cut in 0..a.len {
+            assert_eq!(frame_response(&two[..cut]).unwrap(), None, "cut {cut}");
+        }
+        let l = b"HTTP/1.1 500 x\r\ncontent-length: 3\r\n\r\nabcHTTP";
+        let f = frame_response(l).unwrap().unwrap();
+        assert_eq!((f.len, &f.body[..]), (l.len() - 4, &b"abc"[..]));
+        assert_eq!(frame_response(&l[..l.len() - 5]).unwrap(), None);
+        let c = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil close";
+        let f = frame_response(c).unwrap().unwrap();
+        assert_eq!(
+            (f.len, f.close, &f.body[..]),
+            (c.len(), true, &b"until close"[..])
+        );
+        let k = b"HTTP/1.1 202 Accepted\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert!(frame_response(k).unwrap().unwrap().close);
+        assert!(
+            frame_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
     }
 
     #[test]

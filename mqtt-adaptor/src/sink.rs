@@ -122,7 +122,8 @@ enum Exchange {
 }
 
 impl SinkConn {
-    async fn open(t: &H1Target) -> Result<tokio::net::TcpStream, String> {
+    /// Connects to the sink (no delay on writes).
+    pub async fn open(t: &H1Target) -> Result<tokio::net::TcpStream, String> {
         let stream = tokio::net::TcpStream::connect(&t.connect)
             .await
             .map_err(|e| format!("connect {}: {e}", t.connect))?;
@@ -283,6 +284,12 @@ impl SinkClient {
 
     /// Encodes the request for `ev` into the connection's buffer.
     fn encode_h1(&self, conn: &mut SinkConn, t: &H1Target, ev: &CloudEvent) {
+        conn.out.clear();
+        self.append_h1(&mut conn.out, t, ev);
+    }
+
+    /// Appends the request for `ev` to `out` (pipelined connections write several at once).
+    pub fn append_h1(&self, out: &mut Vec<u8>, t: &H1Target, ev: &CloudEvent) {
         let (mut headers, body) = match self.format {
             Format::Binary => (ev.binary_headers(), ev.data.clone().unwrap_or_default()),
             Format::Structured => {
@@ -299,7 +306,12 @@ impl SinkClient {
         {
             headers.insert(http::header::AUTHORIZATION, v);
         }
-        h1::encode_request(&mut conn.out, &t.path, t.host.as_bytes(), &headers, &body);
+        h1::encode_request(out, &t.path, t.host.as_bytes(), &headers, &body);
+    }
+
+    /// The per-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     async fn post_h1_once(&self, conn: &mut SinkConn, t: &H1Target, ev: &CloudEvent) -> Attempt {
@@ -352,7 +364,7 @@ impl SinkClient {
 }
 
 /// Maps a sink answer to the delivery outcome (Knative's retry table).
-fn classify(status: StatusCode, body: Bytes) -> Attempt {
+pub fn classify(status: StatusCode, body: Bytes) -> Attempt {
     if status.is_success() {
         return Attempt::Accepted(status);
     }

@@ -5,19 +5,22 @@
 //! without a dead-letter sink, or --retry exhausted). The session is persistent, so anything
 //! unacknowledged when the process stops is redelivered by the broker after restart.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
 use crate::cloudevent::CloudEvent;
 use crate::config::Config;
+use crate::h1;
 use crate::mapping::{self, Disposition, InboundMessage, WrapSettings};
 use crate::metrics::Metrics;
 use crate::mqtt::{self, ConnSettings, MqttError};
 use crate::session::{Incoming, Session};
-use crate::sink::{Attempt, H1Target, SinkClient, SinkConn, backoff};
+use crate::sink::{self, Attempt, H1Target, SinkClient, SinkConn, backoff};
 
 /// Shared state of the delivery workers.
 #[derive(Debug)]
@@ -113,8 +116,24 @@ pub async fn run(
     // in one write.
     let (jobs, queue) = flume::unbounded::<Job>();
     let (ack_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<AckRef>();
-    for _ in 0..window {
-        tokio::spawn(worker(p.clone(), ack_tx.clone(), queue.clone()));
+    let depth = usize::from(p.cfg.sink_pipeline);
+    match &p.h1 {
+        Some(t) if depth > 1 => {
+            for _ in 0..window.div_ceil(depth) {
+                tokio::spawn(pipelined_worker(
+                    p.clone(),
+                    t.clone(),
+                    ack_tx.clone(),
+                    queue.clone(),
+                    depth,
+                ));
+            }
+        }
+        _ => {
+            for _ in 0..window {
+                tokio::spawn(worker(p.clone(), ack_tx.clone(), queue.clone()));
+            }
+        }
     }
     drop(queue);
     drop(ack_tx);
@@ -374,7 +393,7 @@ async fn deliver_and_ack(
     let done = match disposition {
         Disposition::Sink(mut ev) => {
             mapping::apply_overrides(&mut ev, &p.cfg.ce_overrides);
-            deliver(p, conn, ev, &msg.topic).await
+            deliver(p, conn, ev, &msg.topic, None).await
         }
         Disposition::DeadLetter(mut ev, reason) => {
             p.metrics.invalid.inc();
@@ -392,18 +411,252 @@ async fn deliver_and_ack(
     p.metrics.inflight.dec();
 }
 
-/// Delivers with retries; returns true when the message may be acknowledged.
-async fn deliver(p: &Pipeline, conn: &mut SinkConn, ev: CloudEvent, topic: &str) -> bool {
-    let mut attempt: u32 = 0;
+/// A request written on a pipelined connection and not answered yet.
+struct Outstanding {
+    msg: InboundMessage,
+    ack: AckRef,
+    ev: CloudEvent,
+    sent_at: Instant,
+}
+
+/// One pipelined sink connection (`--sink-pipeline` > 1): takes up to `depth` messages from
+/// the shared queue, writes their requests together (one write for all that were queued) and
+/// takes the answers off the connection in order, while it keeps taking new messages as
+/// answers free room. A 2xx acknowledges the message as on the plain path. Anything else
+/// leaves the pipeline: a message whose answer says retry, reject or dead-letter, or that was
+/// written on a connection that failed, timed out or closed before its answer, continues on
+/// its own in [`deliver`] (with backoff when the sink answered, at once when it never did), so
+/// one failing event does not hold up the others and nothing unanswered is acknowledged.
+async fn pipelined_worker(
+    p: Arc<Pipeline>,
+    t: H1Target,
+    acks: tokio::sync::mpsc::UnboundedSender<AckRef>,
+    queue: flume::Receiver<Job>,
+    depth: usize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream: Option<tokio::net::TcpStream> = None;
+    let mut sent: VecDeque<Outstanding> = VecDeque::with_capacity(depth);
+    let mut out = Vec::new();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut open = true;
     loop {
-        let start = Instant::now();
-        let result = match &p.h1 {
-            Some(t) => p.sink.post_h1(conn, t, &ev).await,
-            None => p.sink.post(&p.sink_url, &ev).await,
+        // Take what is queued, up to the depth, without waiting.
+        while open && sent.len() < depth {
+            match queue.try_recv() {
+                Ok(job) => take_job(&p, &t, &acks, job, &mut sent, &mut out),
+                Err(flume::TryRecvError::Empty) => break,
+                Err(flume::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if sent.is_empty() {
+            if !open {
+                return;
+            }
+            match queue.recv_async().await {
+                Ok(job) => take_job(&p, &t, &acks, job, &mut sent, &mut out),
+                Err(_) => open = false,
+            }
+            continue;
+        }
+        // Invariant: without a connection, nothing in `sent` was written yet.
+        if !out.is_empty() {
+            if stream.is_none() {
+                match SinkConn::open(&t).await {
+                    Ok(s) => {
+                        buf.clear();
+                        stream = Some(s);
+                    }
+                    Err(e) => {
+                        out.clear();
+                        let why = Attempt::Retry(format!("sink request failed: {e}"));
+                        leave_pipeline(&p, &acks, &mut sent, Some(why));
+                        continue;
+                    }
+                }
+            }
+            if let Some(s) = stream.as_mut()
+                && s.write_all(&out).await.is_err()
+            {
+                // Unanswered: sent again on their own (at worst a duplicate).
+                stream = None;
+                leave_pipeline(&p, &acks, &mut sent, None);
+            }
+            out.clear();
+            continue;
+        }
+        let (Some(s), Some(oldest)) = (stream.as_mut(), sent.front()) else {
+            continue;
+        };
+        let deadline = oldest.sent_at + p.sink.timeout();
+        tokio::select! {
+            biased;
+            r = s.read_buf(&mut buf) => {
+                let lost = match r {
+                    Ok(n) if n > 0 => take_answers(&p, &acks, &mut sent, &mut buf),
+                    _ => Err(None),
+                };
+                if let Err(why) = lost {
+                    stream = None;
+                    leave_pipeline(&p, &acks, &mut sent, why);
+                }
+            }
+            job = queue.recv_async(), if open && sent.len() < depth => match job {
+                Ok(job) => take_job(&p, &t, &acks, job, &mut sent, &mut out),
+                Err(_) => open = false,
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                stream = None;
+                let why = Attempt::Retry(format!(
+                    "sink request timed out after {} s",
+                    p.sink.timeout().as_secs()
+                ));
+                leave_pipeline(&p, &acks, &mut sent, Some(why));
+            }
+        }
+    }
+}
+
+/// Maps a message for a pipelined connection and appends its request to `out`; a message for
+/// the dead-letter sink goes its own way at once.
+fn take_job(
+    p: &Arc<Pipeline>,
+    t: &H1Target,
+    acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
+    (msg, ack): Job,
+    sent: &mut VecDeque<Outstanding>,
+    out: &mut Vec<u8>,
+) {
+    match mapping::dispose(&msg, &p.wrap, p.cfg.invalid_policy, p.cfg.max_message_bytes) {
+        Disposition::Sink(mut ev) => {
+            p.metrics.inflight.inc();
+            mapping::apply_overrides(&mut ev, &p.cfg.ce_overrides);
+            p.sink.append_h1(out, t, &ev);
+            sent.push_back(Outstanding {
+                msg,
+                ack,
+                ev,
+                sent_at: Instant::now(),
+            });
+        }
+        Disposition::DeadLetter(..) => {
+            let (p, acks) = (p.clone(), acks.clone());
+            tokio::spawn(async move {
+                deliver_and_ack(&p, &acks, &mut SinkConn::default(), msg, ack).await;
+                p.finished();
+            });
+        }
+    }
+}
+
+/// Takes the complete answers off `buf`, in request order. `Err` when the connection cannot
+/// carry more: with the outcome for the requests still unanswered (`None`: send them again).
+fn take_answers(
+    p: &Arc<Pipeline>,
+    acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
+    sent: &mut VecDeque<Outstanding>,
+    buf: &mut BytesMut,
+) -> Result<(), Option<Attempt>> {
+    loop {
+        let framed = match h1::frame_response(buf) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(Some(Attempt::Retry(format!("sink request failed: {e}"))));
+            }
+        };
+        let _ = buf.split_to(framed.len);
+        // An answer without a request is not HTTP/1.1 this client can follow.
+        let Some(o) = sent.pop_front() else {
+            return Err(None);
         };
         p.metrics
             .sink_latency
-            .observe(start.elapsed().as_secs_f64());
+            .observe(o.sent_at.elapsed().as_secs_f64());
+        let status = http::StatusCode::from_u16(framed.status).ok();
+        match status.map(|s| sink::classify(s, framed.body)) {
+            Some(Attempt::Accepted(_)) => {
+                p.metrics.delivered.inc();
+                if o.msg.qos > 0 && acks.send(o.ack).is_err() {
+                    tracing::warn!(
+                        "cannot acknowledge: the connection task stopped; the broker will redeliver"
+                    );
+                }
+                p.metrics.inflight.dec();
+                p.finished();
+            }
+            Some(other) => on_its_own(p, acks, o, Some(other)),
+            None => {
+                let why = Attempt::Retry(format!("bad status {}", framed.status));
+                on_its_own(p, acks, o, Some(why));
+            }
+        }
+        if framed.close {
+            buf.clear();
+            return Err(None);
+        }
+    }
+}
+
+/// Every unanswered request of a pipelined connection continues on its own.
+fn leave_pipeline(
+    p: &Arc<Pipeline>,
+    acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
+    sent: &mut VecDeque<Outstanding>,
+    why: Option<Attempt>,
+) {
+    for o in sent.drain(..) {
+        on_its_own(p, acks, o, why.clone());
+    }
+}
+
+/// Delivers one message that left a pipelined connection, with retries on its own connection,
+/// then acknowledges it as the plain path does.
+fn on_its_own(
+    p: &Arc<Pipeline>,
+    acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
+    o: Outstanding,
+    first: Option<Attempt>,
+) {
+    let (p, acks) = (p.clone(), acks.clone());
+    tokio::spawn(async move {
+        let Outstanding { msg, ack, ev, .. } = o;
+        let done = deliver(&p, &mut SinkConn::default(), ev, &msg.topic, first).await;
+        if done && msg.qos > 0 && acks.send(ack).is_err() {
+            tracing::warn!(
+                "cannot acknowledge: the connection task stopped; the broker will redeliver"
+            );
+        }
+        p.metrics.inflight.dec();
+        p.finished();
+    });
+}
+
+/// Delivers with retries; returns true when the message may be acknowledged. `first` is the
+/// outcome of an attempt already made (on a pipelined connection), if any.
+async fn deliver(
+    p: &Pipeline,
+    conn: &mut SinkConn,
+    ev: CloudEvent,
+    topic: &str,
+    mut first: Option<Attempt>,
+) -> bool {
+    let mut attempt: u32 = 0;
+    loop {
+        let result = match first.take() {
+            Some(a) => a,
+            None => {
+                let start = Instant::now();
+                let result = match &p.h1 {
+                    Some(t) => p.sink.post_h1(conn, t, &ev).await,
+                    None => p.sink.post(&p.sink_url, &ev).await,
+                };
+                p.metrics
+                    .sink_latency
+                    .observe(start.elapsed().as_secs_f64());
+                result
+            }
+        };
         match result {
             Attempt::Accepted(_) => {
                 p.metrics.delivered.inc();

@@ -108,10 +108,21 @@ async fn thousand_qos1_messages_arrive_exactly_as_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_outage_loses_nothing() {
+    sink_outage("1").await;
+}
+
+/// The same outage with pipelined sink connections: answers that say retry take the events
+/// out of the pipeline, and they still all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_outage_loses_nothing_pipelined() {
+    sink_outage("4").await;
+}
+
+async fn sink_outage(pipeline: &str) {
     let broker = Mosquitto::start("");
     let sink = Sink::start().await;
     sink.status.store(503, std::sync::atomic::Ordering::Relaxed);
-    let dir = TempDir::new("outage");
+    let dir = TempDir::new(&format!("outage-p{pipeline}"));
     let b = broker_arg(&broker);
     let mut adaptor = Adaptor::start(
         &[
@@ -129,6 +140,8 @@ async fn sink_outage_loses_nothing() {
             "300",
             "--inflight",
             "10",
+            "--sink-pipeline",
+            pipeline,
         ],
         &[("K_SINK", &sink.url())],
         &dir.path("adaptor.log"),
@@ -188,7 +201,8 @@ async fn sink_outage_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_and_restarted_mid_stream_loses_nothing() {
-    for version in ["5", "3.1.1"] {
+    // MQTT 5 with pipelined sink connections, 3.1.1 with one request per connection.
+    for (version, pipeline) in [("5", "8"), ("3.1.1", "1")] {
         let broker = Mosquitto::start("");
         let sink = Sink::start().await;
         // A slow sink keeps messages in flight when the adaptor is killed.
@@ -208,6 +222,8 @@ async fn killed_and_restarted_mid_stream_loses_nothing() {
                 version,
                 "--inflight",
                 "20",
+                "--sink-pipeline",
+                pipeline,
             ],
             &[("K_SINK", &sink.url())],
             &dir.path("adaptor.log"),
