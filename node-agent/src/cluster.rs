@@ -29,6 +29,7 @@ use kube::runtime::watcher;
 
 use crate::pod::{BYPASS_NODE, DEFAULT_SERVING_PORT, DataplaneMode, PodSpec};
 use crate::registry::{Registry, Source};
+use crate::retry::Retries;
 
 /// The pod annotation with the revision's data path.
 pub const MODE_ANNOTATION: &str = spright_core::dataplane_mode::ANNOTATION;
@@ -162,6 +163,7 @@ fn first_pid(cgroup: &Path) -> Option<u32> {
 /// Watches this node's pods until the stream ends, keeping the registry in step.
 pub async fn run(
     registry: Arc<Registry>,
+    retries: Arc<Retries>,
     node_name: String,
     image_match: String,
     cgroup_root: PathBuf,
@@ -175,20 +177,27 @@ pub async fn run(
     let mut known: BTreeMap<String, PodSpec> = BTreeMap::new();
     let mut stream = std::pin::pin!(watcher(pods, config));
     let mut listed: Option<BTreeMap<String, PodSpec>> = None;
+    // Pods of the initial list that could not be translated (no cgroup yet...).
+    let mut failed: Vec<(Pod, String)> = Vec::new();
     while let Some(event) = stream
         .try_next()
         .await
         .map_err(|e| anyhow::anyhow!("watching pods: {e}"))?
     {
         match event {
-            watcher::Event::Init => listed = Some(BTreeMap::new()),
-            watcher::Event::InitApply(pod) => {
-                if let (Some(seen), Some(spec)) =
-                    (listed.as_mut(), wanted(&pod, &image_match, &cgroup_root))
-                {
-                    seen.insert(spec.name.clone(), spec);
-                }
+            watcher::Event::Init => {
+                listed = Some(BTreeMap::new());
+                failed.clear();
             }
+            watcher::Event::InitApply(pod) => match wanted(&pod, &image_match, &cgroup_root) {
+                Wanted::Spec(spec) => {
+                    if let Some(seen) = listed.as_mut() {
+                        seen.insert(spec.name.clone(), spec);
+                    }
+                }
+                Wanted::Failed(error) => failed.push((pod, error)),
+                Wanted::No => {}
+            },
             watcher::Event::InitDone => {
                 let desired = listed.take().unwrap_or_default();
                 let gone: Vec<String> = known
@@ -197,17 +206,26 @@ pub async fn run(
                     .cloned()
                     .collect();
                 for name in gone {
-                    forget(&registry, &mut known, &name);
+                    forget(&registry, &retries, &mut known, &name);
                 }
                 for (_, spec) in desired {
-                    apply(&registry, &mut known, spec);
+                    apply(&registry, &retries, &mut known, spec);
+                }
+                for (pod, error) in std::mem::take(&mut failed) {
+                    retry_later(&retries, &pod, &error, &image_match, &cgroup_root);
                 }
             }
             watcher::Event::Apply(pod) => match wanted(&pod, &image_match, &cgroup_root) {
-                Some(spec) => apply(&registry, &mut known, spec),
-                None => forget(&registry, &mut known, &pod_name(&pod)),
+                Wanted::Spec(spec) => apply(&registry, &retries, &mut known, spec),
+                Wanted::No => forget(&registry, &retries, &mut known, &pod_name(&pod)),
+                Wanted::Failed(error) => {
+                    forget(&registry, &retries, &mut known, &pod_name(&pod));
+                    retry_later(&retries, &pod, &error, &image_match, &cgroup_root);
+                }
             },
-            watcher::Event::Delete(pod) => forget(&registry, &mut known, &pod_name(&pod)),
+            watcher::Event::Delete(pod) => {
+                forget(&registry, &retries, &mut known, &pod_name(&pod));
+            }
         }
     }
     Ok(())
@@ -221,35 +239,75 @@ fn pod_name(pod: &Pod) -> String {
     )
 }
 
-fn wanted(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Option<PodSpec> {
+/// What a Pod event asks of the agent.
+enum Wanted {
+    /// Attach (or keep) this registration.
+    Spec(PodSpec),
+    /// Not ours, or not running: detach.
+    No,
+    /// Ours, but its registration cannot be built yet (e.g. no cgroup).
+    Failed(String),
+}
+
+fn wanted(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Wanted {
     match pod_spec(pod, image_match, cgroup_root) {
-        Ok(spec) => Some(spec),
-        Err(PodError::NotOurs | PodError::NotRunning) => None,
-        Err(error) => {
-            tracing::error!(pod = %pod_name(pod), %error, "cannot attach the pod");
-            None
-        }
+        Ok(spec) => Wanted::Spec(spec),
+        Err(PodError::NotOurs | PodError::NotRunning) => Wanted::No,
+        Err(error) => Wanted::Failed(error.to_string()),
     }
 }
 
-fn apply(registry: &Registry, known: &mut BTreeMap<String, PodSpec>, spec: PodSpec) {
-    if known.get(&spec.name) == Some(&spec) {
+/// Retries a pod whose registration could not be built, translating it
+/// again each time (its cgroup or process may appear).
+fn retry_later(
+    retries: &Arc<Retries>,
+    pod: &Pod,
+    error: &str,
+    image_match: &str,
+    cgroup_root: &Path,
+) {
+    let name = pod_name(pod);
+    let (pod, image_match, root) = (pod.clone(), image_match.to_owned(), cgroup_root.to_owned());
+    let make = Arc::new(move || pod_spec(&pod, &image_match, &root).map_err(|e| e.to_string()));
+    retries.retry(&name, Source::Cluster, error, make);
+}
+
+/// Makes `spec` the wanted state of its pod: `known` holds what the API asks
+/// for, attached or waiting for a retry.
+fn apply(
+    registry: &Registry,
+    retries: &Arc<Retries>,
+    known: &mut BTreeMap<String, PodSpec>,
+    spec: PodSpec,
+) {
+    let name = spec.name.clone();
+    if known.get(&name) == Some(&spec) && retries.is_pending(&name) {
         return;
     }
-    if known.remove(&spec.name).is_some() {
-        let _ = registry.remove(&spec.name);
+    let attached = registry.specs(Source::Cluster).remove(&name);
+    retries.cancel(&name);
+    if attached.as_ref() == Some(&spec) {
+        // Attached already (possibly by a retry that built it).
+        known.insert(name, spec);
+        return;
     }
-    let name = spec.name.clone();
-    match registry.add(spec.clone(), Source::Cluster) {
-        Ok(_) => {
-            known.insert(name, spec);
-        }
-        Err(error) => tracing::error!(pod = %name, %error, "cannot attach the pod"),
+    // Changed, or its retries ran out: any event of the pod tries again.
+    if known.remove(&name).is_some() || attached.is_some() {
+        let _ = registry.remove(&name);
     }
+    known.insert(name, spec.clone());
+    retries.attach(spec, Source::Cluster);
 }
 
-fn forget(registry: &Registry, known: &mut BTreeMap<String, PodSpec>, name: &str) {
-    if known.remove(name).is_some() {
+fn forget(
+    registry: &Registry,
+    retries: &Retries,
+    known: &mut BTreeMap<String, PodSpec>,
+    name: &str,
+) {
+    retries.cancel(name);
+    let attached = registry.specs(Source::Cluster).contains_key(name);
+    if known.remove(name).is_some() || attached {
         let _ = registry.remove(name);
     }
 }

@@ -18,13 +18,15 @@
 //!   `POST /v1/pods` (a [`PodSpec`] as JSON; 201), `DELETE /v1/pods/<name>`
 //!   (204).
 //!
-//! Idle means idle: no timers; the agent wakes for HTTP requests and inotify
-//! events only.
+//! Idle means idle: no periodic timers; the agent wakes for HTTP requests and
+//! inotify events, and for the backoff timers of pods that failed to attach
+//! (see [`retry`]) until they attach or the retries run out.
 
 pub mod cluster;
 pub mod config;
 pub mod pod;
 pub mod registry;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -44,6 +46,7 @@ use tokio::sync::mpsc;
 pub use config::Config;
 pub use pod::{DataplaneMode, PodSpec};
 pub use registry::{CountersJson, PodReport, Registry, RegistryError, Source};
+pub use retry::{Backoff, Retries};
 
 /// Largest registration body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -96,7 +99,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .watch(dir, RecursiveMode::NonRecursive)
             .map_err(|e| anyhow::anyhow!("watching {}: {e}", dir.display()))?;
-        sync_manifests(&registry, dir);
+    }
+    let retries = Retries::new(Arc::clone(&registry), Backoff::default());
+    if let Some(dir) = &cfg.manifest_dir {
+        sync_manifests(&registry, &retries, dir);
     }
 
     let node = TcpListener::bind(cfg.node_address)
@@ -110,12 +116,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let node_task = tokio::spawn(serve(node, Arc::clone(&registry), Api::Node));
     let admin_task = tokio::spawn(serve(admin, Arc::clone(&registry), Api::Admin));
     let events_registry = Arc::clone(&registry);
+    let events_retries = Arc::clone(&retries);
     let manifest_dir = cfg.manifest_dir.clone();
     let events_task = tokio::spawn(async move {
         while let Some(path) = events_rx.recv().await {
             match &manifest_dir {
                 Some(dir) if path.parent() == Some(dir.as_path()) || path == *dir => {
-                    sync_manifests(&events_registry, dir);
+                    sync_manifests(&events_registry, &events_retries, dir);
                 }
                 _ => {
                     events_registry.cgroup_changed(&path);
@@ -127,6 +134,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cluster_task = match (cfg.cluster, &cfg.node_name) {
         (true, Some(node)) => Some(tokio::spawn(cluster::run(
             Arc::clone(&registry),
+            Arc::clone(&retries),
             node.clone(),
             cfg.image_match.clone(),
             cfg.cgroup_root.clone(),
@@ -176,12 +184,20 @@ async fn shutdown_signal() {
     }
 }
 
-/// Makes the manifest-sourced pods match the `*.json` files in `dir`.
-pub fn sync_manifests(registry: &Registry, dir: &Path) {
+/// Makes the manifest-sourced pods match the `*.json` files in `dir`. A pod
+/// that fails to attach is retried with backoff ([`Retries`]); a change of its
+/// manifest replaces the retry, a removal cancels it.
+pub fn sync_manifests(registry: &Registry, retries: &Arc<Retries>, dir: &Path) {
     let desired = read_manifests(dir);
     let current = registry.specs(Source::Manifest);
+    for name in retries.pending() {
+        if !desired.contains_key(&name) {
+            retries.cancel(&name);
+        }
+    }
     for (name, spec) in &current {
         if desired.get(name) != Some(spec) {
+            retries.cancel(name);
             let _ = registry.remove(name);
         }
     }
@@ -189,9 +205,7 @@ pub fn sync_manifests(registry: &Registry, dir: &Path) {
         if current.get(&name) == Some(&spec) {
             continue;
         }
-        if let Err(error) = registry.add(spec, Source::Manifest) {
-            tracing::error!(pod = %name, %error, "cannot attach the pod from its manifest");
-        }
+        retries.attach(spec, Source::Manifest);
     }
 }
 

@@ -269,6 +269,11 @@ impl Registry {
         Ok(info)
     }
 
+    /// Whether the pod `name` is attached.
+    pub fn contains(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
     /// Detaches and forgets a pod.
     pub fn remove(&self, name: &str) -> Result<(), RegistryError> {
         let pod = self
