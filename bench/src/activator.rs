@@ -1,13 +1,36 @@
 //! `spright-bench activator`: activator-lite against a direct call and against nginx as a
 //! reverse proxy, side by side in one run.
 //!
-//! - Added latency and CPU per request: `wrk` (pinned to CPU 0) drives the same upstream
-//!   directly, through activator-lite and through nginx (each proxy pinned to CPU 1; CPU
-//!   is the proxy process's user+system time from /proc).
+//! - Added latency and CPU per request: `wrk` drives the same upstream directly, through
+//!   activator-lite and through nginx.
 //! - Cold start: a request for a revision without endpoints is held (the activator's
 //!   metrics show it queued), then the Endpoints manifest appears; the delay from writing
 //!   it to the held request's answer is taken (inotify, reload, pod probe, proxy).
 //! - Memory: RSS of activator-lite with `--held` requests held for a revision without pods.
+//!
+//! # Method of the proxy comparison
+//!
+//! Placement is the same for both proxies and decides more than anything else: on this
+//! kind of VM a thread waking a thread on the *other* core costs about 30 µs (a pipe
+//! ping-pong takes 9-16 µs per round trip on one core, 56-76 µs across cores), more than
+//! a proxied request's own work. So:
+//!
+//! - wrk (one thread) and the upstream (this process's single runtime thread) run on
+//!   CPU 0; each proxy runs alone on CPU 1 with one thread of execution: nginx with one
+//!   worker and no master process, activator-lite started under `taskset -c 1`, where
+//!   it sees one CPU and runs tokio's current-thread runtime. Every hop of a request
+//!   (wrk → proxy → upstream → proxy → wrk) therefore crosses cores the same way for both.
+//! - CPU is the proxy's on-CPU time from `/proc/<pid>/task/*/schedstat` (nanoseconds,
+//!   all threads; not the 10 ms ticks of `/proc/<pid>/stat`), read right before and
+//!   after each wrk run, divided by the requests wrk completed in that run.
+//! - Per-request CPU depends on how many requests one wake-up serves, which depends on
+//!   the load. It is measured at two loads: `--connections` (16: the proxy batches, the
+//!   figure shifts with the rate the run reached) and `--light-connections` (1: every
+//!   request wakes the proxy exactly twice, so both proxies do the same number of
+//!   wake-ups and the figure compares their work per request).
+//! - Paths take turns (direct, then the two proxies in an order that alternates each
+//!   round), and each proxy's figure is compared with its neighbour in time: the
+//!   headline ratios are the medians of the per-round ratios, printed with the rounds.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -24,7 +47,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-use crate::measure::{cpu_seconds, pin_self, sibling};
+use crate::measure::{pin_self, sibling};
 use crate::report::{Row, table};
 
 /// Arguments of `spright-bench activator`.
@@ -255,6 +278,27 @@ fn parse_wrk(out: &str) -> anyhow::Result<Wrk> {
     })
 }
 
+/// On-CPU seconds of all threads of `pid` so far, from the scheduler's nanosecond
+/// accounting (`/proc/<pid>/task/*/schedstat`, first field).
+fn task_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let mut ns: u64 = 0;
+    let dir = format!("/proc/{pid}/task");
+    for t in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = t?.path().join("schedstat");
+        // A thread that exited meanwhile has no file any more: its time is lost either way.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        ns += parse_schedstat(&text).with_context(|| format!("parsing {}", path.display()))?;
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+/// The run time (ns) of a `schedstat` line: `<run ns> <wait ns> <timeslices>`.
+fn parse_schedstat(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// Runs wrk pinned to CPU 0 against `port`; returns its figures and the CPU seconds
 /// `pid` used meanwhile.
 fn wrk(
@@ -264,7 +308,7 @@ fn wrk(
     pid: Option<u32>,
     seconds: u64,
 ) -> anyhow::Result<(Wrk, Option<f64>)> {
-    let cpu0 = pid.map(cpu_seconds).transpose()?;
+    let cpu0 = pid.map(task_cpu_seconds).transpose()?;
     let out = Command::new("taskset")
         .args(["-c", "0", &args.wrk, "-t1", "--latency"])
         .arg(format!("-c{conns}"))
@@ -279,7 +323,7 @@ fn wrk(
     }
     let w = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
     let cpu = match (pid, cpu0) {
-        (Some(p), Some(c0)) => Some(cpu_seconds(p)? - c0),
+        (Some(p), Some(c0)) => Some(task_cpu_seconds(p)? - c0),
         _ => None,
     };
     Ok((w, cpu))
@@ -421,20 +465,29 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
-    // Light load: the same turns with few connections, p50 added over direct per round.
-    let mut light: Vec<[f64; 2]> = Vec::new();
+    // Light load: the same turns with few connections: p50 added over direct and CPU per
+    // request of each proxy, per round.
+    struct Light {
+        added: [f64; 2],
+        cpu_per_req: [f64; 2],
+    }
+    let mut light: Vec<Light> = Vec::new();
     if args.light_connections > 0 {
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
             for round in 0..args.rounds.max(1) {
                 let order: [usize; 3] = if round % 2 == 0 { [0, 1, 2] } else { [0, 2, 1] };
                 let mut p50 = [0.0; 3];
+                let mut cpu = [f64::NAN; 3];
                 for i in order {
-                    let (port, _) = paths[i];
-                    p50[i] = wrk(&args, args.light_connections, port, None, args.seconds)?
-                        .0
-                        .p50_us;
+                    let (port, pid) = paths[i];
+                    let (w, c) = wrk(&args, args.light_connections, port, pid, args.seconds)?;
+                    p50[i] = w.p50_us;
+                    cpu[i] = c.unwrap_or(f64::NAN) / w.requests.max(1.0);
                 }
-                light.push([p50[1] - p50[0], p50[2] - p50[0]]);
+                light.push(Light {
+                    added: [p50[1] - p50[0], p50[2] - p50[0]],
+                    cpu_per_req: [cpu[1], cpu[2]],
+                });
             }
             Ok(())
         })?;
@@ -486,14 +539,16 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
     rows.push(added("activator-lite added", &through_act));
     rows.push(added("nginx added", &through_nginx));
 
-    let light_median = |i: usize| median(light.iter().map(|r| r[i]).collect());
-    let light_ratio = median(light.iter().map(|r| r[0] / r[1]).collect());
+    let light_median = |f: &dyn Fn(&Light) -> f64| median(light.iter().map(f).collect());
+    let light_ratio = light_median(&|r| r.added[0] / r.added[1]);
+    let light_cpu_ratio = light_median(&|r| r.cpu_per_req[0] / r.cpu_per_req[1]);
     if !light.is_empty() {
-        for (i, name) in [(0, "activator-lite added"), (1, "nginx added")] {
+        for (i, name) in [(0, "activator-lite"), (1, "nginx")] {
             rows.push(Row {
                 connections: Some(args.light_connections),
-                p50_us: Some(light_median(i)),
-                ..Row::named(format!("{name}, light load"))
+                p50_us: Some(light_median(&|r| r.added[i])),
+                cpu_s_per_1k: Some(light_median(&|r| r.cpu_per_req[i]) * 1000.0),
+                ..Row::named(format!("{name} added, light load"))
             });
         }
     }
@@ -570,7 +625,7 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
     };
     writeln!(
         out,
-        "added p50 activator-lite / nginx: {}   cpu per request activator-lite / nginx: {}",
+        "median-round figures, activator-lite / nginx: added p50 {}; cpu per request (all rounds) {}",
         ratio(rows[3].p50_us, rows[4].p50_us),
         ratio(rows[1].cpu_s_per_1k, rows[2].cpu_s_per_1k)
     )?;
@@ -588,15 +643,19 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
         list(|r| r.1)
     )?;
     if !light.is_empty() {
-        writeln!(
-            out,
-            "light load ({} connection(s)), per round activator-lite / nginx added p50: [{}] median {light_ratio:.2}x",
-            args.light_connections,
+        let list = |f: &dyn Fn(&Light) -> f64| {
             light
                 .iter()
-                .map(|r| format!("{:.2}", r[0] / r[1]))
+                .map(|r| format!("{:.2}", f(r)))
                 .collect::<Vec<_>>()
                 .join(" ")
+        };
+        writeln!(
+            out,
+            "light load ({} connection(s)), per round activator-lite / nginx: added p50 [{}] median {light_ratio:.2}x; cpu per request [{}] median {light_cpu_ratio:.2}x",
+            args.light_connections,
+            list(&|r| r.added[0] / r.added[1]),
+            list(&|r| r.cpu_per_req[0] / r.cpu_per_req[1]),
         )?;
     }
     writeln!(
@@ -640,6 +699,13 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedstat_run_time() {
+        assert_eq!(parse_schedstat("123456789 5000 42\n"), Some(123_456_789));
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+    }
 
     #[test]
     fn wrk_output() {
