@@ -37,15 +37,17 @@ pub fn classify(buf: &[u8]) -> Head {
 }
 
 /// Reads until the request head at the start of `buf` is complete (or clearly not ours)
-/// and parses it for the fast path. `Ok(None)`: the client closed before a head.
+/// and parses it for the fast path (`peer`, `spare`: see
+/// [`crate::fast::parse_request_into`]). `Ok(None)`: the client closed before a head.
 pub async fn read_request(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    peer: Option<std::net::IpAddr>,
+    peer: Option<&[u8]>,
+    spare: &mut Vec<u8>,
 ) -> io::Result<Option<crate::fast::Parsed>> {
     loop {
         if !buf.is_empty() {
-            match crate::fast::parse_request(buf, peer) {
+            match crate::fast::parse_request_into(buf, peer, spare) {
                 crate::fast::Parsed::Partial => {}
                 p => return Ok(Some(p)),
             }

@@ -37,6 +37,8 @@ const MAX_HEADERS: usize = 64;
 /// Largest response head accepted from a pod.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
+/// Largest request-head buffer a connection keeps for its next request.
+const MAX_SPARE: usize = 4 * 1024;
 
 /// Request headers the activator drops or sets itself, besides the hop-by-hop ones.
 const REQ_DROP: [&str; 6] = [
@@ -104,6 +106,15 @@ const ROUTING: [&str; 3] = [
 
 /// Parses a request head; `peer` is appended to `X-Forwarded-For`.
 pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
+    let peer = peer.map(|ip| ip.to_string());
+    parse_request_into(buf, peer.as_deref().map(str::as_bytes), &mut Vec::new())
+}
+
+/// [`parse_request`] for a connection: `peer` is the client's address already written
+/// out (once per connection, not per request), and a fast request's rewritten head is
+/// built in `spare` (taken; a connection hands the buffer of its previous request back,
+/// see [`serve`]), so a keep-alive request allocates nothing here.
+pub fn parse_request_into(buf: &[u8], peer: Option<&[u8]>, spare: &mut Vec<u8>) -> Parsed {
     if buf.starts_with(b"PRI ") || (buf.len() < 4 && b"PRI ".starts_with(buf)) {
         return if buf.len() < 4 {
             Parsed::Partial
@@ -197,7 +208,9 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
     if !fast || !path.starts_with('/') || method == "CONNECT" || lists(connection, b"upgrade") {
         return Parsed::Slow(Head::Revision(key));
     }
-    let mut out = Vec::with_capacity(head_len + 96);
+    let mut out = std::mem::take(spare);
+    out.clear();
+    out.reserve(head_len + 96);
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
@@ -241,11 +254,10 @@ pub fn parse_request(buf: &[u8], peer: Option<IpAddr>) -> Parsed {
             }
         }
         if let Some(ip) = peer {
-            use std::io::Write as _;
             if !first {
                 out.extend_from_slice(b", ");
             }
-            let _ = write!(out, "{ip}");
+            out.extend_from_slice(ip);
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -289,11 +301,19 @@ struct Idle {
     stream: TcpStream,
 }
 
-/// Idle keep-alive connections per pod (`ip:port`).
+/// Idle keep-alive connections per pod (`ip:port`), at most `MAX_IDLE_PROXY_CONNS_PER_HOST`
+/// per pod and `MAX_IDLE_PROXY_CONNS` in all (Knative's transport limits).
 #[derive(Debug)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
+    idle: Mutex<Pooled>,
     max_per_host: usize,
+    max_total: usize,
+}
+
+#[derive(Debug, Default)]
+struct Pooled {
+    by_dest: HashMap<Arc<str>, Vec<Idle>>,
+    total: usize,
 }
 
 /// True when a pooled connection shows no sign of having been closed (costs no system
@@ -304,21 +324,24 @@ fn looks_open(s: &TcpStream) -> bool {
 }
 
 impl UpstreamPool {
-    pub fn new(max_per_host: usize) -> Self {
+    pub fn new(max_total: usize, max_per_host: usize) -> Self {
         Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Pooled::default()),
             max_per_host,
+            max_total,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pooled> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn take(&self, dest: &str) -> Option<TcpStream> {
-        let mut m = self.lock();
-        let list = m.get_mut(dest)?;
+        let mut p = self.lock();
+        let Pooled { by_dest, total } = &mut *p;
+        let list = by_dest.get_mut(dest)?;
         while let Some(c) = list.pop() {
+            *total -= 1;
             if looks_open(&c.stream) {
                 return Some(c.stream);
             }
@@ -327,23 +350,29 @@ impl UpstreamPool {
     }
 
     fn put(&self, dest: &Arc<str>, stream: TcpStream) {
-        let mut m = self.lock();
-        if m.len() > 64 {
+        let mut p = self.lock();
+        let Pooled { by_dest, total } = &mut *p;
+        if by_dest.len() > 64 || *total >= self.max_total {
             // Pods come and go: drop what their pods closed.
-            m.retain(|_, l| {
+            by_dest.retain(|_, l| {
                 l.retain(|c| looks_open(&c.stream));
                 !l.is_empty()
             });
+            *total = by_dest.values().map(Vec::len).sum();
         }
-        let list = m.entry(dest.clone()).or_default();
+        if *total >= self.max_total {
+            return;
+        }
+        let list = by_dest.entry(dest.clone()).or_default();
         if list.len() < self.max_per_host {
             list.push(Idle { stream });
+            *total += 1;
         }
     }
 
     /// Idle connections held (for tests and metrics).
     pub fn idle_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.lock().total
     }
 }
 
@@ -447,12 +476,14 @@ async fn exchange(
 
 /// Serves one fast request whose head is at the start of `buf`, holding `adm` (its pod
 /// slot) until the response body has been passed on. Returns whether the client
-/// connection stays open for another request.
+/// connection stays open for another request. The buffer of the request head sent to
+/// the pod is handed back in `spare` for the connection's next request.
 pub async fn serve(
     pool: &UpstreamPool,
     client: &mut TcpStream,
     buf: &mut BytesMut,
     ubuf: &mut BytesMut,
+    spare: &mut Vec<u8>,
     req: FastRequest,
     adm: Admission,
 ) -> bool {
@@ -502,7 +533,12 @@ pub async fn serve(
             _ = client_gone(client) => Err(Failed::ClientGone),
         }
     };
-    let (mut upstream, resp) = match answer.await {
+    let answer = answer.await;
+    // Kept only while small: an idle keep-alive connection does not pin a big body's buffer.
+    if out.capacity() <= MAX_SPARE {
+        *spare = out;
+    }
+    let (mut upstream, resp) = match answer {
         Ok(x) => x,
         Err(Failed::ClientGone) => return false,
         Err(f) => {
@@ -629,6 +665,63 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x.y\r\nKnative-Serving-Namespace: ns\r\nKnative-Serving-Revision: r\t\r\n\r\n",
         );
         assert_eq!(r.key, RevisionKey::new("ns", "r"));
+    }
+
+    #[tokio::test]
+    async fn idle_pool_limits_per_pod_and_in_all() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest: Arc<str> = l.local_addr().unwrap().to_string().into();
+        let other: Arc<str> = "127.0.0.1:1".into();
+        let mut accepted = Vec::new();
+        let mut conns = Vec::new();
+        for _ in 0..5 {
+            conns.push(connect(&dest).await.unwrap());
+            accepted.push(l.accept().await.unwrap().0);
+        }
+        // MAX_IDLE_PROXY_CONNS = 3, MAX_IDLE_PROXY_CONNS_PER_HOST = 2.
+        let pool = UpstreamPool::new(3, 2);
+        for c in conns.drain(..3) {
+            pool.put(&dest, c);
+        }
+        assert_eq!(pool.idle_count(), 2, "per-pod limit");
+        for c in conns.drain(..) {
+            pool.put(&other, c);
+        }
+        assert_eq!(pool.idle_count(), 3, "limit in all");
+        assert!(pool.take(&dest).is_some());
+        assert_eq!(pool.idle_count(), 2);
+        assert!(pool.take(&dest).is_some());
+        assert!(pool.take(&dest).is_none());
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[test]
+    fn connection_buffer_and_peer_text_are_reused() {
+        let head = b"GET /x HTTP/1.1\r\nHost: rev.ns\r\nX-Forwarded-For: 1.1.1.1\r\n\r\n";
+        let mut spare = Vec::with_capacity(1024);
+        let at = spare.as_ptr();
+        let Parsed::Fast(r) = parse_request_into(head, Some(b"10.0.0.9"), &mut spare) else {
+            panic!("not fast");
+        };
+        assert_eq!(r.out.as_ptr(), at, "the spare buffer was not used");
+        assert!(spare.is_empty());
+        let out = String::from_utf8(r.out).unwrap();
+        assert!(
+            out.contains("x-forwarded-for: 1.1.1.1, 10.0.0.9\r\n"),
+            "{out}"
+        );
+        // The same bytes as the one-shot parser writes.
+        let Parsed::Fast(once) = parse_request(head, Some("10.0.0.9".parse().unwrap())) else {
+            panic!("not fast");
+        };
+        assert_eq!(once.out, out.as_bytes());
+        // A partial head leaves the buffer alone.
+        let mut spare = Vec::with_capacity(64);
+        assert!(matches!(
+            parse_request_into(b"GET / HTTP/1.1\r\nHo", None, &mut spare),
+            Parsed::Partial
+        ));
+        assert_eq!(spare.capacity(), 64);
     }
 
     #[test]

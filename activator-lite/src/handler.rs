@@ -292,6 +292,7 @@ impl App {
         reporter: Arc<ConcurrencyReporter>,
         link: Arc<LinkStatus>,
         queue_depth: usize,
+        max_idle: usize,
         max_idle_per_host: usize,
     ) -> Arc<Self> {
         let mut conn = HttpConnector::new();
@@ -309,7 +310,7 @@ impl App {
             link,
             draining: AtomicBool::new(false),
             queue_depth,
-            pool: crate::fast::UpstreamPool::new(max_idle_per_host),
+            pool: crate::fast::UpstreamPool::new(max_idle, max_idle_per_host),
             client_h1,
             client_h2,
         })

@@ -100,10 +100,14 @@ async fn app_conn(
 ) {
     let mut buf = BytesMut::new();
     let mut ubuf = BytesMut::new();
+    // The client's address for X-Forwarded-For, written out once per connection, and the
+    // buffer each fast request's head for the pod is built in.
+    let peer_ip = peer.ip().to_string();
+    let mut spare = Vec::new();
     let mut first = true;
     let admission = loop {
         let parsed = tokio::select! {
-            r = read_request(&mut stream, &mut buf, Some(peer.ip())) => r,
+            r = read_request(&mut stream, &mut buf, Some(peer_ip.as_bytes()), &mut spare) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         let key = match parsed {
@@ -113,8 +117,15 @@ async fn app_conn(
                         return;
                     };
                     // Boxed: a held connection's task stays small (see crate::admission).
-                    let serve =
-                        crate::fast::serve(&app.pool, &mut stream, &mut buf, &mut ubuf, req, adm);
+                    let serve = crate::fast::serve(
+                        &app.pool,
+                        &mut stream,
+                        &mut buf,
+                        &mut ubuf,
+                        &mut spare,
+                        req,
+                        adm,
+                    );
                     if !Box::pin(serve).await {
                         return;
                     }
@@ -136,7 +147,7 @@ async fn app_conn(
             _ => None,
         };
     };
-    drop(ubuf);
+    drop((ubuf, spare));
     let first = Arc::new(std::sync::Mutex::new(admission));
     let svc = service_fn(move |req| {
         let adm = first.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -227,6 +238,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         reporter.clone(),
         link.clone(),
         cfg.queue_depth,
+        cfg.max_idle_proxy_conns,
         cfg.max_idle_proxy_conns_per_host,
     );
 
