@@ -15,7 +15,7 @@ use crate::event::{ARRIVAL_EXT, CloudEvent, TTL_EXT};
 use crate::filter::Filter;
 use crate::log::{BrokerLog, Cursor, LogConfig, LogError};
 use crate::manifests::{Delivery, DeliverySpec, Snapshot, Target, Trigger};
-use crate::metrics::Metrics;
+use crate::metrics::{Counter, Metrics};
 use http::StatusCode;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -142,7 +142,7 @@ impl BrokerState {
     /// Stores an event that already went through the ingress steps; returns after the
     /// append (and msync, per durability), i.e. when a 202 may be sent.
     /// Then hands the event to every trigger (inline dispatch).
-    pub fn append(&self, ev: &CloudEvent) -> Result<u64, IngestError> {
+    pub fn append(&self, ev: CloudEvent) -> Result<u64, IngestError> {
         let rec = ev.to_record();
         let try_append = || {
             let mut log = lock(&self.log.log);
@@ -160,7 +160,7 @@ impl BrokerState {
             }
             other => other?,
         };
-        crate::probe::mark("log.appended", ev);
+        crate::probe::mark("log.appended", &ev);
         let cores = self
             .cores
             .read()
@@ -170,13 +170,18 @@ impl BrokerState {
         // to a function may be answered, and its reply appended by the reply thread, before
         // this thread gets the CPU back; that reply must find every trigger past this record
         // to be dispatched inline rather than by a woken dispatcher task.
-        let claimed: Vec<&Arc<TriggerCore>> = cores
+        let mut claimed: Vec<&Arc<TriggerCore>> = cores
             .iter()
-            .filter(|core| core.claim(start, end, ev))
+            .filter(|core| core.claim(start, end, &ev))
             .collect();
-        for core in claimed {
-            crate::probe::mark("trigger.matched", ev);
-            core.deliver(start, ev.clone());
+        // The last trigger takes the event itself, the others a copy.
+        if let Some(last) = claimed.pop() {
+            for core in claimed {
+                crate::probe::mark("trigger.matched", &ev);
+                core.deliver(start, ev.clone());
+            }
+            crate::probe::mark("trigger.matched", &ev);
+            last.deliver(start, ev);
         }
         Ok(end)
     }
@@ -192,7 +197,7 @@ impl BrokerState {
     /// Ingress: extensions, TTL check, append.
     pub fn ingest(&self, mut ev: CloudEvent) -> Result<u64, IngestError> {
         apply_ingress_extensions(&mut ev, self.max_ttl)?;
-        self.append(&ev)
+        self.append(ev)
     }
 
     /// Log statistics: (head, tail, disk bytes).
@@ -459,10 +464,12 @@ impl Runtime {
         let next_read = cursor.get();
         let core = Arc::new(TriggerCore {
             key: t.key(),
+            counts: TriggerCounters::new(&self.metrics, &t.key()),
             metrics: self.metrics.clone(),
             broker: state.clone(),
             filter: Filter::for_trigger(t.spec.filter.as_ref(), &t.spec.filters),
             trigger: t.clone(),
+            opts: TriggerCore::send_options(t, &delivery),
             delivery,
             sinks: self.sinks.clone(),
             position,
@@ -484,6 +491,11 @@ impl Runtime {
             core,
         })
     }
+}
+
+/// The event of a shared handle: moved out when this is the last handle, copied otherwise.
+fn unshare(ev: Arc<CloudEvent>) -> CloudEvent {
+    Arc::try_unwrap(ev).unwrap_or_else(|ev| (*ev).clone())
 }
 
 fn state_dir(cfg: &RuntimeConfig, b: &BrokerState) -> PathBuf {
@@ -515,10 +527,14 @@ struct Progress {
 struct TriggerCore {
     key: String,
     metrics: Arc<Metrics>,
+    /// The counters every event bumps, registered once.
+    counts: TriggerCounters,
     broker: Arc<BrokerState>,
     trigger: Trigger,
     filter: Filter,
     delivery: Delivery,
+    /// How every attempt to the subscriber is sent.
+    opts: SendOptions,
     sinks: Sinks,
     position: Arc<AtomicU64>,
     max_inflight: usize,
@@ -528,6 +544,32 @@ struct TriggerCore {
     stop: watch::Receiver<bool>,
     /// Runtime for delivery tasks (retries, HTTP), also from non-runtime threads.
     tasks: tokio::runtime::Handle,
+}
+
+/// A trigger's per-event counters.
+struct TriggerCounters {
+    delivered: Counter,
+    filtered: Counter,
+    stored: Counter,
+}
+
+impl TriggerCounters {
+    fn new(metrics: &Metrics, key: &str) -> TriggerCounters {
+        let delivery = |what| {
+            metrics.counter(
+                "broker_shm_deliveries_total",
+                &[("trigger", key), ("outcome", what)],
+            )
+        };
+        TriggerCounters {
+            delivered: delivery("delivered"),
+            filtered: delivery("filtered"),
+            stored: metrics.counter(
+                "broker_shm_replies_total",
+                &[("trigger", key), ("outcome", "stored")],
+            ),
+        }
+    }
 }
 
 /// Marks an in-flight offset unfinished if its delivery task dies without finishing.
@@ -551,10 +593,14 @@ impl TriggerCore {
     }
 
     fn outcome(&self, what: &str) {
-        self.metrics.inc(
-            "broker_shm_deliveries_total",
-            &[("trigger", self.key.as_str()), ("outcome", what)],
-        );
+        match what {
+            "delivered" => self.counts.delivered.inc(),
+            "filtered" => self.counts.filtered.inc(),
+            _ => self.metrics.inc(
+                "broker_shm_deliveries_total",
+                &[("trigger", self.key.as_str()), ("outcome", what)],
+            ),
+        }
     }
 
     /// Inline dispatch of the record `[start, end)` just appended: claims it when this
@@ -677,14 +723,14 @@ impl TriggerCore {
         self.wake.notify_one();
     }
 
-    fn send_options(&self) -> SendOptions {
+    fn send_options(trigger: &Trigger, delivery: &Delivery) -> SendOptions {
         SendOptions {
-            format: self.delivery.format,
-            timeout: self.delivery.timeout,
-            namespace: self.trigger.namespace.clone(),
+            format: delivery.format,
+            timeout: delivery.timeout,
+            namespace: trigger.namespace.clone(),
             prefer_reply: true,
             extra_headers: http::HeaderMap::new(),
-            ca_certs: self.trigger.spec.subscriber.ca_certs.clone(),
+            ca_certs: trigger.spec.subscriber.ca_certs.clone(),
         }
     }
 
@@ -695,26 +741,29 @@ impl TriggerCore {
         // The filter strips the TTL before delivery and re-attaches it to a reply.
         let ttl = ev.remove(TTL_EXT);
         if let (Target::ShmFunction(_), Some(shm)) = (&self.trigger.subscriber, &self.sinks.shm) {
-            let core = self.clone();
+            // Shared by the send and the completion (a retry needs the event again).
+            let ev = Arc::new(ev);
             let ev2 = ev.clone();
+            let core = self.clone();
             let ttl2 = ttl.clone();
             let done: Done = Box::new(move |attempt: Attempt| {
                 crate::probe::mark("reply.received", &ev2);
                 if attempt.is_success()
                     && let Ok(reply) = attempt.reply()
                 {
+                    drop(ev2);
                     core.delivered(reply, ttl2.as_deref());
                     core.finish(off);
                 } else {
-                    core.spawn(off, ev2, ttl2, Some(attempt));
+                    core.spawn(off, unshare(ev2), ttl2, Some(attempt));
                 }
             });
-            match shm.start(&self.trigger.subscriber, &ev, &self.send_options(), done) {
+            match shm.start(&self.trigger.subscriber, &ev, &self.opts, done) {
                 Ok(()) => {
                     crate::probe::mark("descriptor.sent", &ev);
                     return;
                 }
-                Err(_) => return self.spawn(off, ev, ttl, None),
+                Err(_) => return self.spawn(off, unshare(ev), ttl, None),
             }
         }
         self.spawn(off, ev, ttl, None)
@@ -762,15 +811,19 @@ impl TriggerCore {
                 "refused"
             }
         };
-        self.metrics.inc(
-            "broker_shm_replies_total",
-            &[("trigger", self.key.as_str()), ("outcome", result)],
-        );
+        if result == "stored" {
+            self.counts.stored.inc();
+        } else {
+            self.metrics.inc(
+                "broker_shm_replies_total",
+                &[("trigger", self.key.as_str()), ("outcome", result)],
+            );
+        }
     }
 
     async fn handle(&self, ev: CloudEvent, ttl: Option<String>, first: Option<Attempt>) {
         let t = &self.trigger;
-        let opts = self.send_options();
+        let opts = self.opts.clone();
         let (attempt, reply) = self
             .sinks
             .send_with_retries_after(&t.subscriber, &ev, &opts, &self.delivery, first)

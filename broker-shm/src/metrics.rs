@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A gauge family: name, help text, and (label set, value) samples.
 pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
@@ -11,10 +12,20 @@ pub type Gauge<'a> = (&'a str, &'a str, Vec<(String, f64)>);
 /// Counters keyed by metric name and label set.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    counters: Mutex<BTreeMap<(&'static str, String), Arc<AtomicU64>>>,
 }
 
-/// Help text of each counter.
+/// One counter (a metric name with its label set) to bump on a hot path without formatting
+/// its labels or taking the registry's lock each time.
+#[derive(Debug, Clone)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 const HELP: &[(&str, &str)] = &[
     (
         "broker_shm_ingress_requests_total",
@@ -39,6 +50,11 @@ fn escape(v: &str) -> String {
 impl Metrics {
     /// Adds one to `name{labels}`; labels are (key, value) pairs.
     pub fn inc(&self, name: &'static str, labels: &[(&str, &str)]) {
+        self.counter(name, labels).inc();
+    }
+
+    /// The counter `name{labels}`, registered on first use; it is rendered once it counted.
+    pub fn counter(&self, name: &'static str, labels: &[(&str, &str)]) -> Counter {
         let mut l = String::new();
         for (i, (k, v)) in labels.iter().enumerate() {
             if i > 0 {
@@ -50,10 +66,9 @@ impl Metrics {
             .counters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *c.entry((name, l)).or_insert(0) += 1;
+        Counter(c.entry((name, l)).or_default().clone())
     }
 
-    /// Renders all counters plus the given gauges `(name, help, [(labels, value)])`.
     pub fn render(&self, gauges: &[Gauge<'_>]) -> String {
         let mut out = String::new();
         let c = self
@@ -63,7 +78,8 @@ impl Metrics {
         for (name, help) in HELP {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for ((n, labels), v) in c.iter() {
-                if n == name {
+                let v = v.load(Ordering::Relaxed);
+                if n == name && v > 0 {
                     let _ = writeln!(out, "{name}{{{labels}}} {v}");
                 }
             }
@@ -96,5 +112,16 @@ mod tests {
         let text = m.render(&[("g", "a gauge", vec![("x=\"1\"".into(), 2.0)])]);
         assert!(text.contains("broker_shm_ingress_requests_total{broker=\"a/b\",code=\"202\"} 2"));
         assert!(text.contains("g{x=\"1\"} 2"));
+        let c = m.counter("broker_shm_deliveries_total", &[("trigger", "t")]);
+        assert!(
+            !m.render(&[]).contains("trigger=\"t\""),
+            "not rendered before it counts"
+        );
+        c.inc();
+        m.inc("broker_shm_deliveries_total", &[("trigger", "t")]);
+        assert!(
+            m.render(&[])
+                .contains("broker_shm_deliveries_total{trigger=\"t\"} 2")
+        );
     }
 }

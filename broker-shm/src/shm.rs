@@ -17,7 +17,7 @@ use spright_core::chain::RoutingTable;
 use spright_core::descriptor::GATEWAY_ID;
 use spright_core::host::{Host, HostConfig, HostEvent};
 use spright_core::pool::PoolConfig;
-use spright_core::transport::{TransportChoice, TransportError};
+use spright_core::transport::{TransportChoice, TransportError, TransportKind};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,10 +40,18 @@ pub struct ShmConfig {
 }
 
 /// Most descriptors the reply thread sends to one function before that function has answered
-/// the earlier ones. Below the smallest queue a transport offers (Unix datagram sockets hold
-/// `net.unix.max_dgram_qlen`, 10 by default), so a send from the reply thread never blocks: a
-/// blocked reply thread could not drain the answers the function is blocked sending.
-const REPLY_THREAD_SENDS: u32 = 8;
+/// the earlier ones, per transport: below the smallest queue the transport offers, so a send
+/// from the reply thread never blocks (a blocked reply thread could not drain the answers the
+/// function is blocked sending). Unix datagram sockets hold `net.unix.max_dgram_qlen`
+/// datagrams, 10 by default; an sk_msg redirect queues the 16-byte descriptors in the
+/// receiving socket's memory (`tcp_rmem`, 128 KiB by default), room for thousands. Beyond
+/// the limit a delivery runs as a task instead (a wake-up more per event).
+fn reply_thread_sends(kind: TransportKind) -> u32 {
+    match kind {
+        TransportKind::Unix => 8,
+        TransportKind::SkMsg => 64,
+    }
+}
 
 /// How long an answer that timed out is still expected before its descriptor counts as lost.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
@@ -88,6 +96,8 @@ impl Calls {
 /// thread that sleeps until the earliest deadline (no polling).
 pub struct ShmDataplane {
     host: Host,
+    /// [`reply_thread_sends`] of the transport in use.
+    reply_thread_sends: u32,
     calls: Mutex<Calls>,
     timeouts: Condvar,
     next_id: AtomicU64,
@@ -148,6 +158,7 @@ impl ShmDataplane {
             },
         )?;
         let dp = Arc::new(ShmDataplane {
+            reply_thread_sends: reply_thread_sends(host.kind()),
             host,
             calls: Mutex::default(),
             timeouts: Condvar::new(),
@@ -341,7 +352,7 @@ impl ShmDataplane {
         lock(&self.calls)
             .outstanding
             .get(&fid)
-            .is_some_and(|n| *n >= REPLY_THREAD_SENDS)
+            .is_some_and(|n| *n >= self.reply_thread_sends)
     }
 }
 
