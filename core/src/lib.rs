@@ -14,6 +14,7 @@ pub mod chain;
 pub mod control;
 pub mod dataplane_mode;
 pub mod descriptor;
+pub mod duration;
 pub mod host;
 pub mod http1;
 pub mod logging;
