@@ -59,6 +59,13 @@ pub struct BrokerArgs {
     /// Backoff delay default (config-br-defaults: PT0.2S).
     #[arg(long, default_value = "PT0.2S")]
     pub default_backoff_delay: String,
+    /// CPUs every thread of broker-shm runs on, as a Linux cpu list (`0`, `0-1`): give the
+    /// broker and its shared-memory functions (which honour the same variable) the same core
+    /// so that handing a descriptor on wakes a thread on that core, with no inter-processor
+    /// interrupt. Unset: the CPUs the process inherits (in a pod, the container's cpuset);
+    /// every CPU named must be in that cpuset.
+    #[arg(long, env = "SPRIGHT_CPUS")]
+    pub cpus: Option<String>,
     /// Listening port (`INGRESS_PORT`).
     #[arg(long, env = "INGRESS_PORT", default_value_t = 8080)]
     pub port: u16,

@@ -11,6 +11,15 @@ use std::sync::Arc;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     spright_core::logging::init("broker-shm", "info");
+    // Before any other thread exists: every thread inherits the placement.
+    match spright_core::sdk::place(cli.broker.cpus.as_deref()) {
+        Ok(Some(cpus)) => tracing::info!(?cpus, "placed on CPUs"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "broker-shm failed");
+            return std::process::ExitCode::from(64);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -190,4 +190,15 @@ async fn bad_configuration_exits_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("durability"));
+    for cpus in ["x", "1-0", "1023"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_broker-shm"))
+            .args(["--manifests", "/nonexistent"])
+            .env("SPRIGHT_CPUS", cpus)
+            .env("INGRESS_PORT", free_port().to_string())
+            .env("METRICS_PORT", "0")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "SPRIGHT_CPUS={cpus}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("SPRIGHT_CPUS"));
+    }
 }
