@@ -213,44 +213,10 @@ pub fn cluster_domain_from_resolv(resolv: &str) -> Option<String> {
         .filter(|d| !d.is_empty())
 }
 
-/// Parses a Go `time.Duration` string such as `300ms`, `1.5s`, `1m30s`.
+/// Parses a Go `time.Duration` string such as `300ms`, `1.5s`, `1m30s` (surrounding
+/// white space ignored) with [`spright_core::duration::parse`].
 pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("missing unit in {s:?}"))?;
-        if num_end == 0 {
-            return Err(format!("expected a number in {s:?}"));
-        }
-        let value: f64 = rest[..num_end]
-            .parse()
-            .map_err(|_| format!("bad number in {s:?}"))?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            u => return Err(format!("unknown unit {u:?} in {s:?}")),
-        };
-        total += value * scale;
-        rest = &rest[unit_end..];
-    }
-    Duration::try_from_secs_f64(total).map_err(|e| e.to_string())
+    spright_core::duration::parse(s.trim()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -367,7 +333,11 @@ mod tests {
             Duration::from_millis(1500)
         );
         assert_eq!(parse_go_duration("0").unwrap(), Duration::ZERO);
-        for bad in ["", "10", "ms", "1x", "1..2s", "-1s"] {
+        assert_eq!(
+            parse_go_duration(" 2h45m ").unwrap(),
+            Duration::from_secs(9900)
+        );
+        for bad in ["", "10", "ms", "1x", "1..2s", "-1s", "1d"] {
             assert!(parse_go_duration(bad).is_err(), "{bad}");
         }
     }

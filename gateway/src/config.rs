@@ -50,22 +50,16 @@ pub struct Config {
     pub log_level: String,
 }
 
-/// Parses `500ms`, `30s`, `2m` or a bare number of seconds.
+/// Parses a Go duration (`500ms`, `30s`, `1m30s`, `1.5h`: [`spright_core::duration::parse`])
+/// or, as this flag always allowed, a bare number of seconds (`3`, `2.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("bad duration unit in {s:?}: use ms, s or m")),
-    };
-    // Negative, NaN, infinite and too large for a Duration (found by fuzz/gateway_config).
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("bad duration {s:?}"))
+    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit() || c == b'.') {
+        let secs: f64 = s.parse().map_err(|_| format!("bad duration {s:?}"))?;
+        // Too large for a Duration (found by fuzz/gateway_config).
+        return Duration::try_from_secs_f64(secs).map_err(|_| format!("bad duration {s:?}"));
+    }
+    spright_core::duration::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -77,8 +71,15 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("x").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration(" 30s "), Ok(Duration::from_secs(30)));
+        // Go's syntax in full since the parser moved to spright-core.
+        assert_eq!(parse_duration("5h"), Ok(Duration::from_secs(5 * 3600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["x", "", ".", "1..2", "5d", "-1s", "1s2"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
         // Larger than a Duration holds: an error, not a panic.
         assert!(parse_duration("100000000000000000000").is_err());
         assert!(parse_duration("99999999999999999999999m").is_err());

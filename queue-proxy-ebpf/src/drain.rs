@@ -47,21 +47,14 @@ pub fn poll_interval(quiet: Duration) -> Duration {
     (quiet / 4).clamp(Duration::from_millis(10), MAX_POLL)
 }
 
-/// The quiet period: `SPRIGHT_DRAIN_QUIET_PERIOD` (`<n>ms`, `<n>s` or `<n>m`), or Knative's.
+/// The quiet period: `SPRIGHT_DRAIN_QUIET_PERIOD` (a Go duration such as `500ms`, `1.5s` or
+/// `1m30s`, above zero and at most an hour), or Knative's.
 pub fn quiet_period(get: impl Fn(&str) -> Option<String>) -> Result<Duration, String> {
     let Some(raw) = get(ENV_QUIET_PERIOD).filter(|v| !v.trim().is_empty()) else {
         return Ok(QUIET_PERIOD);
     };
-    let v = raw.trim();
     let bad = || format!("{ENV_QUIET_PERIOD}={raw:?}: use a duration such as 500ms, 2s or 1m");
-    let (digits, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let period = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(bad)?),
-        _ => return Err(bad()),
-    };
+    let period = spright_core::duration::parse(raw.trim()).map_err(|_| bad())?;
     if period.is_zero() || period > Duration::from_secs(3600) {
         return Err(bad());
     }
@@ -328,13 +321,27 @@ mod tests {
         assert_eq!(quiet_period(get("500ms")), Ok(Duration::from_millis(500)));
         assert_eq!(quiet_period(get("2s")), Ok(Duration::from_secs(2)));
         assert_eq!(quiet_period(get(" 1m ")), Ok(Duration::from_secs(60)));
+        // Go's syntax since the parser moved to spright-core; every form accepted before
+        // gives the same period.
+        assert_eq!(quiet_period(get("1.5s")), Ok(Duration::from_millis(1500)));
+        assert_eq!(quiet_period(get("1m30s")), Ok(Duration::from_secs(90)));
+        assert_eq!(quiet_period(get("1h")), Ok(Duration::from_secs(3600)));
+        for (old, want) in [
+            ("1ms", Duration::from_millis(1)),
+            ("30s", Duration::from_secs(30)),
+            ("0030s", Duration::from_secs(30)),
+            ("60m", Duration::from_secs(3600)),
+            ("3600000ms", Duration::from_secs(3600)),
+        ] {
+            assert_eq!(quiet_period(get(old)), Ok(want), "{old}");
+        }
         for bad in [
             "0s",
             "5",
             "s",
-            "1h",
+            "2h",
             "-1s",
-            "1.5s",
+            "1.5",
             "99999999999999999999m",
             "61m",
         ] {
