@@ -10,6 +10,23 @@
 //! monotonic clock). The adaptor subscribes at `--qos` (default 1, manual acks after the sink's
 //! 2xx); the prototype always subscribes at QoS 0.
 //!
+//! Our adaptor runs with `--sink-pipeline` (default 16 here; its own default is 1): up to that
+//! many HTTP/1.1 requests outstanding per sink connection, which the bench's sink answers in
+//! order as Go's net/http does. `--sink-pipeline 1` measures the one-request-per-connection
+//! path.
+//!
+//! Placement (`--placement`, printed at the start; the same for both contenders):
+//! - `shared` (default): nothing pinned; the contender, mosquitto and this process (publisher
+//!   and sink) share every CPU, as in a pod next to its broker on a small node;
+//! - `split`: the contender on CPU 0, started under `taskset` so that Go's GOMAXPROCS and
+//!   tokio's worker count see one CPU; mosquitto and this process on CPU 1. A contender's
+//!   throughput is then bounded by its own CPU on one core, or by mosquitto and the bench on
+//!   the other.
+//!
+//! `--rounds N` interleaves the contenders (ours first in odd rounds, the prototype first in
+//! even ones), prints each round's ratios and the median of the per-round throughput and CPU
+//! per message ratios; the table shows the round with the median throughput ratio.
+//!
 //! Two phases per contender:
 //! - burst: `--messages` published as fast as the broker takes them; gives messages/s (arrived /
 //!   time from the first publish to the last arrival), CPU seconds of the contender process per
@@ -26,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::measure::{cpu_seconds, sibling};
+use crate::measure::{cpu_seconds, pin_self, sibling};
 use crate::report::{Row, table, write_json};
 use bytes::Bytes;
 use rumqttc::v5 as r5;
@@ -43,6 +60,16 @@ pub struct MqttBenchArgs {
     /// In-flight window of our adaptor.
     #[arg(long, default_value_t = 100)]
     pub inflight: u16,
+    /// Our adaptor's `--sink-pipeline` (HTTP/1.1 requests outstanding per sink connection;
+    /// the bench's sink answers pipelined requests in order, as Go's net/http does).
+    #[arg(long, default_value_t = 16)]
+    pub sink_pipeline: u16,
+    /// Where the processes run, the same for both contenders: `shared` pins nothing (the
+    /// contender, mosquitto and this process share every CPU); `split` runs the contender on
+    /// CPU 0 (started under `taskset`, so Go's GOMAXPROCS and tokio's worker count see one
+    /// CPU) and mosquitto plus this process (publisher and sink) on CPU 1.
+    #[arg(long, value_enum, default_value_t = Placement::Shared)]
+    pub placement: Placement,
     /// Our adaptor binary (default: `mqtt-adaptor` next to this executable).
     #[arg(long)]
     pub adaptor_bin: Option<PathBuf>,
@@ -72,6 +99,38 @@ pub struct MqttBenchArgs {
     /// machine).
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+}
+
+/// CPU placement of the processes of one run (see `--placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    Shared,
+    Split,
+}
+
+impl Placement {
+    fn describe(self) -> &'static str {
+        match self {
+            Placement::Shared => {
+                "shared: nothing pinned; the contender, mosquitto and the publisher+sink share all CPUs"
+            }
+            Placement::Split => {
+                "split: the contender on CPU 0 (started under taskset); mosquitto and the publisher+sink on CPU 1"
+            }
+        }
+    }
+
+    /// A command for `bin` that starts on `cpu` under split placement.
+    fn command(self, bin: &std::path::Path, cpu: usize) -> Command {
+        match self {
+            Placement::Shared => Command::new(bin),
+            Placement::Split => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(bin);
+                c
+            }
+        }
+    }
 }
 
 /// One contender's figures: the shared row plus what only this bench reports.
@@ -307,7 +366,11 @@ fn parse_sink_request(buf: &[u8]) -> Result<Option<SinkRequest>, ()> {
     }
 }
 
-fn start_mosquitto(bin: &PathBuf, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+fn start_mosquitto(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    placement: Placement,
+) -> anyhow::Result<(Proc, u16)> {
     let port = free_port()?;
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
@@ -316,7 +379,8 @@ fn start_mosquitto(bin: &PathBuf, dir: &std::path::Path) -> anyhow::Result<(Proc
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\nlog_dest none\n"
         ),
     )?;
-    let child = Command::new(bin)
+    let child = placement
+        .command(bin, 1)
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
@@ -506,7 +570,7 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
         std::process::id()
     ))?;
     let dir = tmp.0.clone();
-    let (broker, port) = start_mosquitto(&args.mosquitto, &dir)?;
+    let (broker, port) = start_mosquitto(&args.mosquitto, &dir, args.placement)?;
     let arrivals = Arrivals::default();
     let sink = start_sink(arrivals.clone()).await?;
     let sink_url = format!("http://{sink}/");
@@ -520,11 +584,13 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
             };
             let http_port = free_port()?;
             let p = Proc(
-                Command::new(&bin)
+                args.placement
+                    .command(&bin, 0)
                     .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
                     .args(["--topic", topic, "--client-id", "bench-ours"])
                     .args(["--qos", &args.qos.to_string()])
                     .args(["--inflight", &args.inflight.to_string()])
+                    .args(["--sink-pipeline", &args.sink_pipeline.to_string()])
                     .args([
                         "--http-port",
                         &http_port.to_string(),
@@ -566,7 +632,8 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
             p
         }
         Contender::Prototype => Proc(
-            Command::new(&args.prototype_bin)
+            args.placement
+                .command(&args.prototype_bin, 0)
                 .args(["-source", &format!("127.0.0.1:{port}")])
                 .args(["-topic", topic, "-clientid", "bench-prototype"])
                 .args(["-eventSource", "http://bench.example/mqtt"])
@@ -692,25 +759,71 @@ fn median_index(values: &[f64]) -> usize {
 
 /// Runs the benchmark and prints the side-by-side table.
 pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
+    let placement = args.placement;
+    if placement == Placement::Split {
+        let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+        if !(allowed.is_set(0)? && allowed.is_set(1)?) {
+            bail!("--placement split needs CPUs 0 and 1");
+        }
+        pin_self(1)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
+        .on_thread_start(move || {
+            if placement == Placement::Split
+                && let Err(e) = pin_self(1)
+            {
+                eprintln!("cannot pin a bench thread to CPU 1: {e}");
+            }
+        })
         .build()?;
+    println!("placement: {}", placement.describe());
+    println!(
+        "ours: --qos {} --inflight {} --sink-pipeline {}; prototype: QoS 0 (fixed)",
+        args.qos, args.inflight, args.sink_pipeline
+    );
     let mut ours_runs = Vec::new();
     let mut proto_runs = Vec::new();
     let mut ratios = Vec::new();
+    let mut cpu_ratios = Vec::new();
     for round in 1..=args.rounds.max(1) {
+        // Interleaved, and the order alternates per round so neither contender always runs
+        // first (warm caches, a neighbour's burst).
+        let proto_first = !args.skip_prototype && round % 2 == 0;
+        let early_proto = if proto_first {
+            Some(rt.block_on(measure(&args, Contender::Prototype))?)
+        } else {
+            None
+        };
         let ours = rt.block_on(measure(&args, Contender::Ours))?;
         if !args.skip_prototype {
-            let proto = rt.block_on(measure(&args, Contender::Prototype))?;
+            let proto = match early_proto {
+                Some(p) => p,
+                None => rt.block_on(measure(&args, Contender::Prototype))?,
+            };
+            let cpu_ratio = match (ours.cpu_s_per_10k, proto.cpu_s_per_10k) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            cpu_ratios.extend(cpu_ratio);
             if let (Some(a), Some(b)) = (ours.row.rps, proto.row.rps)
                 && b > 0.0
             {
                 ratios.push(a / b);
                 if args.rounds > 1 {
+                    // CPU of all processes (contender, mosquitto, publisher and sink) per
+                    // 10,000 messages: what bounds a burst when the cores are shared.
+                    let all = |m: &Measured| {
+                        Some(m.cpu_s_per_10k? + m.broker_cpu_s_per_10k? + m.bench_cpu_s_per_10k?)
+                    };
                     println!(
-                        "round {round}: ours {a:.0} msg/s, prototype {b:.0} msg/s, throughput {:.2}x",
-                        a / b
+                        "round {round} ({} first): ours {a:.0} msg/s, prototype {b:.0} msg/s, throughput {:.2}x, CPU per message {}x; all processes s/10k: ours {}, prototype {}",
+                        if proto_first { "prototype" } else { "ours" },
+                        a / b,
+                        fmt(cpu_ratio, 2),
+                        fmt(all(&ours), 3),
+                        fmt(all(&proto), 3),
                     );
                 }
             }
@@ -728,6 +841,15 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
             sorted[sorted.len() / 2],
             sorted[sorted.len() - 1]
         );
+        let mut cpu = cpu_ratios.clone();
+        cpu.sort_by(f64::total_cmp);
+        if let (Some(lo), Some(hi)) = (cpu.first(), cpu.last()) {
+            println!(
+                "CPU per message ratio over {} rounds: min {lo:.2}x, median {:.2}x, max {hi:.2}x",
+                cpu.len(),
+                cpu[cpu.len() / 2],
+            );
+        }
     }
     // The table shows one round, both contenders from it: the round with the median ratio
     // (or, without the prototype, ours with the median throughput).
