@@ -3,6 +3,8 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -344,4 +346,124 @@ async fn qos2_subscription_delivers_each_message() {
     }
     // Nothing arrived twice without a fault.
     assert!(body_counts(&sink.snapshot()).values().all(|&n| n == 1));
+}
+
+/// A sink that answers one to three requests per connection, then closes it (half the time
+/// announcing it with `Connection: close`, half the time silently) with the rest of the
+/// pipelined requests unanswered. Bodies of answered requests are recorded.
+async fn closing_sink(
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+    unanswered: Arc<AtomicUsize>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut conns = 0usize;
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            conns += 1;
+            let (answer, polite) = (1 + conns % 3, conns.is_multiple_of(2));
+            let (bodies, unanswered) = (bodies.clone(), unanswered.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let mut answered = 0;
+                loop {
+                    while let Some((len, body)) = one_request(&buf) {
+                        buf.drain(..len);
+                        answered += 1;
+                        bodies.lock().unwrap().push(body);
+                        let last = answered == answer;
+                        let resp: &[u8] = if last && polite {
+                            b"HTTP/1.1 202 Accepted\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n"
+                        };
+                        if s.write_all(resp).await.is_err() || last {
+                            let mut rest = &buf[..];
+                            while let Some((len, _)) = one_request(rest) {
+                                unanswered.fetch_add(1, Ordering::Relaxed);
+                                rest = &rest[len..];
+                            }
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Length and body of the complete `Content-Length` request at the start of `buf`.
+fn one_request(buf: &[u8]) -> Option<(usize, Vec<u8>)> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let len: usize = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        if k.eq_ignore_ascii_case("content-length") {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })?;
+    let end = head_end + len;
+    (buf.len() >= end).then(|| (end, buf[head_end..end].to_vec()))
+}
+
+/// Pipelined sink connections that the sink closes with requests unanswered: those requests
+/// are sent again, and every message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_connections_closed_by_the_sink_lose_nothing() {
+    let broker = Mosquitto::start("");
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let sink = closing_sink(bodies.clone(), unanswered.clone()).await;
+    let dir = TempDir::new("closing");
+    let mut adaptor = Adaptor::source_ready(
+        broker.port,
+        "closing/#",
+        "closing",
+        &["--sink-pipeline", "8", "--inflight", "16"],
+        &format!("http://{sink}/"),
+        &dir.path("adaptor.log"),
+    );
+    // Published while the adaptor is down (its session keeps them), so that they come in a
+    // burst after the restart and fill the pipelines.
+    adaptor.kill();
+    let pubc = TestClient::connect(broker.port, "closing-testpub").await;
+    let msgs: Vec<_> = (0..200)
+        .map(|i| (format!("closing/{}", i % 2), format!("c-{i}").into_bytes()))
+        .collect();
+    pubc.publish_all(&msgs).await;
+    adaptor.restart();
+    let want: HashSet<Vec<u8>> = msgs.iter().map(|(_, p)| p.clone()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: HashSet<Vec<u8>> = bodies.lock().unwrap().iter().cloned().collect();
+        let missing = want.difference(&got).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{missing} of 200 never arrived: {}",
+            adaptor.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "200 distinct messages in {} answered requests; {} pipelined requests were left unanswered at a close",
+        bodies.lock().unwrap().len(),
+        unanswered.load(Ordering::Relaxed)
+    );
 }
