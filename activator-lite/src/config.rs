@@ -43,6 +43,11 @@ pub struct Flags {
     /// Prometheus metrics port.
     #[arg(long, default_value_t = 9090)]
     pub metrics_port: u16,
+    /// Profiling port (Knative's `profiling` port, 8008). Profiling is off, as Knative's is
+    /// by default (config-observability `profiling.enable: false`): every request gets
+    /// Go's 404 "404 page not found".
+    #[arg(long, default_value_t = 8008)]
+    pub profiling_port: u16,
     /// Address to bind the listeners to.
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: std::net::IpAddr,
@@ -79,6 +84,7 @@ pub struct Config {
     pub http1_port: u16,
     pub h2c_port: u16,
     pub metrics_port: u16,
+    pub profiling_port: u16,
     pub drain_timeout: Duration,
     pub queue_depth: usize,
     pub https_port: u16,
@@ -161,6 +167,7 @@ impl Config {
             http1_port: flags.http1_port,
             h2c_port: flags.h2c_port,
             metrics_port: flags.metrics_port,
+            profiling_port: flags.profiling_port,
             drain_timeout,
             queue_depth: flags.queue_depth.max(1),
             https_port: flags.https_port,
@@ -257,6 +264,10 @@ mod tests {
         assert_eq!(c.max_idle_proxy_conns, 1000);
         assert_eq!(c.drain_timeout, Duration::from_secs(45));
         assert_eq!(c.http1_port, 8012);
+        assert_eq!(
+            (c.h2c_port, c.metrics_port, c.profiling_port),
+            (8013, 9090, 8008)
+        );
     }
 
     #[test]

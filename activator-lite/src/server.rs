@@ -1,6 +1,7 @@
-//! Listeners (8012 and 8013 speak HTTP/1.1 and h2c, 9090 metrics), wiring, and the
-//! SIGTERM drain: health checks fail at once, requests keep being served for the drain
-//! delay (45 s), then the listeners close and open connections finish gracefully.
+//! Listeners (8012 and 8013 speak HTTP/1.1 and h2c, 9090 metrics, 8008 profiling, which is
+//! off as by Knative's default), wiring, and the SIGTERM drain: health checks fail at once,
+//! requests keep being served for the drain delay (45 s), then the listeners close and
+//! open connections finish gracefully.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -245,10 +246,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let l1 = bind(&cfg, cfg.http1_port, "http1").await?;
     let l2 = bind(&cfg, cfg.h2c_port, "h2c").await?;
     let lm = bind(&cfg, cfg.metrics_port, "metrics").await?;
+    let lp = bind(&cfg, cfg.profiling_port, "profiling").await?;
     tracing::info!(
         http1 = cfg.http1_port,
         h2c = cfg.h2c_port,
         metrics = cfg.metrics_port,
+        profiling = cfg.profiling_port,
         autoscaler = %cfg.autoscaler_url,
         manifests = %cfg.manifests.display(),
         "activator-lite serving"
@@ -321,6 +324,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(accept_loop(
         lm,
         on_metrics_conn,
+        stop_rx.clone(),
+        Arc::new(Conns::default()),
+    ));
+
+    // Knative's profiling server with profiling off: Go's NotFound for every request.
+    let on_profiling_conn = |s: tokio::net::TcpStream, _peer, stop| {
+        let svc = service_fn(|_req: hyper::Request<Incoming>| {
+            let mut r = text(hyper::StatusCode::NOT_FOUND, "404 page not found\n");
+            r.headers_mut().insert(
+                "x-content-type-options",
+                hyper::header::HeaderValue::from_static("nosniff"),
+            );
+            std::future::ready(Ok(r))
+        });
+        drive(TokioIo::new(s), svc, stop)
+    };
+    tokio::spawn(accept_loop(
+        lp,
+        on_profiling_conn,
         stop_rx,
         Arc::new(Conns::default()),
     ));

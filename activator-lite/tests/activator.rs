@@ -297,6 +297,20 @@ async fn probes_unknown_revisions_and_upstream_failure() {
     assert_eq!(r.headers.get("k-network-hash").unwrap(), "abc123");
     let r = probe(vec![("k-network-probe", "probe")]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // The profiling port (8008 in Knative) answers with profiling off, as Knative's does.
+    let r = send(
+        Request::get(format!(
+            "http://127.0.0.1:{}/debug/pprof/",
+            act.profiling_port
+        ))
+        .body(Full::new(Bytes::new()))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::NOT_FOUND, "404 page not found\n")
+    );
     let r = probe(vec![("k-network-probe", "queue")]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(

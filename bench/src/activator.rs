@@ -380,7 +380,8 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
     write_atomic(&manifests, "ep.yaml", &endpoints_yaml(REV, Some(pod)))?;
     write_atomic(&manifests, "held.yaml", &revision_yaml(HELD_REV, 0))?;
 
-    let (a_port, a_h2c, a_metrics) = (free_port()?, free_port()?, free_port()?);
+    let (a_port, a_h2c, a_metrics, a_prof) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
     // Each proxy runs on CPU 1 from the start (so it sizes its thread pool to one
     // core, as nginx runs one worker); wrk and the upstream share CPU 0.
     let act = Proc(
@@ -398,6 +399,7 @@ async fn run_async(args: ActivatorBenchArgs) -> anyhow::Result<()> {
             .args(["--http1-port", &a_port.to_string()])
             .args(["--h2c-port", &a_h2c.to_string()])
             .args(["--metrics-port", &a_metrics.to_string()])
+            .args(["--profiling-port", &a_prof.to_string()])
             .args(["--drain-timeout-secs", "0"])
             .stdout(Stdio::null())
             .spawn()

@@ -135,6 +135,7 @@ pub struct Activator {
     pub port: u16,
     pub h2c_port: u16,
     pub metrics_port: u16,
+    pub profiling_port: u16,
 }
 
 impl Drop for Activator {
@@ -149,6 +150,7 @@ impl Activator {
         let port = free_port();
         let h2c_port = free_port();
         let metrics_port = free_port();
+        let profiling_port = free_port();
         let child = Command::new(BIN)
             .env_clear()
             .env("POD_NAME", POD_NAME)
@@ -168,6 +170,7 @@ impl Activator {
             .args(["--http1-port", &port.to_string()])
             .args(["--h2c-port", &h2c_port.to_string()])
             .args(["--metrics-port", &metrics_port.to_string()])
+            .args(["--profiling-port", &profiling_port.to_string()])
             .args(if extra.contains(&"--drain-timeout-secs") {
                 &[][..]
             } else {
@@ -182,6 +185,7 @@ impl Activator {
             port,
             h2c_port,
             metrics_port,
+            profiling_port,
         }
     }
 
