@@ -1,5 +1,9 @@
 //! Event-driven mode (EPROXY) rows of `spright-bench queue-proxy`, measured beside a direct
-//! baseline in the same run (interleaved per connection count: direct, event-driven).
+//! baseline in the same run, interleaved: for each connection count, [`ROUNDS`] rounds in the
+//! order direct, event-driven, then event-driven, direct (ABBA, so a drift of the machine during
+//! the run weighs on both alike); ratios are given per round and as their median, and the rows
+//! are the medians. One sample each was too few: a single disturbed 10 s run moved the 32
+//! connection ratio from +3% to +26% between two quiet runs.
 //!
 //! The upstream nginx of the queue-proxy bench is moved into a cgroup of its own, the emulated
 //! pod. queue-proxy-ebpf then runs in event-driven mode with standalone accounting on that
@@ -24,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use super::full::median;
 use super::{BenchCgroup, QueueProxyBenchArgs, Row, Running, UPSTREAM_PORT};
 use crate::measure::{WrkResult, cpu_seconds, peak_rss_kb};
 
@@ -33,11 +38,16 @@ const ADMIN_PORT: u16 = 18023;
 const STATS_PORT: u16 = 19091;
 /// The row name in the queue-proxy table.
 pub const ROW_NAME: &str = "ours-event-driven";
+/// The baseline's name.
+const DIRECT: &str = "direct";
+/// Rounds per connection count.
+pub const ROUNDS: usize = 3;
 
 /// One measurement with every process's CPU.
 #[derive(Debug, Clone)]
 struct Measured {
     name: &'static str,
+    round: usize,
     connections: u32,
     wrk: WrkResult,
     sidecar: Option<f64>,
@@ -69,6 +79,7 @@ fn children_cpu() -> f64 {
 fn measure_one(
     args: &QueueProxyBenchArgs,
     name: &'static str,
+    round: usize,
     port: u16,
     connections: u32,
     upstream: u32,
@@ -84,6 +95,7 @@ fn measure_one(
     })?;
     Ok(Measured {
         name,
+        round,
         connections,
         wrk: w,
         sidecar: sidecar.map(|_| grew[2]),
@@ -175,51 +187,96 @@ pub fn rows(
         &dir.join("eproxy-sidecar.log"),
     )?;
     super::warm_up(args, SERVING_PORT)?;
+    super::warm_up(args, UPSTREAM_PORT)?;
     let mut measured = Vec::new();
     for &c in &args.connections {
-        measured.push(measure_one(
-            args,
-            "direct",
-            UPSTREAM_PORT,
-            c,
-            upstream,
-            None,
-        )?);
-        measured.push(measure_one(
-            args,
-            ROW_NAME,
-            SERVING_PORT,
-            c,
-            upstream,
-            Some(sidecar.pid()),
-        )?);
+        for round in 0..ROUNDS {
+            let direct = |m: &mut Vec<Measured>| -> Result<()> {
+                m.push(measure_one(
+                    args,
+                    DIRECT,
+                    round,
+                    UPSTREAM_PORT,
+                    c,
+                    upstream,
+                    None,
+                )?);
+                Ok(())
+            };
+            let event_driven = |m: &mut Vec<Measured>| -> Result<()> {
+                m.push(measure_one(
+                    args,
+                    ROW_NAME,
+                    round,
+                    SERVING_PORT,
+                    c,
+                    upstream,
+                    Some(sidecar.pid()),
+                )?);
+                Ok(())
+            };
+            if round % 2 == 0 {
+                direct(&mut measured)?;
+                event_driven(&mut measured)?;
+            } else {
+                event_driven(&mut measured)?;
+                direct(&mut measured)?;
+            }
+        }
     }
     drop(sidecar);
     drop(cgroup);
-    let rows = measured
+    let rows = args
+        .connections
         .iter()
-        .filter(|m| m.sidecar.is_some())
-        .map(|m| Row {
-            cpu_s_per_10k: m.sidecar.map(|s| m.per_10k(s)),
-            rss_kb: m.rss_kb,
-            ..Row::measured(ROW_NAME, m.connections, 0, &m.wrk)
-        })
+        .filter_map(|&c| median_row(&measured, c))
         .collect();
     Ok((rows, report(&measured)))
+}
+
+/// The event-driven row at `connections`: medians over the rounds.
+fn median_row(measured: &[Measured], connections: u32) -> Option<Row> {
+    let ours: Vec<&Measured> = measured
+        .iter()
+        .filter(|m| m.name == ROW_NAME && m.connections == connections)
+        .collect();
+    let of = |f: &dyn Fn(&Measured) -> f64| median(ours.iter().map(|m| f(m)).collect());
+    let medians = WrkResult {
+        requests: ours.iter().map(|m| m.wrk.requests).max()?,
+        rps: of(&|m| m.wrk.rps),
+        p50_us: of(&|m| m.wrk.p50_us),
+        p99_us: of(&|m| m.wrk.p99_us),
+        errors: ours.iter().map(|m| m.wrk.errors).sum(),
+    };
+    Some(Row {
+        cpu_s_per_10k: Some(of(&|m| m.per_10k(m.sidecar.unwrap_or(0.0)))),
+        rss_kb: ours.iter().filter_map(|m| m.rss_kb).max(),
+        ..Row::measured(ROW_NAME, connections, 0, &medians)
+    })
 }
 
 fn report(measured: &[Measured]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\nevent-driven mode (EPROXY) beside direct, CPU seconds per 10k requests:\n{:<18} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "path", "conns", "rps", "p50_us", "p99_us", "sidecar", "upstream", "procs", "machine"
+        "\nevent-driven mode (EPROXY) beside direct, interleaved; CPU seconds per 10k requests:\n{:<18} {:>5} {:>5} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "path",
+        "round",
+        "conns",
+        "rps",
+        "p50_us",
+        "p99_us",
+        "sidecar",
+        "upstream",
+        "procs",
+        "machine"
     );
     for m in measured {
         let _ = writeln!(
             s,
-            "{:<18} {:>5} {:>10.0} {:>9.1} {:>9.1} {:>9} {:>9.4} {:>9.4} {:>9.4}",
+            "{:<18} {:>5} {:>5} {:>10.0} {:>9.1} {:>9.1} {:>9} {:>9.4} {:>9.4} {:>9.4}",
             m.name,
+            m.round,
             m.connections,
             m.wrk.rps,
             m.wrk.p50_us,
@@ -231,20 +288,45 @@ fn report(measured: &[Measured]) -> String {
             m.per_10k(m.machine),
         );
     }
-    for pair in measured.chunks(2) {
-        if let [d, e] = pair {
-            let ratio = |a: f64, b: f64| a / b;
-            let _ = writeln!(
-                s,
-                "{} conns: event-driven/direct: added p50 {:.1} us ({:+.1}%), throughput {:.2}x, CPU per request: processes {:.2}x, machine {:.2}x",
-                e.connections,
-                e.wrk.p50_us - d.wrk.p50_us,
-                (e.wrk.p50_us / d.wrk.p50_us - 1.0) * 100.0,
-                ratio(e.wrk.rps, d.wrk.rps),
-                ratio(e.per_10k(e.procs()), d.per_10k(d.procs())),
-                ratio(e.per_10k(e.machine), d.per_10k(d.machine)),
-            );
+    let show = |v: &[f64], fmt: &dyn Fn(f64) -> String| {
+        let each: Vec<String> = v.iter().map(|r| fmt(*r)).collect();
+        format!("{} [{}]", fmt(median(v.to_vec())), each.join(" "))
+    };
+    let times = |r: f64| format!("{r:.2}x");
+    let percent = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
+    let mut conns: Vec<u32> = measured.iter().map(|m| m.connections).collect();
+    conns.dedup();
+    for c in conns {
+        // Each event-driven sample against the direct one of the same round.
+        let pairs: Vec<(&Measured, &Measured)> = measured
+            .iter()
+            .filter(|e| e.connections == c && e.name == ROW_NAME)
+            .filter_map(|e| {
+                measured
+                    .iter()
+                    .find(|d| d.name == DIRECT && d.connections == c && d.round == e.round)
+                    .map(|d| (d, e))
+            })
+            .collect();
+        if pairs.is_empty() {
+            continue;
         }
+        let ratios = |f: &dyn Fn(&Measured) -> f64| -> Vec<f64> {
+            pairs.iter().map(|(d, e)| f(e) / f(d)).collect()
+        };
+        let added: Vec<f64> = pairs
+            .iter()
+            .map(|(d, e)| e.wrk.p50_us - d.wrk.p50_us)
+            .collect();
+        let _ = writeln!(
+            s,
+            "{c} conns: event-driven/direct (median [per round]): added p50 {} ({:.1} us), throughput {}, CPU per request: processes {}, machine {}",
+            show(&ratios(&|m| m.wrk.p50_us), &percent),
+            median(added),
+            show(&ratios(&|m| m.wrk.rps), &times),
+            show(&ratios(&|m| m.per_10k(m.procs())), &times),
+            show(&ratios(&|m| m.per_10k(m.machine)), &times),
+        );
     }
     s
 }
@@ -260,9 +342,10 @@ mod tests {
     }
 
     #[test]
-    fn report_pairs_rows() {
-        let m = |name, p50, sidecar| Measured {
+    fn report_pairs_rounds_and_takes_medians() {
+        let m = |name, round, p50, sidecar| Measured {
             name,
+            round,
             connections: 1,
             wrk: WrkResult {
                 requests: 10_000,
@@ -276,8 +359,28 @@ mod tests {
             machine: 2.0,
             rss_kb: None,
         };
-        let r = report(&[m("direct", 50.0, None), m(ROW_NAME, 55.0, Some(0.0))]);
-        assert!(r.contains("added p50 5.0 us (+10.0%)"), "{r}");
-        assert!(r.contains("processes 1.00x"), "{r}");
+        let r = report(&[
+            m(DIRECT, 0, 50.0, None),
+            m(ROW_NAME, 0, 55.0, Some(0.0)),
+            m(ROW_NAME, 1, 60.0, Some(0.0)),
+            m(DIRECT, 1, 50.0, None),
+            m(DIRECT, 2, 50.0, None),
+            m(ROW_NAME, 2, 51.0, Some(0.0)),
+        ]);
+        assert!(
+            r.contains("added p50 +10.0% [+10.0% +20.0% +2.0%] (5.0 us)"),
+            "{r}"
+        );
+        assert!(r.contains("processes 1.00x [1.00x 1.00x 1.00x]"), "{r}");
+        let row = median_row(
+            &[
+                m(ROW_NAME, 0, 55.0, Some(0.0)),
+                m(ROW_NAME, 1, 61.0, Some(0.0)),
+            ],
+            1,
+        )
+        .expect("row");
+        assert!((row.p50_us - 58.0).abs() < 1e-9);
+        assert!(median_row(&[m(DIRECT, 0, 50.0, None)], 1).is_none());
     }
 }

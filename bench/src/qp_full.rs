@@ -296,7 +296,8 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
     Ok((rows, text))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of the finite values (NaN without any).
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return f64::NAN;
