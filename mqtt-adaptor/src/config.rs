@@ -145,14 +145,17 @@ pub struct Args {
     #[arg(long, env = "K_SINK_TIMEOUT", default_value_t = 30)]
     pub sink_timeout: u64,
     /// HTTP/1.1 requests outstanding at once on one connection to a plain-HTTP sink
-    /// (pipelining). 1 (the default) sends the next request only after the answer to the
-    /// previous one, over --inflight connections. N > 1 spreads the --inflight window over
-    /// ceil(inflight / N) connections with up to N requests each, written together and
-    /// answered in order: far fewer writes, reads and wake-ups per event, for sinks that answer
-    /// pipelined requests (Go's net/http, hyper) and answer fast; a slow sink then works on
-    /// fewer events at once. Ignored for https:// sinks.
-    #[arg(long, env = "MQTT_SINK_PIPELINE", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub sink_pipeline: u16,
+    /// (pipelining). `auto` (the default) keeps up to --inflight requests at the sink at once,
+    /// one per connection, and pipelines up to 16 per connection over ceil(inflight / 16)
+    /// connections only while the sink's answer time shows it is fast (see the README). 1
+    /// sends the next request only after the answer to the previous one, over --inflight
+    /// connections. N > 1 always spreads the --inflight window over ceil(inflight / N)
+    /// connections with up to N requests each, written together and answered in order: far
+    /// fewer writes, reads and wake-ups per event, for sinks that answer pipelined requests
+    /// (Go's net/http, hyper) and answer fast; a slow sink then works on fewer events at once.
+    /// Ignored for https:// sinks.
+    #[arg(long, env = "MQTT_SINK_PIPELINE", default_value = "auto", value_parser = parse_sink_pipeline)]
+    pub sink_pipeline: SinkPipeline,
     /// Dead-letter sink for events the sink rejects permanently or that are invalid.
     #[arg(long, env = "MQTT_DEAD_LETTER_SINK")]
     pub dead_letter_sink: Option<String>,
@@ -304,8 +307,8 @@ pub struct Config {
     pub sink: Option<String>,
     pub sink_format: Format,
     pub sink_timeout: Duration,
-    /// Requests outstanding per sink connection (1: no pipelining).
-    pub sink_pipeline: u16,
+    /// Requests outstanding per sink connection.
+    pub sink_pipeline: SinkPipeline,
     pub dead_letter_sink: Option<String>,
     pub retry: u32,
     pub retry_backoff: Duration,
@@ -355,6 +358,38 @@ fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, Conf
 }
 
 /// Parses `K_CE_OVERRIDES` (`{"extensions":{...}}`; empty means none).
+/// `--sink-pipeline`: adaptive, or a fixed number of requests per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkPipeline {
+    /// Pipelining only while the sink is evidently fast ([`crate::adaptive`]).
+    Auto,
+    /// Up to this many requests per connection (1: no pipelining).
+    Fixed(u16),
+}
+
+impl std::fmt::Display for SinkPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkPipeline::Auto => f.write_str("auto"),
+            SinkPipeline::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Parses `auto` or a number from 1 to 1024.
+pub fn parse_sink_pipeline(raw: &str) -> Result<SinkPipeline, String> {
+    let raw = raw.trim();
+    if raw.eq_ignore_ascii_case("auto") {
+        return Ok(SinkPipeline::Auto);
+    }
+    match raw.parse::<u16>() {
+        Ok(n @ 1..=1024) => Ok(SinkPipeline::Fixed(n)),
+        _ => Err(format!(
+            "{raw:?} is neither \"auto\" nor a number of requests from 1 to 1024"
+        )),
+    }
+}
+
 pub fn parse_overrides(raw: &str) -> Result<BTreeMap<String, String>, ConfigError> {
     if raw.trim().is_empty() {
         return Ok(BTreeMap::new());
@@ -682,11 +717,46 @@ mod tests {
         assert!(parse(&["--tls-cert-file", "/x"]).is_err());
         assert!(parse(&["--inflight", "0"]).is_err());
         assert!(parse(&["--sink-pipeline", "0"]).is_err());
+        assert!(parse(&["--sink-pipeline", "1025"]).is_err());
+        assert!(parse(&["--sink-pipeline", "fast"]).is_err());
+        assert!(parse(&["--sink-pipeline", ""]).is_err());
+        let pipeline = |a: &[&str]| parse(a).map(|c| c.sink_pipeline).ok();
         assert_eq!(
-            parse(&["--sink-pipeline", "16"])
-                .map(|c| c.sink_pipeline)
-                .ok(),
-            Some(16)
+            pipeline(&["--sink-pipeline", "16"]),
+            Some(SinkPipeline::Fixed(16))
         );
+        assert_eq!(
+            pipeline(&["--sink-pipeline", "1"]),
+            Some(SinkPipeline::Fixed(1))
+        );
+        assert_eq!(
+            pipeline(&["--sink-pipeline", "AUTO"]),
+            Some(SinkPipeline::Auto)
+        );
+        assert_eq!(pipeline(&[]), Some(SinkPipeline::Auto));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sink_pipeline_accepts_only_auto_and_1_to_1024(raw in "\\PC{0,8}") {
+            let want = if raw.trim().eq_ignore_ascii_case("auto") {
+                Some(SinkPipeline::Auto)
+            } else {
+                match raw.trim().parse::<u16>() {
+                    Ok(n @ 1..=1024) => Some(SinkPipeline::Fixed(n)),
+                    _ => None,
+                }
+            };
+            proptest::prop_assert_eq!(parse_sink_pipeline(&raw).ok(), want);
+        }
+
+        #[test]
+        fn sink_pipeline_numbers_round_trip(n in 0u32..70_000) {
+            let parsed = parse_sink_pipeline(&n.to_string()).ok();
+            proptest::prop_assert_eq!(parsed.is_some(), (1..=1024).contains(&n));
+            if let Some(p) = parsed {
+                proptest::prop_assert_eq!(p.to_string(), n.to_string());
+            }
+        }
     }
 }

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
+use crate::adaptive::{self, Adaptive};
 use crate::cloudevent::CloudEvent;
-use crate::config::Config;
+use crate::config::{Config, SinkPipeline};
 use crate::h1;
 use crate::mapping::{self, Disposition, InboundMessage, WrapSettings};
 use crate::metrics::Metrics;
@@ -38,6 +39,8 @@ struct Pipeline {
     /// workers wake it only then, so a message costs no extra wake-up in steady state.
     waiting: AtomicBool,
     idle: Notify,
+    /// `Some` with `--sink-pipeline auto` on a plain-HTTP sink.
+    adaptive: Option<Adaptive>,
 }
 
 impl Pipeline {
@@ -88,9 +91,12 @@ pub async fn run(
     if let Some(tls) = &settings.tls {
         mqtt::rustls_config(tls)?;
     }
+    let h1 = H1Target::parse(&sink_url);
+    let auto = h1.is_some() && cfg.sink_pipeline == SinkPipeline::Auto;
     let p = Arc::new(Pipeline {
+        adaptive: auto.then(Adaptive::default),
         cfg,
-        h1: H1Target::parse(&sink_url),
+        h1,
         sink_url,
         wrap,
         sink,
@@ -105,6 +111,7 @@ pub async fn run(
         topics = ?p.cfg.topics,
         qos = p.cfg.qos,
         sink = %p.sink_url,
+        sink_pipeline = %p.cfg.sink_pipeline,
         "MQTT source starting"
     );
 
@@ -116,16 +123,25 @@ pub async fn run(
     // in one write.
     let (jobs, queue) = flume::unbounded::<Job>();
     let (ack_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<AckRef>();
-    let depth = usize::from(p.cfg.sink_pipeline);
+    // Auto: a worker (and connection) per slot of the window, pipelining only while the
+    // sink is fast (see crate::adaptive); N > 1: ceil(window / N) workers of depth N.
+    let (workers, depth) = match p.cfg.sink_pipeline {
+        SinkPipeline::Auto => (window, adaptive::AUTO_DEPTH),
+        SinkPipeline::Fixed(n) => (window.div_ceil(usize::from(n)), usize::from(n)),
+    };
     match &p.h1 {
         Some(t) if depth > 1 => {
-            for _ in 0..window.div_ceil(depth) {
+            for index in 0..workers {
                 tokio::spawn(pipelined_worker(
                     p.clone(),
                     t.clone(),
                     ack_tx.clone(),
                     queue.clone(),
-                    depth,
+                    Slot {
+                        depth,
+                        index,
+                        workers,
+                    },
                 ));
             }
         }
@@ -419,7 +435,16 @@ struct Outstanding {
     sent_at: Instant,
 }
 
-/// One pipelined sink connection (`--sink-pipeline` > 1): takes up to `depth` messages from
+/// Where a pipelined worker stands: the depth of a pipelined connection, and the worker's
+/// place among the others (for the adaptive rule).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    depth: usize,
+    index: usize,
+    workers: usize,
+}
+
+/// One pipelined sink connection (`--sink-pipeline` > 1 or auto): takes up to `depth` messages from
 /// the shared queue, writes their requests together (one write for all that were queued) and
 /// takes the answers off the connection in order, while it keeps taking new messages as
 /// answers free room. A 2xx acknowledges the message as on the plain path. Anything else
@@ -427,20 +452,40 @@ struct Outstanding {
 /// written on a connection that failed, timed out or closed before its answer, continues on
 /// its own in [`deliver`] (with backoff when the sink answered, at once when it never did), so
 /// one failing event does not hold up the others and nothing unanswered is acknowledged.
+/// In auto mode the depth follows [`adaptive::worker_depth`]: one request while the sink
+/// looks slow, `depth` or none (the worker waits for the mode to change) while it is fast.
 async fn pipelined_worker(
     p: Arc<Pipeline>,
     t: H1Target,
     acks: tokio::sync::mpsc::UnboundedSender<AckRef>,
     queue: flume::Receiver<Job>,
-    depth: usize,
+    slot: Slot,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream: Option<tokio::net::TcpStream> = None;
-    let mut sent: VecDeque<Outstanding> = VecDeque::with_capacity(depth);
+    let mut sent: VecDeque<Outstanding> = VecDeque::new();
     let mut out = Vec::new();
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut buf = BytesMut::new();
     let mut open = true;
+    let mut mode = p.adaptive.as_ref().map(Adaptive::subscribe);
+    // When the last answer on this connection came (answer-time samples).
+    let mut last_answer = Instant::now();
     loop {
+        let depth = match mode.as_mut() {
+            Some(m) => {
+                let pipelined = *m.borrow_and_update();
+                adaptive::worker_depth(slot.index, slot.workers, slot.depth, pipelined)
+            }
+            None => slot.depth,
+        };
+        if depth == 0 && sent.is_empty() {
+            // Not needed while the sink is fast: wait for the mode to change.
+            let Some(m) = mode.as_mut() else { return };
+            if !open || m.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
         // Take what is queued, up to the depth, without waiting.
         while open && sent.len() < depth {
             match queue.try_recv() {
@@ -493,7 +538,7 @@ async fn pipelined_worker(
             biased;
             r = s.read_buf(&mut buf) => {
                 let lost = match r {
-                    Ok(n) if n > 0 => take_answers(&p, &acks, &mut sent, &mut buf),
+                    Ok(n) if n > 0 => take_answers(&p, &acks, &mut sent, &mut buf, &mut last_answer),
                     _ => Err(None),
                 };
                 if let Err(why) = lost {
@@ -556,7 +601,9 @@ fn take_answers(
     acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
     sent: &mut VecDeque<Outstanding>,
     buf: &mut BytesMut,
+    last_answer: &mut Instant,
 ) -> Result<(), Option<Attempt>> {
+    let now = Instant::now();
     loop {
         let framed = match h1::frame_response(buf) {
             Ok(Some(f)) => f,
@@ -572,7 +619,16 @@ fn take_answers(
         };
         p.metrics
             .sink_latency
-            .observe(o.sent_at.elapsed().as_secs_f64());
+            .observe(now.duration_since(o.sent_at).as_secs_f64());
+        if let Some(a) = &p.adaptive {
+            let since = now.duration_since(o.sent_at.max(*last_answer));
+            let in_flight = p
+                .active
+                .load(Ordering::Relaxed)
+                .min(usize::from(p.cfg.inflight));
+            a.observe(adaptive::sample_ns(since, a.pipelined(), in_flight));
+        }
+        *last_answer = now;
         let status = http::StatusCode::from_u16(framed.status).ok();
         match status.map(|s| sink::classify(s, framed.body)) {
             Some(Attempt::Accepted(_)) => {

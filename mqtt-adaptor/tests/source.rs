@@ -120,6 +120,12 @@ async fn sink_outage_loses_nothing_pipelined() {
     sink_outage("4").await;
 }
 
+/// The same outage with the adaptive pipelining (the default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_outage_loses_nothing_auto() {
+    sink_outage("auto").await;
+}
+
 async fn sink_outage(pipeline: &str) {
     let broker = Mosquitto::start("");
     let sink = Sink::start().await;
@@ -424,46 +430,147 @@ fn one_request(buf: &[u8]) -> Option<(usize, Vec<u8>)> {
 /// are sent again, and every message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_connections_closed_by_the_sink_lose_nothing() {
+    closed_by_the_sink("8").await;
+}
+
+/// The same with the adaptive pipelining (the default): the sink answers fast, so the
+/// adaptor pipelines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_connections_closed_by_the_sink_lose_nothing_auto() {
+    closed_by_the_sink("auto").await;
+}
+
+async fn closed_by_the_sink(pipeline: &str) {
     let broker = Mosquitto::start("");
     let bodies = Arc::new(Mutex::new(Vec::new()));
     let unanswered = Arc::new(AtomicUsize::new(0));
     let sink = closing_sink(bodies.clone(), unanswered.clone()).await;
-    let dir = TempDir::new("closing");
+    let dir = TempDir::new(&format!("closing-p{pipeline}"));
+    let client_id = format!("closing-p{pipeline}");
     let mut adaptor = Adaptor::source_ready(
         broker.port,
         "closing/#",
-        "closing",
-        &["--sink-pipeline", "8", "--inflight", "16"],
+        &client_id,
+        &["--sink-pipeline", pipeline, "--inflight", "16"],
         &format!("http://{sink}/"),
         &dir.path("adaptor.log"),
     );
-    // Published while the adaptor is down (its session keeps them), so that they come in a
-    // burst after the restart and fill the pipelines.
+    burst_after_restart(&mut adaptor, broker.port, "closing", 200, &bodies).await;
+    eprintln!(
+        "200 distinct messages in {} answered requests; {} pipelined requests were left unanswered at a close",
+        bodies.lock().unwrap().len(),
+        unanswered.load(Ordering::Relaxed)
+    );
+}
+
+/// Publishes `n` messages to `{prefix}/0` and `{prefix}/1` while the adaptor is down (its
+/// session keeps them), so that they come in one burst after the restart and fill the
+/// window; then waits until every one of them is among the sink's `bodies`.
+async fn burst_after_restart(
+    adaptor: &mut Adaptor,
+    broker_port: u16,
+    prefix: &str,
+    n: usize,
+    bodies: &Mutex<Vec<Vec<u8>>>,
+) {
     adaptor.kill();
-    let pubc = TestClient::connect(broker.port, "closing-testpub").await;
-    let msgs: Vec<_> = (0..200)
-        .map(|i| (format!("closing/{}", i % 2), format!("c-{i}").into_bytes()))
+    let pubc = TestClient::connect(broker_port, &format!("{prefix}-testpub")).await;
+    let msgs: Vec<_> = (0..n)
+        .map(|i| {
+            (
+                format!("{prefix}/{}", i % 2),
+                format!("{prefix}-{i}").into_bytes(),
+            )
+        })
         .collect();
     pubc.publish_all(&msgs).await;
     adaptor.restart();
-    let want: HashSet<Vec<u8>> = msgs.iter().map(|(_, p)| p.clone()).collect();
+    let want: HashSet<Vec<u8>> = msgs.into_iter().map(|(_, p)| p).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let got: HashSet<Vec<u8>> = bodies.lock().unwrap().iter().cloned().collect();
         let missing = want.difference(&got).count();
         if missing == 0 {
-            break;
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{missing} of 200 never arrived: {}",
+            "{missing} of {n} never arrived: {}",
             adaptor.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!(
-        "200 distinct messages in {} answered requests; {} pipelined requests were left unanswered at a close",
-        bodies.lock().unwrap().len(),
-        unanswered.load(Ordering::Relaxed)
+}
+
+/// A sink that answers each request 20 ms after reading it, one request at a time per
+/// connection (as Go's net/http does with pipelined requests), and counts the requests it is
+/// working on at once. Returns its address, the highest count seen and the bodies answered.
+async fn slow_sink(
+    most: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let now = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let (most, bodies, now) = (most.clone(), bodies.clone(), now.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    while let Some((len, body)) = one_request(&buf) {
+                        buf.drain(..len);
+                        let working = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(working, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        bodies.lock().unwrap().push(body);
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        let resp = b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(resp).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A slow sink (20 ms per answer) under the adaptive pipelining (the default): a burst keeps
+/// the whole --inflight window at the sink at once, as without pipelining, and every message
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink_gets_the_whole_window_in_auto_mode() {
+    let broker = Mosquitto::start("");
+    let most = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let sink = slow_sink(most.clone(), bodies.clone()).await;
+    let dir = TempDir::new("slow-auto");
+    let mut adaptor = Adaptor::source_ready(
+        broker.port,
+        "slow/#",
+        "slow-auto",
+        &["--inflight", "16"],
+        &format!("http://{sink}/"),
+        &dir.path("adaptor.log"),
+    );
+    burst_after_restart(&mut adaptor, broker.port, "slow", 160, &bodies).await;
+    let most = most.load(Ordering::SeqCst);
+    eprintln!("the slow sink worked on up to {most} requests at once (--inflight 16)");
+    assert!(
+        most >= 16,
+        "the slow sink saw at most {most} requests at once, not the --inflight window of 16"
     );
 }
