@@ -29,12 +29,20 @@
 //! Placement, the same for every path and as in `spright-bench queue-proxy`: the component
 //! under test — broker-shm, or the drop-in ingress, the channel and the drop-in filter — with
 //! its functions, HTTP subscribers and the dataplane's threads on one core
-//! (`--component-cpu`, default 0; one runtime worker, what a runtime picks in a one-core
-//! cpuset, as Go's GOMAXPROCS would for the stock broker), the load generator on another
-//! (`--load-cpu`, default 1; its own one-worker runtime). Every thread is pinned from its
-//! start (the main thread before it starts any other, the runtimes' threads as they start),
-//! so no path pays a cross-core wake-up inside the component, and the sender's
-//! cost stays off the component's core. The run prints the placement first.
+//! (`--component-cpu`, default 0), the load generator on another (`--load-cpu`, default 1;
+//! its own one-worker runtime). Every thread is pinned from its start (the main thread
+//! before it starts any other; the others inherit it), so no hop inside the component under
+//! test pays a cross-core wake-up, and the sender's cost stays off the component's core.
+//! By default every component runs on one shared runtime worker (what a runtime picks in a
+//! one-core cpuset); the functions and broker-shm's dataplane reply thread are threads of
+//! their own. That favours the stock topology: its HTTP hops between ingress, channel,
+//! filter and subscribers wake no thread at all, while each shared-memory step wakes a
+//! function and the reply thread. `--component-threads` gives each component a thread of
+//! its own, as separate pods would (broker-shm's ingress, each HTTP subscriber, the drop-in
+//! ingress, the channel, the drop-in filter, each with a one-thread runtime); on a loaded
+//! machine the stock topology's throughput then collapses (its backlog outgrows the drain,
+//! and the paced phase warns that its latency includes queueing), so the default is the
+//! shared runtime. The run prints the placement first.
 //!
 //! `post` is the floor of every path: one POST answered 202 at once, through the same sender.
 //! `--stages` prints, per path, the paced events' time since the send at every probed stage
@@ -104,6 +112,10 @@ pub struct BrokerBenchArgs {
     /// subscribers.
     #[arg(long, default_value_t = 0)]
     pub component_cpu: usize,
+    /// Run each component on a thread of its own (as separate pods would), instead of every
+    /// component on the one shared runtime worker.
+    #[arg(long)]
+    pub component_threads: bool,
     /// Core of the load generator (the senders and their runtime).
     #[arg(long, default_value_t = 1)]
     pub load_cpu: usize,
@@ -341,6 +353,12 @@ fn reply_event(ev: &CloudEvent, next_type: &str) -> CloudEvent {
     r
 }
 
+/// [`http_subscriber`] on a thread of its own.
+async fn subscriber(next_type: Option<&'static str>, stats: &Arc<Stats>) -> anyhow::Result<u16> {
+    let stats = stats.clone();
+    own_thread("subscriber", move || http_subscriber(next_type, stats)).await
+}
+
 /// An HTTP subscriber: records at the final step, or replies with `next_type`.
 async fn http_subscriber(
     next_type: Option<&'static str>,
@@ -454,16 +472,29 @@ fn snapshot(yaml: &str) -> anyhow::Result<Snapshot> {
     Ok(s)
 }
 
-/// Starts a broker-shm runtime for `yaml`; returns its ingress URL.
+/// Starts a broker-shm runtime for `yaml` on a thread of its own; returns its ingress URL.
 async fn broker_shm(
     yaml: &str,
     data: &std::path::Path,
     durability: Durability,
     sinks: Sinks,
 ) -> anyhow::Result<(String, Arc<Runtime>)> {
+    let (yaml, data) = (yaml.to_string(), data.to_path_buf());
+    own_thread("broker-shm", move || {
+        broker_shm_here(yaml, data, durability, sinks)
+    })
+    .await
+}
+
+async fn broker_shm_here(
+    yaml: String,
+    data: PathBuf,
+    durability: Durability,
+    sinks: Sinks,
+) -> anyhow::Result<(String, Arc<Runtime>)> {
     let rt = Runtime::new(
         RuntimeConfig {
-            data_dir: data.to_path_buf(),
+            data_dir: data,
             log: LogConfig {
                 segment_bytes: 8 << 20,
                 retention_bytes: 1 << 30,
@@ -475,7 +506,7 @@ async fn broker_shm(
         },
         sinks,
     );
-    rt.reconcile(&snapshot(yaml)?);
+    rt.reconcile(&snapshot(&yaml)?);
     let (listener, port) = bind().await?;
     let handler_rt = rt.clone();
     tokio::spawn(broker_shm::ingress::serve(
@@ -486,19 +517,95 @@ async fn broker_shm(
     Ok((format!("http://127.0.0.1:{port}/bench/default"), rt))
 }
 
+/// Without `--component-threads`, [`own_thread`] runs its setup on the caller's runtime.
+static SHARED_RUNTIME: AtomicBool = AtomicBool::new(true);
+
+/// With `--component-threads`, runs `setup` on a thread of the component's own, as its own
+/// pod would have its own process (otherwise on the caller's runtime): a one-thread runtime
+/// on that thread (pinned like the thread starting it) runs everything `setup` spawns, so a
+/// hop between two components wakes the receiving component's thread, in every topology
+/// alike. Returns what `setup` returns.
+async fn own_thread<T, F, Fut>(name: &str, setup: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + 'static,
+{
+    if SHARED_RUNTIME.load(Ordering::Relaxed) {
+        return setup().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let _ = tx.send(setup().await);
+                std::future::pending::<()>().await
+            });
+        })?;
+    rx.await?
+}
+
+/// A bound listener to hand to another component's thread (registered with a runtime there).
+fn std_listener() -> anyhow::Result<(std::net::TcpListener, u16)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.set_nonblocking(true)?;
+    let port = l.local_addr()?.port();
+    Ok((l, port))
+}
+
 /// The stock topology: drop-in ingress and filter plus an IMC-like channel.
 async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
-    let (ing_l, ing_port) = bind().await?;
-    let (fil_l, fil_port) = bind().await?;
+    let (ing_l, ing_port) = std_listener()?;
+    let (fil_l, fil_port) = std_listener()?;
     let ingress_url = format!("http://127.0.0.1:{ing_port}/bench/default");
     let subs: Vec<String> = ["t1", "t2", "t3"]
         .iter()
         .map(|t| format!("http://127.0.0.1:{fil_port}/triggers/bench/{t}/uid-{t}"))
         .collect();
-    let c = client();
     let reply_to = ingress_url.clone();
-    // The channel: answers 202, then delivers to every subscription and posts replies back.
-    let channel_port = serve_fn(move |req: Request<Incoming>| {
+    let channel_port = own_thread("channel", move || channel(subs, reply_to)).await?;
+    let broker = format!(
+        "{BROKER}status:\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{channel_port}/\n"
+    );
+    let source: Arc<dyn ConfigSource> =
+        Arc::new(Static(snapshot(&format!("{broker}---\n{yaml_triggers}"))?));
+    for (name, mode, listener) in [
+        ("mt-broker-ingress", Mode::Ingress, ing_l),
+        ("mt-broker-filter", Mode::Filter, fil_l),
+    ] {
+        let source = source.clone();
+        own_thread(name, move || async move {
+            let listener = TcpListener::from_std(listener)?;
+            tokio::spawn(broker_shm::dropin::run(
+                Some(mode),
+                source,
+                255,
+                listener,
+                std::future::pending::<()>(),
+            ));
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(ingress_url)
+}
+
+/// An IMC-like channel: answers 202, then delivers to every subscription and posts replies
+/// back to `reply_to`; returns its port.
+async fn channel(subs: Vec<String>, reply_to: String) -> anyhow::Result<u16> {
+    let c = client();
+    serve_fn(move |req: Request<Incoming>| {
         let (c, subs, reply_to) = (c.clone(), subs.clone(), reply_to.clone());
         async move {
             let (parts, body) = req.into_parts();
@@ -552,27 +659,7 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
             resp(StatusCode::ACCEPTED)
         }
     })
-    .await?;
-    let broker = format!(
-        "{BROKER}status:\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{channel_port}/\n"
-    );
-    let source: Arc<dyn ConfigSource> =
-        Arc::new(Static(snapshot(&format!("{broker}---\n{yaml_triggers}"))?));
-    tokio::spawn(broker_shm::dropin::run(
-        Some(Mode::Ingress),
-        source.clone(),
-        255,
-        ing_l,
-        std::future::pending::<()>(),
-    ));
-    tokio::spawn(broker_shm::dropin::run(
-        Some(Mode::Filter),
-        source,
-        255,
-        fil_l,
-        std::future::pending::<()>(),
-    ));
-    Ok(ingress_url)
+    .await
 }
 
 /// Closed-loop load against `url`, generated on the load runtime `on`; returns the row
@@ -784,8 +871,14 @@ pub fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
     let component = runtime_on(args.component_cpu)?;
     let load = runtime_on(args.load_cpu)?;
     println!(
-        "placement: component under test (brokers, channel, dataplane threads, functions, subscribers; 1 runtime worker) on CPU {}, load generator (1 runtime worker) on CPU {}",
-        args.component_cpu, args.load_cpu
+        "placement: component under test on CPU {} ({}), load generator on CPU {} (one runtime worker)",
+        args.component_cpu,
+        if args.component_threads {
+            "--component-threads: a thread per component: broker-shm (ingress, plus its dataplane reply thread), each function, each HTTP subscriber; stock: drop-in ingress, channel, drop-in filter"
+        } else {
+            "every component on one runtime worker; the functions and the dataplane's reply thread on threads of their own"
+        },
+        args.load_cpu
     );
     if args.component_cpu == args.load_cpu {
         eprintln!(
@@ -793,6 +886,7 @@ pub fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
             args.load_cpu
         );
     }
+    SHARED_RUNTIME.store(!args.component_threads, Ordering::Relaxed);
     let result = component.block_on(run_async(args, load.handle().clone()));
     drop(load);
     result
@@ -864,16 +958,18 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
         // The floor of every path: one POST to a server that answers 202 at once.
         let stats = Stats::new();
         let st = stats.clone();
-        let port = serve_fn(move |req: Request<Incoming>| {
-            let st = st.clone();
-            async move {
-                let sent = req
-                    .headers()
-                    .get("ce-benchsent")
-                    .and_then(|v| v.to_str().ok());
-                st.record_sent(sent);
-                resp(StatusCode::ACCEPTED)
-            }
+        let port = own_thread("post", move || {
+            serve_fn(move |req: Request<Incoming>| {
+                let st = st.clone();
+                async move {
+                    let sent = req
+                        .headers()
+                        .get("ce-benchsent")
+                        .and_then(|v| v.to_str().ok());
+                    st.record_sent(sent);
+                    resp(StatusCode::ACCEPTED)
+                }
+            })
         })
         .await?;
         let url = format!("http://127.0.0.1:{port}/bench/default");
@@ -891,7 +987,7 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
     }
     if want("http") {
         let stats = Stats::new();
-        let port = http_subscriber(None, stats.clone()).await?;
+        let port = subscriber(None, &stats).await?;
         let yaml = format!("{BROKER}---\n{}", trigger("t", "bench.in", &uri(port)));
         let (url, _rt) = broker_shm(&yaml, &tmp.join("http"), durability, Sinks::default()).await?;
         rows.extend(
@@ -946,9 +1042,9 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
     }
     if want("chain-http") {
         let stats = Stats::new();
-        let p1 = http_subscriber(Some("chain.s2"), stats.clone()).await?;
-        let p2 = http_subscriber(Some("chain.s3"), stats.clone()).await?;
-        let p3 = http_subscriber(None, stats.clone()).await?;
+        let p1 = subscriber(Some("chain.s2"), &stats).await?;
+        let p2 = subscriber(Some("chain.s3"), &stats).await?;
+        let p3 = subscriber(None, &stats).await?;
         let yaml = format!(
             "{BROKER}---\n{}---\n{}---\n{}",
             trigger("t1", "chain.s1", &uri(p1)),
@@ -971,9 +1067,9 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
     }
     if want("chain-stock") {
         let stats = Stats::new();
-        let p1 = http_subscriber(Some("chain.s2"), stats.clone()).await?;
-        let p2 = http_subscriber(Some("chain.s3"), stats.clone()).await?;
-        let p3 = http_subscriber(None, stats.clone()).await?;
+        let p1 = subscriber(Some("chain.s2"), &stats).await?;
+        let p2 = subscriber(Some("chain.s3"), &stats).await?;
+        let p3 = subscriber(None, &stats).await?;
         let triggers = format!(
             "{}---\n{}---\n{}",
             trigger("t1", "chain.s1", &uri(p1)),
