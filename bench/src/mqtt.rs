@@ -10,10 +10,13 @@
 //! monotonic clock). The adaptor subscribes at `--qos` (default 1, manual acks after the sink's
 //! 2xx); the prototype always subscribes at QoS 0.
 //!
-//! Our adaptor runs with `--sink-pipeline` (default 16 here; its own default is 1): up to that
-//! many HTTP/1.1 requests outstanding per sink connection, which the bench's sink answers in
-//! order as Go's net/http does. `--sink-pipeline 1` measures the one-request-per-connection
-//! path.
+//! Our adaptor runs with its own default `--sink-pipeline` (`auto`: the whole window at the
+//! sink one request per connection while the sink looks slow, up to 16 pipelined requests per
+//! connection while it is fast; the bench's sink answers pipelined requests in order as Go's
+//! net/http does) unless `--sink-pipeline` is given here (`1`: one request per connection;
+//! N: always N). Each round prints the mode ours ran in: after the burst the bench reads the
+//! adaptor's `mqtt_adaptor_sink_pipelined` gauge and `mqtt_adaptor_sink_pipeline_switches`
+//! counter.
 //!
 //! Placement (`--placement`, printed at the start; the same for both contenders):
 //! - `shared` (default): nothing pinned; the contender, mosquitto and this process (publisher
@@ -60,10 +63,11 @@ pub struct MqttBenchArgs {
     /// In-flight window of our adaptor.
     #[arg(long, default_value_t = 100)]
     pub inflight: u16,
-    /// Our adaptor's `--sink-pipeline` (HTTP/1.1 requests outstanding per sink connection;
-    /// the bench's sink answers pipelined requests in order, as Go's net/http does).
-    #[arg(long, default_value_t = 16)]
-    pub sink_pipeline: u16,
+    /// Our adaptor's `--sink-pipeline` (`auto` or HTTP/1.1 requests outstanding per sink
+    /// connection; the bench's sink answers pipelined requests in order, as Go's net/http
+    /// does). Unset: not passed, the adaptor's default (`auto`) runs.
+    #[arg(long)]
+    pub sink_pipeline: Option<String>,
     /// Where the processes run, the same for both contenders: `shared` pins nothing (the
     /// contender, mosquitto and this process share every CPU); `split` runs the contender on
     /// CPU 0 (started under `taskset`, so Go's GOMAXPROCS and tokio's worker count see one
@@ -146,6 +150,32 @@ struct Measured {
     sent: usize,
     arrived: usize,
     subscribe_qos: u8,
+    /// Ours: whether it pipelined at the end of the burst, and how often `auto` switched.
+    pipelining: Option<(bool, u64)>,
+}
+
+/// `GET path` over HTTP/1.0 on loopback: the whole answer, head included.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Our adaptor's sink pipelining from its metrics: (pipelined now, switches so far).
+fn pipelining(metrics: &str) -> Option<(bool, u64)> {
+    let value = |name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    Some((
+        value("mqtt_adaptor_sink_pipelined")? > 0.0,
+        value("mqtt_adaptor_sink_pipeline_switches_total")? as u64,
+    ))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -576,6 +606,7 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
     let sink_url = format!("http://{sink}/");
     let topic = "bench/readings";
     let log = std::fs::File::create(dir.join(format!("{who:?}.log")))?;
+    let mut ours_http = None;
     let proc = match who {
         Contender::Ours => {
             let bin = match &args.adaptor_bin {
@@ -590,7 +621,11 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
                     .args(["--topic", topic, "--client-id", "bench-ours"])
                     .args(["--qos", &args.qos.to_string()])
                     .args(["--inflight", &args.inflight.to_string()])
-                    .args(["--sink-pipeline", &args.sink_pipeline.to_string()])
+                    .args(
+                        args.sink_pipeline
+                            .iter()
+                            .flat_map(|p| ["--sink-pipeline", p.as_str()]),
+                    )
                     .args([
                         "--http-port",
                         &http_port.to_string(),
@@ -611,16 +646,9 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
             );
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
-                let ready = TcpStream::connect(("127.0.0.1", http_port))
-                    .ok()
-                    .and_then(|mut s| {
-                        use std::io::{Read, Write};
-                        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
-                        let mut out = String::new();
-                        s.read_to_string(&mut out).ok()?;
-                        Some(out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"))
-                    })
-                    .unwrap_or(false);
+                let ready = http_get(http_port, "/readyz").is_some_and(|out| {
+                    out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")
+                });
                 if ready {
                     break;
                 }
@@ -629,6 +657,7 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            ours_http = Some(http_port);
             p
         }
         Contender::Prototype => Proc(
@@ -694,6 +723,9 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
     }
     let arrived = wait_arrivals(&arrivals, 0..n, Duration::from_secs(args.timeout)).await;
     let cpu1 = cpu_seconds(pid).unwrap_or(cpu0);
+    let pipelining = ours_http
+        .and_then(|port| http_get(port, "/metrics"))
+        .and_then(|m| pipelining(&m));
     let broker_cpu = broker0
         .zip(cpu_seconds(broker.pid()).ok())
         .map(|(a, b)| b - a);
@@ -743,7 +775,21 @@ async fn measure(args: &MqttBenchArgs, who: Contender) -> anyhow::Result<Measure
         sent: args.messages,
         arrived,
         subscribe_qos: if who == Contender::Ours { args.qos } else { 0 },
+        pipelining,
     })
+}
+
+/// How our adaptor sent to the sink, for the round lines and the table.
+fn describe_pipelining(p: Option<(bool, u64)>) -> String {
+    match p {
+        Some((true, switches)) => {
+            format!("pipelined at the end of the burst ({switches} mode switches)")
+        }
+        Some((false, switches)) => {
+            format!("one request per connection at the end of the burst ({switches} mode switches)")
+        }
+        None => "pipelining unknown (no metrics)".into(),
+    }
 }
 
 fn fmt(v: Option<f64>, prec: usize) -> String {
@@ -781,7 +827,11 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
     println!("placement: {}", placement.describe());
     println!(
         "ours: --qos {} --inflight {} --sink-pipeline {}; prototype: QoS 0 (fixed)",
-        args.qos, args.inflight, args.sink_pipeline
+        args.qos,
+        args.inflight,
+        args.sink_pipeline
+            .as_deref()
+            .unwrap_or("not passed (the adaptor's default: auto)")
     );
     let mut ours_runs = Vec::new();
     let mut proto_runs = Vec::new();
@@ -818,12 +868,13 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
                         Some(m.cpu_s_per_10k? + m.broker_cpu_s_per_10k? + m.bench_cpu_s_per_10k?)
                     };
                     println!(
-                        "round {round} ({} first): ours {a:.0} msg/s, prototype {b:.0} msg/s, throughput {:.2}x, CPU per message {}x; all processes s/10k: ours {}, prototype {}",
+                        "round {round} ({} first): ours {a:.0} msg/s, prototype {b:.0} msg/s, throughput {:.2}x, CPU per message {}x; all processes s/10k: ours {}, prototype {}; ours {}",
                         if proto_first { "prototype" } else { "ours" },
                         a / b,
                         fmt(cpu_ratio, 2),
                         fmt(all(&ours), 3),
                         fmt(all(&proto), 3),
+                        describe_pipelining(ours.pipelining),
                     );
                 }
             }
@@ -889,6 +940,10 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
             fmt(m.bench_cpu_s_per_10k, 3)
         );
     }
+    println!(
+        "ours, sink requests: {}",
+        describe_pipelining(rows[0].pipelining)
+    );
     if let [ours, proto] = &rows[..] {
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
@@ -912,6 +967,15 @@ pub fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipelining_is_read_from_the_metrics() {
+        let text = "# HELP x\nmqtt_adaptor_sink_pipelined 1\nmqtt_adaptor_sink_pipeline_switches_total 3\n";
+        assert_eq!(pipelining(text), Some((true, 3)));
+        let text = "mqtt_adaptor_sink_pipelined_x 1\nmqtt_adaptor_sink_pipelined 0\nmqtt_adaptor_sink_pipeline_switches_total 0\n";
+        assert_eq!(pipelining(text), Some((false, 0)));
+        assert_eq!(pipelining("mqtt_adaptor_sink_pipelined 1\n"), None);
+    }
 
     #[test]
     fn sink_parses_length_chunked_and_partial_requests() {

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub publish_failed: Counter,
     /// 1 while the source connection is up.
     pub connected: Gauge,
+    /// 1 while requests to the sink are pipelined (`--sink-pipeline` N > 1, or auto while
+    /// the sink is fast).
+    pub sink_pipelined: Gauge,
+    /// Times `--sink-pipeline auto` turned pipelining on or off.
+    pub sink_pipeline_switches: Counter,
     source_ready: AtomicBool,
     publisher_ready: AtomicBool,
 }
@@ -52,6 +57,8 @@ impl Metrics {
         let published = Counter::default();
         let publish_failed = Counter::default();
         let connected = Gauge::default();
+        let sink_pipelined = Gauge::default();
+        let sink_pipeline_switches = Counter::default();
         registry.register(
             "messages_received",
             "MQTT messages received",
@@ -107,8 +114,20 @@ impl Metrics {
             "1 while the MQTT source connection is up",
             connected.clone(),
         );
+        registry.register(
+            "sink_pipelined",
+            "1 while HTTP/1.1 requests to the sink are pipelined",
+            sink_pipelined.clone(),
+        );
+        registry.register(
+            "sink_pipeline_switches",
+            "Times the adaptive sink pipelining turned on or off",
+            sink_pipeline_switches.clone(),
+        );
         Metrics {
             registry,
+            sink_pipelined,
+            sink_pipeline_switches,
             received,
             delivered,
             retried,
@@ -169,5 +188,7 @@ mod tests {
         assert!(text.contains("mqtt_adaptor_messages_received_total 1"));
         assert!(text.contains("mqtt_adaptor_sink_latency_seconds_bucket"));
         assert!(text.contains("mqtt_adaptor_events_inflight 0"));
+        assert!(text.contains("mqtt_adaptor_sink_pipelined 0"));
+        assert!(text.contains("mqtt_adaptor_sink_pipeline_switches_total 0"));
     }
 }

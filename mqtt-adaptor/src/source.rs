@@ -94,7 +94,7 @@ pub async fn run(
     let h1 = H1Target::parse(&sink_url);
     let auto = h1.is_some() && cfg.sink_pipeline == SinkPipeline::Auto;
     let p = Arc::new(Pipeline {
-        adaptive: auto.then(Adaptive::default),
+        adaptive: auto.then(|| Adaptive::new(&metrics)),
         cfg,
         h1,
         sink_url,
@@ -125,6 +125,9 @@ pub async fn run(
     let (ack_tx, mut acks) = tokio::sync::mpsc::unbounded_channel::<AckRef>();
     // Auto: a worker (and connection) per slot of the window, pipelining only while the
     // sink is fast (see crate::adaptive); N > 1: ceil(window / N) workers of depth N.
+    if p.h1.is_some() && matches!(p.cfg.sink_pipeline, SinkPipeline::Fixed(2..)) {
+        p.metrics.sink_pipelined.set(1);
+    }
     let (workers, depth) = match p.cfg.sink_pipeline {
         SinkPipeline::Auto => (window, adaptive::AUTO_DEPTH),
         SinkPipeline::Fixed(n) => (window.div_ceil(usize::from(n)), usize::from(n)),
