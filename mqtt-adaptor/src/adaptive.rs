@@ -13,10 +13,11 @@
 //! Evidence is the sink's time per answer, as a moving average over all connections
 //! ([`ewma`], 1/8 weight per sample, each sample counted at most [`MAX_SAMPLE_NS`] so that one
 //! stray slow answer on a busy machine does not end pipelining). A pipelined connection
-//! measures it directly: the time from the later of the request's write and the previous
-//! answer on that connection to this answer (a sink answers one connection's requests one
-//! after another). A connection with one request measures the whole answer time, which
-//! includes waiting behind the other requests at a sink that works on one at a time, so that
+//! measures it directly: a request written while another was unanswered on its connection
+//! counts from the previous answer on that connection to its own (a sink answers one
+//! connection's requests one after another). A request that had its connection to itself
+//! counts its whole answer time, which includes waiting behind the requests on other
+//! connections at a sink that works on one at a time, so that
 //! sample is divided by the requests in flight ([`sample_ns`]). The mode turns pipelined once
 //! the average falls below [`ENTER_FAST_NS`] and concurrent once it rises above
 //! [`LEAVE_FAST_NS`] ([`next_mode`]); after leaving, it stays concurrent for a hold that
@@ -65,11 +66,12 @@ pub fn ewma(avg: u64, sample: u64) -> u64 {
 }
 
 /// The sink's time for one answer: `elapsed` (from the later of the request's write and the
-/// previous answer on its connection) as it is on a connection with several requests
-/// (`pipelined`), else divided by the requests in flight at the sink (at least 1).
-pub fn sample_ns(elapsed: Duration, pipelined: bool, in_flight: usize) -> u64 {
+/// previous answer on its connection) as it is when the request waited behind another on its
+/// connection (`behind`: the previous answer came after this request was written), else
+/// divided by the requests in flight at the sink (at least 1).
+pub fn sample_ns(elapsed: Duration, behind: bool, in_flight: usize) -> u64 {
     let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-    if pipelined {
+    if behind {
         ns
     } else {
         ns / (in_flight.max(1) as u64)

@@ -624,12 +624,14 @@ fn take_answers(
             .sink_latency
             .observe(now.duration_since(o.sent_at).as_secs_f64());
         if let Some(a) = &p.adaptive {
+            // Whether it waited behind another request on this connection.
+            let behind = *last_answer > o.sent_at;
             let since = now.duration_since(o.sent_at.max(*last_answer));
             let in_flight = p
                 .active
                 .load(Ordering::Relaxed)
                 .min(usize::from(p.cfg.inflight));
-            a.observe(adaptive::sample_ns(since, a.pipelined(), in_flight));
+            a.observe(adaptive::sample_ns(since, behind, in_flight));
         }
         *last_answer = now;
         let status = http::StatusCode::from_u16(framed.status).ok();
