@@ -27,7 +27,7 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 
-use crate::pod::{BYPASS_NODE, DEFAULT_SERVING_PORT, DataplaneMode, PodSpec};
+use crate::pod::{BYPASS_NODE, DEFAULT_SERVING_PORT, DataplaneMode, H2C_SERVING_PORT, PodSpec};
 use crate::registry::{Registry, Source};
 use crate::retry::Retries;
 
@@ -88,7 +88,7 @@ pub fn pod_spec(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Result<PodS
         })
     };
     let meta = &pod.metadata;
-    let mode = DataplaneMode::from_annotation(
+    let asked = DataplaneMode::from_annotation(
         meta.annotations
             .as_ref()
             .and_then(|a| a.get(MODE_ANNOTATION))
@@ -103,19 +103,24 @@ pub fn pod_spec(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Result<PodS
         .ok_or_else(|| PodError::Cgroup(format!("no cgroup for pod uid {uid}")))?;
     let pid = first_pid(&cgroup)
         .ok_or_else(|| PodError::Cgroup(format!("no process in {}", cgroup.display())))?;
+    let serving_port = port_env("QUEUE_SERVING_PORT", DEFAULT_SERVING_PORT)?;
+    let h2c = serving_port == H2C_SERVING_PORT || serves_h2c(spec);
+    let name = format!(
+        "{}.{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default()
+    );
+    let mode = userspace_if_h2c(&name, asked, h2c);
     let spec = PodSpec {
-        name: format!(
-            "{}.{}",
-            meta.namespace.as_deref().unwrap_or("default"),
-            meta.name.as_deref().unwrap_or_default()
-        ),
+        name,
         ip,
         port: port_env("USER_PORT", DEFAULT_USER_PORT)?,
         cgroup: Some(cgroup),
         pid: Some(pid),
         netns: None,
         mode,
-        serving_port: port_env("QUEUE_SERVING_PORT", DEFAULT_SERVING_PORT)?,
+        // An h2c revision is counted by its sidecar: `PodSpec::is_h2c` marks it so.
+        serving_port: if h2c { H2C_SERVING_PORT } else { serving_port },
         bypass: if mode == DataplaneMode::EventDriven {
             vec![BYPASS_NODE.to_owned()]
         } else {
@@ -124,6 +129,27 @@ pub fn pod_spec(pod: &Pod, image_match: &str, cgroup_root: &Path) -> Result<PodS
     };
     spec.check().map_err(|e| PodError::Invalid(e.to_string()))?;
     Ok(spec)
+}
+
+/// Whether the revision speaks h2c: Knative names the user container's port `h2c` then.
+fn serves_h2c(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    spec.containers
+        .iter()
+        .filter(|c| c.name != QUEUE_CONTAINER)
+        .flat_map(|c| c.ports.iter().flatten())
+        .any(|p| p.name.as_deref() == Some("h2c"))
+}
+
+/// The mode a pod runs in: the kernel counts only HTTP/1.x, so an h2c revision that asks for
+/// `full` or `event-driven` stays in `userspace` mode (its sidecar counts the requests) and
+/// the agent says so.
+pub fn userspace_if_h2c(pod: &str, asked: DataplaneMode, h2c: bool) -> DataplaneMode {
+    if h2c && asked != DataplaneMode::Userspace {
+        tracing::warn!(%pod, mode = %asked, "h2c revision: the kernel does not count HTTP/2 requests, so the pod runs in userspace mode and its sidecar counts them (it would report no requests otherwise)");
+        DataplaneMode::Userspace
+    } else {
+        asked
+    }
 }
 
 /// The cgroup directory of the pod with this UID: `pod<uid>` (cgroupfs driver) or
@@ -388,6 +414,42 @@ mod tests {
         assert_eq!(
             (spec.mode, spec.bypass.len()),
             (DataplaneMode::Userspace, 0)
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn h2c_pods_fall_back_to_userspace_mode() {
+        let (root, _) = cgroup_tree("h2c", false);
+        for mode in ["full", "event-driven"] {
+            let annotations = format!(r#"{{"spright.dev/dataplane-mode": "{mode}"}}"#);
+            let mut p = pod("x/queue-proxy-ebpf", &annotations, "Running");
+            let json = serde_json::to_string(&p).unwrap().replace("8012", "8013");
+            p = serde_json::from_str(&json).unwrap();
+            let spec = pod_spec(&p, "queue-proxy-ebpf", &root).unwrap();
+            assert_eq!(
+                (spec.mode, spec.serving_port),
+                (DataplaneMode::Userspace, 8013)
+            );
+            assert!(spec.bypass.is_empty() && spec.is_h2c());
+
+            // The user container's port named h2c says the same.
+            let mut p = pod("x/queue-proxy-ebpf", &annotations, "Running");
+            let user = &mut p.spec.as_mut().unwrap().containers[0];
+            user.ports = Some(vec![
+                serde_json::from_str(r#"{"name": "h2c", "containerPort": 8080}"#).unwrap(),
+            ]);
+            let spec = pod_spec(&p, "queue-proxy-ebpf", &root).unwrap();
+            assert_eq!(spec.mode, DataplaneMode::Userspace);
+            assert!(spec.is_h2c());
+        }
+        assert_eq!(
+            userspace_if_h2c("p", DataplaneMode::Full, false),
+            DataplaneMode::Full
+        );
+        assert_eq!(
+            userspace_if_h2c("p", DataplaneMode::EventDriven, true),
+            DataplaneMode::Userspace
         );
         let _ = std::fs::remove_dir_all(&root);
     }

@@ -68,6 +68,9 @@ pub const BYPASS_NODE: &str = "node";
 /// Knative's `QUEUE_SERVING_PORT` for HTTP/1 revisions.
 pub const DEFAULT_SERVING_PORT: u16 = 8012;
 
+/// Knative's `QUEUE_SERVING_PORT` for h2c revisions (the user container port named `h2c`).
+pub const H2C_SERVING_PORT: u16 = 8013;
+
 fn default_serving_port() -> u16 {
     DEFAULT_SERVING_PORT
 }
@@ -106,6 +109,17 @@ pub enum SpecError {
     /// Event-driven mode without a way to the network namespace.
     #[error("pod {0}: event-driven mode needs the pod's network namespace (`netns` or `pid`)")]
     NoNetns(String),
+    /// `full` or `event-driven` on an h2c revision: the kernel counts only HTTP/1.x, so the
+    /// autoscaler would see no requests.
+    #[error(
+        "pod {name}: mode {mode} is for HTTP/1 revisions, but serving_port {H2C_SERVING_PORT} is an h2c revision's and the kernel does not count HTTP/2 requests (its Stat would stay at zero); register it with mode userspace"
+    )]
+    H2c {
+        /// Pod.
+        name: String,
+        /// Mode asked for.
+        mode: DataplaneMode,
+    },
     /// Neither cgroup nor pid.
     #[error("pod {0}: give its cgroup v2 directory (`cgroup`) or one of its processes (`pid`)")]
     NoCgroup(String),
@@ -148,6 +162,12 @@ impl PodSpec {
         Ok(spec)
     }
 
+    /// Whether the revision serves h2c (`serving_port` 8013). The kernel does not count its
+    /// requests: it runs in userspace mode and the agent keeps no counters for it.
+    pub fn is_h2c(&self) -> bool {
+        self.serving_port == H2C_SERVING_PORT
+    }
+
     /// Checks the fields that need no file system.
     pub fn check(&self) -> Result<(), SpecError> {
         if !valid_name(&self.name) {
@@ -155,6 +175,12 @@ impl PodSpec {
         }
         if self.port == 0 || self.serving_port == 0 {
             return Err(SpecError::Port);
+        }
+        if self.is_h2c() && self.mode != DataplaneMode::Userspace {
+            return Err(SpecError::H2c {
+                name: self.name.clone(),
+                mode: self.mode,
+            });
         }
         if self.mode == DataplaneMode::EventDriven {
             if self.port == self.serving_port {
@@ -275,6 +301,28 @@ mod tests {
             spec.resolve_cgroup(Path::new(ROOT)).unwrap(),
             Path::new("/sys/fs/cgroup/unified/pods/hello-1")
         );
+    }
+
+    #[test]
+    fn h2c_revisions_are_refused_in_kernel_counted_modes() {
+        for mode in ["full", "event-driven"] {
+            let json = format!(
+                r#"{{"name":"h","ip":"10.0.0.1","port":8080,"pid":1,"netns":"/x","mode":"{mode}","serving_port":8013}}"#
+            );
+            let err = PodSpec::parse(json.as_bytes()).unwrap_err();
+            assert!(matches!(err, SpecError::H2c { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.contains("h2c") && text.contains(mode), "{text}");
+        }
+        let spec = PodSpec::parse(
+            br#"{"name":"h","ip":"10.0.0.1","port":8080,"pid":1,"serving_port":8013}"#,
+        )
+        .unwrap();
+        assert!(spec.is_h2c() && spec.mode == DataplaneMode::Userspace);
+        let http1 =
+            PodSpec::parse(br#"{"name":"h","ip":"10.0.0.1","port":8080,"pid":1,"mode":"full"}"#)
+                .unwrap();
+        assert!(!http1.is_h2c());
     }
 
     #[test]

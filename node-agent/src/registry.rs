@@ -51,6 +51,11 @@ pub enum RegistryError {
     /// Unknown pod.
     #[error("pod {0} is not registered")]
     NotFound(String),
+    /// An h2c pod: the kernel does not count HTTP/2, so the sidecar counts its requests.
+    #[error(
+        "pod {0} serves h2c: the kernel does not count HTTP/2 requests, so the agent keeps no counters for it; count them in the sidecar (userspace accounting)"
+    )]
+    NotCounted(String),
     /// No pod has the caller's address.
     #[error("no pod on this node has address {0}")]
     UnknownCaller(IpAddr),
@@ -72,7 +77,7 @@ impl RegistryError {
         match self {
             Self::Spec(_) => StatusCode::BAD_REQUEST,
             Self::Exists(_) | Self::IpInUse { .. } => StatusCode::CONFLICT,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::NotCounted(_) => StatusCode::NOT_FOUND,
             Self::UnknownCaller(_) => StatusCode::FORBIDDEN,
             Self::Ebpf { source, .. } if source.is_permission_denied() => StatusCode::FORBIDDEN,
             Self::Ebpf { source, .. } => match **source {
@@ -347,6 +352,9 @@ impl Registry {
             .values()
             .find(|p| canonical(p.spec.ip) == caller)
             .ok_or(RegistryError::UnknownCaller(caller))?;
+        if pod.spec.is_h2c() {
+            return Err(RegistryError::NotCounted(pod.spec.name.clone()));
+        }
         let counters = pod
             .accounting
             .counters()
@@ -498,6 +506,13 @@ mod tests {
         assert_eq!(canonical(mapped), "10.0.0.2".parse::<IpAddr>().unwrap());
         let v6: IpAddr = "fd00::2".parse().unwrap();
         assert_eq!(canonical(v6), v6);
+    }
+
+    #[test]
+    fn h2c_pods_get_no_counters() {
+        let err = RegistryError::NotCounted("demo.h2c".into());
+        assert_eq!(err.status(), http::StatusCode::NOT_FOUND);
+        assert!(err.to_string().contains("h2c"));
     }
 
     #[test]
