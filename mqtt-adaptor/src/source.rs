@@ -44,6 +44,23 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    /// Ends a message's delivery: when `done` (the sink's 2xx, or the configured policy), a
+    /// QoS 1/2 message's ack goes to the connection task; it leaves the in-flight count.
+    fn settle(
+        &self,
+        acks: &tokio::sync::mpsc::UnboundedSender<AckRef>,
+        msg: &InboundMessage,
+        ack: AckRef,
+        done: bool,
+    ) {
+        if done && msg.qos > 0 && acks.send(ack).is_err() {
+            tracing::warn!(
+                "cannot acknowledge: the connection task stopped; the broker will redeliver"
+            );
+        }
+        self.metrics.inflight.dec();
+    }
+
     fn finished(&self) {
         self.active.fetch_sub(1, Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) {
@@ -422,12 +439,7 @@ async fn deliver_and_ack(
         }
     };
     // Only now, after the sink's 2xx (or the configured policy), is the ack handed over.
-    if done && msg.qos > 0 && acks.send(ack).is_err() {
-        tracing::warn!(
-            "cannot acknowledge: the connection task stopped; the broker will redeliver"
-        );
-    }
-    p.metrics.inflight.dec();
+    p.settle(acks, &msg, ack, done);
 }
 
 /// A request written on a pipelined connection and not answered yet.
@@ -638,12 +650,7 @@ fn take_answers(
         match status.map(|s| sink::classify(s, framed.body)) {
             Some(Attempt::Accepted(_)) => {
                 p.metrics.delivered.inc();
-                if o.msg.qos > 0 && acks.send(o.ack).is_err() {
-                    tracing::warn!(
-                        "cannot acknowledge: the connection task stopped; the broker will redeliver"
-                    );
-                }
-                p.metrics.inflight.dec();
+                p.settle(acks, &o.msg, o.ack, true);
                 p.finished();
             }
             Some(other) => on_its_own(p, acks, o, Some(other)),
@@ -683,12 +690,7 @@ fn on_its_own(
     tokio::spawn(async move {
         let Outstanding { msg, ack, ev, .. } = o;
         let done = deliver(&p, &mut SinkConn::default(), ev, &msg.topic, first).await;
-        if done && msg.qos > 0 && acks.send(ack).is_err() {
-            tracing::warn!(
-                "cannot acknowledge: the connection task stopped; the broker will redeliver"
-            );
-        }
-        p.metrics.inflight.dec();
+        p.settle(&acks, &msg, ack, done);
         p.finished();
     });
 }
