@@ -10,6 +10,7 @@
 //! - [`autoscaler`]: the Knative autoscaler's wire messages (`Stat`, `WireStatMessages`).
 
 pub mod autoscaler;
+pub mod backoff;
 pub mod chain;
 pub mod control;
 pub mod dataplane_mode;

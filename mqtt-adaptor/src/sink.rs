@@ -377,10 +377,7 @@ pub fn classify(status: StatusCode, body: Bytes) -> Attempt {
 }
 
 /// Exponential backoff: `base * 2^attempt`, capped.
-pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let factor = 1u32.checked_shl(attempt.min(30)).unwrap_or(u32::MAX);
-    base.saturating_mul(factor).min(max)
-}
+pub use spright_core::backoff::exponential as backoff;
 
 #[cfg(test)]
 mod tests {

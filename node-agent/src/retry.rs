@@ -48,10 +48,7 @@ impl Default for Backoff {
 impl Backoff {
     /// The delay before retry number `attempt` (1-based).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1))
-            .unwrap_or(u32::MAX);
-        self.first.saturating_mul(factor).min(self.max)
+        spright_core::backoff::exponential(self.first, self.max, attempt.saturating_sub(1))
     }
 }
 
