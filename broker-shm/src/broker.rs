@@ -54,7 +54,9 @@ impl IngestError {
             IngestError::NotFound(_) => StatusCode::NOT_FOUND,
             IngestError::TtlExhausted => StatusCode::BAD_REQUEST,
             IngestError::Log(LogError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::Log(LogError::Full(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Log(LogError::Full(_) | LogError::NoSpace { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             IngestError::Log(
                 LogError::Io { .. } | LogError::BadSegment { .. } | LogError::OffsetsExhausted(_),
             ) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -152,7 +154,7 @@ impl BrokerState {
             end.map(|end| (start, end))
         };
         let (start, end) = match try_append() {
-            Err(LogError::Full(_)) => {
+            Err(LogError::Full(_) | LogError::NoSpace { .. }) => {
                 // Segments every trigger has passed (all of them when there is no trigger)
                 // may still be on disk: drop them and try once more.
                 self.truncate();
@@ -868,6 +870,19 @@ impl TriggerCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_503_like_a_full_log() {
+        let no_space = IngestError::Log(LogError::NoSpace {
+            path: "/data/x.seg".into(),
+            bytes: 1,
+        });
+        assert_eq!(no_space.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            IngestError::Log(LogError::Full(1)).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 
     #[test]
     fn ttl_rules() {

@@ -71,6 +71,10 @@ pub enum LogError {
     TooLarge(usize),
     #[error("log retention limit reached ({0} bytes); subscribers are behind")]
     Full(u64),
+    /// The filesystem under the data directory cannot hold another `bytes` (disk full or
+    /// quota): nothing was written.
+    #[error("no space for {bytes} bytes at {path}: the data directory's filesystem is full")]
+    NoSpace { path: PathBuf, bytes: usize },
     /// A segment file whose name (its base offset) cannot belong to this log: corrupted
     /// or forged. The log refuses to open rather than hand out wrapped offsets.
     #[error("log segment {path}: {reason}")]
@@ -117,10 +121,37 @@ fn map_file(path: &Path, len: usize, create: bool) -> Result<MmapMut, LogError> 
         .open(path)
         .map_err(io(path))?;
     let cur = file.metadata().map_err(io(path))?.len();
-    if cur < len as u64 {
-        file.set_len(len as u64).map_err(io(path))?;
+    if cur < len as u64
+        && let Err(e) = preallocate(&file, path, len)
+    {
+        // A file that was empty (just created) is removed; an existing shorter file keeps
+        // whatever it held.
+        if cur == 0 {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
     }
     map(&file, path)
+}
+
+/// Reserves the disk blocks of `[0, len)` before the file is mapped. A write through a
+/// mapping into a hole the filesystem cannot fill (disk full, quota) raises SIGBUS and kills
+/// the process; reserved up front, a full disk is instead an error here, answered with a
+/// 503 before any 202. Filesystems that cannot preallocate get a sparse file, as before.
+fn preallocate(file: &File, path: &Path, len: usize) -> Result<(), LogError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use std::os::fd::AsRawFd;
+    let bytes = i64::try_from(len).map_err(|_| LogError::TooLarge(len))?;
+    match fallocate(file.as_raw_fd(), FallocateFlags::empty(), 0, bytes) {
+        Ok(()) => Ok(()),
+        Err(Errno::ENOSPC | Errno::EDQUOT) => Err(LogError::NoSpace {
+            path: path.to_path_buf(),
+            bytes: len,
+        }),
+        Err(Errno::EOPNOTSUPP) => file.set_len(len as u64).map_err(io(path)),
+        Err(e) => Err(io(path)(e.into())),
+    }
 }
 
 fn map(file: &File, path: &Path) -> Result<MmapMut, LogError> {
@@ -441,6 +472,65 @@ mod tests {
             retention_bytes: ret,
             durability: Durability::Msync,
         }
+    }
+
+    /// A full filesystem under the data directory is an error (`NoSpace`, answered 503)
+    /// when a segment is created, never a SIGBUS on a write into an unbacked page; the
+    /// records already stored stay readable and the half-made segment is removed. Runs in a
+    /// thread with a private mount namespace holding a 64 KiB tmpfs (needs CAP_SYS_ADMIN, as
+    /// CI's root has).
+    #[test]
+    fn a_full_filesystem_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            use nix::mount::{MsFlags, mount};
+            use nix::sched::{CloneFlags, unshare};
+            const NEEDS: &str = "this test mounts a 64 KiB tmpfs in a private mount namespace: it needs CAP_SYS_ADMIN (run it as root, as CI does)";
+            unshare(CloneFlags::CLONE_NEWNS).expect(NEEDS);
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect(NEEDS);
+            mount(
+                Some("none"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("size=64k"),
+            )
+            .expect(NEEDS);
+            let mut log = BrokerLog::open(&path, cfg(16 << 10, 1 << 20)).unwrap();
+            let record = [7u8; 1000];
+            let mut stored = 0;
+            let err = loop {
+                match log.append(&record) {
+                    Ok(_) => stored += 1,
+                    Err(e) => break e,
+                }
+                assert!(stored < 1000, "a 64 KiB filesystem took {stored} KB");
+            };
+            assert!(matches!(err, LogError::NoSpace { .. }), "{err}");
+            assert!(err.to_string().contains("filesystem is full"), "{err}");
+            assert!(stored >= 15, "only {stored} records fit");
+            let (mut off, mut read) = (log.head(), 0);
+            while let Some((rec, next)) = log.read(off) {
+                assert_eq!(rec, record);
+                (off, read) = (next, read + 1);
+            }
+            assert_eq!(read, stored);
+            let segments = std::fs::read_dir(&path)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension() == Some("seg".as_ref()))
+                .count();
+            assert_eq!(segments as u64, log.disk_bytes() / (16 << 10));
+        })
+        .join()
+        .unwrap();
     }
 
     /// Fuzz finding (broker_log_recovery, `segment-base-near-u64-max`): a segment file named
