@@ -37,9 +37,12 @@
 // other ports stop at the socket's own port (skb->local_port), pure ACKs
 // before the connection's storage is looked up; only a segment that starts a
 // request or continues its unfinished headers, and a response head, are
-// scanned, 8 bytes per bpf_loop step, a word that cannot change the scanner's
-// state (no CR or LF, in a line already decided) counted at once; body
-// segments are only counted down.
+// scanned; body segments are only counted down. The scanner goes a line at a
+// time where it can (see scan_word): a line already decided is skipped a
+// word at a time up to its LF, a header line's first 8 bytes are matched
+// against the wanted names at once, and only what can change its state (a
+// status code, the rest of a name that still matches, a Content-Length value,
+// the empty line) is fed byte by byte.
 //
 // TCP sequence numbers filter retransmissions out. What is approximated is
 // documented in ebpf/src/accounting.rs. The map and program names are the
@@ -71,8 +74,8 @@
 #define HDR_SKIP 2
 
 #define CHUNK 64
-// Header bytes scanned per segment at most: 64 chunks of 64 bytes.
-#define MAX_CHUNKS 64
+// Header bytes scanned per segment at most.
+#define MAX_SCAN 4096
 
 struct pod_stats {
 	struct bpf_spin_lock lock;
@@ -326,10 +329,13 @@ struct scan {
 	__u32 len;    // bytes available
 	__u32 pos;    // bytes scanned so far
 	__u32 end;    // offset after the header block (relative to off), or 0
+	__u32 bstart; // position of buf[0]
+	__u32 blen;   // bytes loaded into buf
 	__u8 line_mask;
 	__u8 response;
 	__u8 pad[6];
-	__u8 buf[CHUNK];
+	// CHUNK loaded bytes, plus room for a word read at any of them.
+	__u8 buf[CHUNK + 8];
 };
 
 struct {
@@ -350,13 +356,45 @@ struct scan_ctx {
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
 
-// Whether the 8 bytes of `w` contain the byte repeated in `pattern`.
-static __always_inline int has_byte(__u64 w, __u64 pattern)
+// The high bit of every byte of `w` equal to the byte repeated in
+// `pattern`. Exact for the lowest such byte (a borrow can only mark bytes
+// above a true match), which is all its users look at.
+static __always_inline __u64 bytes_eq(__u64 w, __u64 pattern)
 {
 	__u64 v = w ^ pattern;
 
-	return ((v - ONES) & ~v & HIGHS) != 0;
+	return (v - ONES) & ~v & HIGHS;
 }
+
+// Index (0..7) of the lowest byte marked in `m` (non-zero, high bits only).
+static __always_inline __u32 first_marked(__u64 m)
+{
+	__u64 low = m & (~m + 1);
+
+	return ((low >> 7) * 0x0001020304050607ULL) >> 56;
+}
+
+// `w` with the bytes 'A'..'Z' lowered, as `feed` lowers each byte.
+static __always_inline __u64 lower_word(__u64 w)
+{
+	__u64 seven = w & ~HIGHS;
+	__u64 ge_a = seven + (0x80 - 'A') * ONES;
+	__u64 gt_z = seven + (0x80 - 'Z' - 1) * ONES;
+	__u64 upper = ge_a & ~gt_z & ~w & HIGHS;
+
+	return w | (upper >> 2);
+}
+
+// A pattern's first WORD bytes as a little-endian word.
+#define PREFIX(a, b, c, d, e, f, g, h)                                              \
+	((__u64)(a) | (__u64)(b) << 8 | (__u64)(c) << 16 | (__u64)(d) << 24 |       \
+	 (__u64)(e) << 32 | (__u64)(f) << 40 | (__u64)(g) << 48 | (__u64)(h) << 56)
+#define CONTENT_LENGTH_8 PREFIX('c', 'o', 'n', 't', 'e', 'n', 't', '-')
+#define TRANSFER_ENCODING_8 PREFIX('t', 'r', 'a', 'n', 's', 'f', 'e', 'r')
+#define PROXY_HEADER_8 PREFIX('k', '-', 'p', 'r', 'o', 'x', 'y', '-')
+#define PROBE_HEADER_8 PREFIX('u', 's', 'e', 'r', '-', 'a', 'g', 'e')
+// The rest of "content-length:" after its first 8 bytes.
+#define LENGTH_7 PREFIX('l', 'e', 'n', 'g', 't', 'h', ':', 0)
 
 // Whether `feed` would only count the next bytes into the line length,
 // provided none of them is CR or LF: a header line already decided (or
@@ -368,9 +406,17 @@ static __always_inline int skipping(struct conn *c, __u8 response)
 	return c->hdr == HDR_SKIP;
 }
 
-// One bpf_loop step: the next WORD bytes. A word the scanner would only
-// count (see `skipping`) is counted at once; any other word is fed byte by
-// byte. Exactly what feeding every byte does, with an eighth of the calls.
+// One bpf_loop step, a word (the next 8 bytes) at a time, exactly what
+// feeding every byte does:
+// - while `skipping`, only LF matters (`feed` ignores CR, and the length of
+//   a line already under way only matters for being non-zero): a word
+//   without LF is counted at once, and a line that has begun ends at the
+//   word's first LF;
+// - at the start of a header line, a word without CR or LF is matched
+//   against the first 8 bytes of every header name still wanted (all of
+//   them are longer than that, so none completes in it);
+// - anything else is fed byte by byte, until the scanner is `skipping`
+//   again (the next step starts there).
 static long scan_word(__u32 index, void *ctx)
 {
 	struct scan_ctx *sctx = ctx;
@@ -378,39 +424,95 @@ static long scan_word(__u32 index, void *ctx)
 	struct conn *c = sctx->c;
 	__u32 pos = sc->pos;
 	__u32 left;
+	__u32 avail;
 	__u32 i;
 	__u32 n;
 	__u32 k;
 	__u64 w;
+	__u64 lf;
+	__u8 mask;
 
 	if (pos >= sc->len)
 		return 1;
 	left = sc->len - pos;
-	i = pos & (CHUNK - 1);
-	if (i == 0) {
-		// Load the next chunk (bytes are read CHUNK at a time).
+	avail = left > WORD ? WORD : left;
+	if (pos < sc->bstart || pos + avail > sc->bstart + sc->blen) {
+		// Load the next chunk from here (bytes are read CHUNK at a time).
 		n = left > CHUNK ? CHUNK : left;
 		// 1..=CHUNK in a form the verifier can follow.
 		n = ((n - 1) & (CHUNK - 1)) + 1;
 		if (bpf_skb_load_bytes(sctx->skb, sc->off + pos, sc->buf, n) < 0)
 			return 1;
+		sc->bstart = pos;
+		sc->blen = n;
 	}
-	// pos advances by whole words except at the end: i is a multiple of 8.
-	i &= CHUNK - WORD;
-	if (left >= WORD && skipping(c, sc->response)) {
+	i = (pos - sc->bstart) & (CHUNK - 1);
+	if (avail == WORD) {
 		w = *(__u64 *)&sc->buf[i];
-		if (!has_byte(w, 0x0d * ONES) && !has_byte(w, 0x0a * ONES)) {
-			n = (__u32)c->line_len + WORD;
-			c->line_len = n > 255 ? 255 : n;
+		lf = bytes_eq(w, 0x0a * ONES);
+		if (c->line_no == 0 && sc->response && c->line_len <= 1 && !lf &&
+		    !bytes_eq(w, 0x0d * ONES)) {
+			// The status line's first bytes ("HTTP/1.1"): the code
+			// starts at 9.
+			c->line_len += WORD;
 			sc->pos = pos + WORD;
+			return 0;
+		}
+		if (skipping(c, sc->response)) {
+			if (!lf && (c->line_len > 0 || !bytes_eq(w, 0x0d * ONES))) {
+				n = (__u32)c->line_len + WORD;
+				c->line_len = n > 255 ? 255 : n;
+				sc->pos = pos + WORD;
+				return 0;
+			}
+			if (lf && c->line_len > 0) {
+				// The line ends: what `feed` does at its LF.
+				c->line_len = 0;
+				if (c->line_no < 255)
+					c->line_no++;
+				c->hdr = HDR_MATCH;
+				c->mask = sc->line_mask;
+				sc->pos = pos + first_marked(lf) + 1;
+				return 0;
+			}
+		} else if (c->line_no > 0 && c->line_len == 0 && c->hdr == HDR_MATCH && !lf &&
+			   !bytes_eq(w, 0x0d * ONES)) {
+			w = lower_word(w);
+			mask = c->mask;
+			if (w != CONTENT_LENGTH_8)
+				mask &= ~MASK_CL;
+			if (w != TRANSFER_ENCODING_8)
+				mask &= ~MASK_TE;
+			if (w != PROXY_HEADER_8)
+				mask &= ~MASK_PROXY;
+			if (w != PROBE_HEADER_8)
+				mask &= ~MASK_PROBE;
+			c->mask = mask;
+			c->line_len = WORD;
+			if (!mask)
+				c->hdr = HDR_SKIP;
+			sc->pos = pos + WORD;
+			return 0;
+		} else if (c->line_len == WORD && c->hdr == HDR_MATCH && c->mask == MASK_CL && !lf &&
+			   !bytes_eq(w, 0x0d * ONES) &&
+			   (lower_word(w) & 0x00ffffffffffffffULL) == LENGTH_7) {
+			// "content-" then "length:": the value follows.
+			c->hdr = HDR_CL_VALUE;
+			c->cl = 0;
+			c->cl_seen = 0;
+			c->line_len = CONTENT_LENGTH_LEN;
+			sc->pos = pos + CONTENT_LENGTH_LEN - WORD;
 			return 0;
 		}
 	}
 	for (k = 0; k < WORD; k++) {
-		if (k >= left)
+		if (k >= avail)
+			break;
+		n = i + k;
+		if (n >= CHUNK + WORD)
 			break;
 		pos++;
-		if (feed(c, sc->buf[(i + k) & (CHUNK - 1)], sc->line_mask, sc->response)) {
+		if (feed(c, sc->buf[n], sc->line_mask, sc->response)) {
 			// A 1xx other than 101 is an interim answer: the final
 			// response follows on the same connection.
 			if (sc->response && c->status >= 100 && c->status < 200 &&
@@ -422,13 +524,16 @@ static long scan_word(__u32 index, void *ctx)
 			sc->end = pos;
 			return 1;
 		}
+		// Decided: the next step takes whole words again.
+		if (avail == WORD && c->line_len > 0 && skipping(c, sc->response))
+			break;
 	}
 	sc->pos = pos;
-	return k < WORD;
+	return 0;
 }
 
-// Scans up to MAX_CHUNKS * CHUNK bytes of headers; returns the offset after
-// the header block relative to `off`, or 0 if it did not end here.
+// Scans up to MAX_SCAN bytes of headers; returns the offset after the header
+// block relative to `off`, or 0 if it did not end here.
 static __always_inline __u32 scan_headers(struct __sk_buff *skb, struct conn *c, __u32 off,
 					  __u32 len, __u8 line_mask, __u8 response)
 {
@@ -439,12 +544,15 @@ static __always_inline __u32 scan_headers(struct __sk_buff *skb, struct conn *c,
 	if (!sc)
 		return 0;
 	sc->off = off;
-	sc->len = len > MAX_CHUNKS * CHUNK ? MAX_CHUNKS * CHUNK : len;
+	sc->len = len > MAX_SCAN ? MAX_SCAN : len;
 	sc->pos = 0;
 	sc->end = 0;
+	sc->bstart = 0;
+	sc->blen = 0;
 	sc->line_mask = line_mask;
 	sc->response = response;
-	bpf_loop(MAX_CHUNKS * CHUNK / WORD, scan_word, &sctx, 0);
+	// Every step consumes at least one byte.
+	bpf_loop(MAX_SCAN, scan_word, &sctx, 0);
 	return sc->end;
 }
 
