@@ -88,6 +88,10 @@ check_port SPRIGHT_LISTEN "${BASH_REMATCH[2]}"
 for v in "${PORT_VARS[@]}"; do check_port "$v" "${!v}"; done
 
 # ---- run directory and manifests -------------------------------------------------------
+# A run directory of our own keeps only the logs after exit (the broker's log segments are
+# preallocated, 16 MiB each); one given in SPRIGHT_RUN_DIR is left as it is.
+OWN_RUN_DIR=""
+if [[ -z "${SPRIGHT_RUN_DIR:-}" ]]; then OWN_RUN_DIR=1; fi
 RUN_DIR="${SPRIGHT_RUN_DIR:-$(mktemp -d /tmp/spright-run.XXXXXX)}"
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
@@ -126,9 +130,11 @@ stop_all() {
     kill -KILL -- "-$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
+  if [[ -n "$OWN_RUN_DIR" ]]; then rm -rf "$RUN_DIR/broker-data" "$RUN_DIR/shm" "$RUN_DIR/gateway"; fi
 }
 trap 'stop_all' EXIT
-trap 'say; say "stopping the stack"; exit 130' INT TERM
+trap 'say; say "stopping the stack"; exit 130' INT
+trap 'say; say "stopping the stack"; exit 143' TERM
 
 start() { # start NAME CMD...: runs CMD in its own process group, output to $LOGS/NAME.log
   local name=$1
@@ -368,12 +374,15 @@ if [[ -n "${ONCE:-}" ]]; then exit 0; fi
 cat <<EOF
 
 The stack is serving until Ctrl-C. Try:
+  # an MQTT device; the event display's log and counters, the broker's counters
   mosquitto_pub -V mqttv5 -p $MQTT_PORT -q 1 -t sensors/dev2/accel -m \$'0,0,1\\n0,0,3\\n0,0,1'
-  tail -f $LOGS/display.log                                    # what the subscriber receives
-  curl -s http://127.0.0.1:$BROKER_METRICS_PORT/metrics | grep _total  # broker-shm counters
+  tail -f $LOGS/display.log
+  curl -s $DISPLAY_METRICS; curl -s $BROKER_METRICS | grep _total
+  # a request through activator-lite -> queue-proxy-ebpf -> the app, then queue-proxy's Stat
   curl -s -H 'Knative-Serving-Namespace: demo' -H 'Knative-Serving-Revision: motion-00001' \\
     --data-binary \$'0,0,1\\n0,0,3\\n0,0,1' http://127.0.0.1:$ACTIVATOR_PORT/
-  curl -s http://127.0.0.1:$QUEUE_METRICS_PORT/metrics | protoc --decode=spright.stack.Stat -I config/stack config/stack/stat.proto
+  curl -s http://127.0.0.1:$QUEUE_METRICS_PORT/metrics | protoc --decode=spright.stack.Stat -I $ROOT/config/stack $ROOT/config/stack/stat.proto
+  # the gateway's shared-memory chain
   printf '0,0,1\\n0,0,3\\n0,0,1\\n' | curl --data-binary @- http://$GATEWAY_LISTEN/motion
 EOF
 # Keep serving; a component that exits ends the run with its name.
