@@ -74,6 +74,9 @@
 #define HDR_SKIP 2
 
 #define CHUNK 64
+#define WORD 8
+// Words of a line already decided skipped per scanner step at most.
+#define SKIP_WORDS 4
 // Header bytes scanned per segment at most.
 #define MAX_SCAN 4096
 
@@ -334,8 +337,12 @@ struct scan {
 	__u8 line_mask;
 	__u8 response;
 	__u8 pad[6];
-	// CHUNK loaded bytes, plus room for a word read at any of them.
-	__u8 buf[CHUNK + 8];
+	// CHUNK loaded bytes, plus a word so that one can be read at any of
+	// them (as two aligned words: see word_at).
+	union {
+		__u8 buf[CHUNK + WORD];
+		__u64 words[CHUNK / WORD + 1];
+	};
 };
 
 struct {
@@ -352,7 +359,6 @@ struct scan_ctx {
 	struct scan *sc;
 };
 
-#define WORD 8
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
 
@@ -396,6 +402,17 @@ static __always_inline __u64 lower_word(__u64 w)
 // The rest of "content-length:" after its first 8 bytes.
 #define LENGTH_7 PREFIX('l', 'e', 'n', 'g', 't', 'h', ':', 0)
 
+// The 8 bytes at buf[i], i < CHUNK, from the two aligned words they span.
+static __always_inline __u64 word_at(struct scan *sc, __u32 i)
+{
+	__u32 j = (i / WORD) & (CHUNK / WORD - 1);
+	__u32 r = (i % WORD) * 8;
+
+	if (!r)
+		return sc->words[j];
+	return (sc->words[j] >> r) | (sc->words[j + 1] << (64 - r));
+}
+
 // Whether `feed` would only count the next bytes into the line length,
 // provided none of them is CR or LF: a header line already decided (or
 // skipped), or the request line, or a status line past its code.
@@ -409,9 +426,9 @@ static __always_inline int skipping(struct conn *c, __u8 response)
 // One bpf_loop step, a word (the next 8 bytes) at a time, exactly what
 // feeding every byte does:
 // - while `skipping`, only LF matters (`feed` ignores CR, and the length of
-//   a line already under way only matters for being non-zero): a word
-//   without LF is counted at once, and a line that has begun ends at the
-//   word's first LF;
+//   a line already under way only matters for being non-zero): words
+//   without LF are counted at once (up to SKIP_WORDS per step), and a line
+//   that has begun ends at a word's first LF;
 // - at the start of a header line, a word without CR or LF is matched
 //   against the first 8 bytes of every header name still wanted (all of
 //   them are longer than that, so none completes in it);
@@ -448,7 +465,7 @@ static long scan_word(__u32 index, void *ctx)
 	}
 	i = (pos - sc->bstart) & (CHUNK - 1);
 	if (avail == WORD) {
-		w = *(__u64 *)&sc->buf[i];
+		w = word_at(sc, i);
 		lf = bytes_eq(w, 0x0a * ONES);
 		if (c->line_no == 0 && sc->response && c->line_len <= 1 && !lf &&
 		    !bytes_eq(w, 0x0d * ONES)) {
@@ -459,20 +476,32 @@ static long scan_word(__u32 index, void *ctx)
 			return 0;
 		}
 		if (skipping(c, sc->response)) {
-			if (!lf && (c->line_len > 0 || !bytes_eq(w, 0x0d * ONES))) {
+			// Up to SKIP_WORDS words of the line, while loaded.
+			for (k = 0; k < SKIP_WORDS; k++) {
+				if (lf) {
+					if (c->line_len == 0)
+						break;
+					// The line ends: what `feed` does at its LF.
+					c->line_len = 0;
+					if (c->line_no < 255)
+						c->line_no++;
+					c->hdr = HDR_MATCH;
+					c->mask = sc->line_mask;
+					sc->pos = pos + first_marked(lf) + 1;
+					return 0;
+				}
+				if (c->line_len == 0 && bytes_eq(w, 0x0d * ONES))
+					break;
 				n = (__u32)c->line_len + WORD;
 				c->line_len = n > 255 ? 255 : n;
-				sc->pos = pos + WORD;
-				return 0;
+				pos += WORD;
+				if (pos + WORD > sc->bstart + sc->blen)
+					break;
+				w = word_at(sc, (pos - sc->bstart) & (CHUNK - 1));
+				lf = bytes_eq(w, 0x0a * ONES);
 			}
-			if (lf && c->line_len > 0) {
-				// The line ends: what `feed` does at its LF.
-				c->line_len = 0;
-				if (c->line_no < 255)
-					c->line_no++;
-				c->hdr = HDR_MATCH;
-				c->mask = sc->line_mask;
-				sc->pos = pos + first_marked(lf) + 1;
+			if (pos != sc->pos) {
+				sc->pos = pos;
 				return 0;
 			}
 		} else if (c->line_no > 0 && c->line_len == 0 && c->hdr == HDR_MATCH && !lf &&
