@@ -1,8 +1,12 @@
 //! Full mode rows of `spright-bench queue-proxy`: queue-proxy-ebpf with the hop to the user
 //! container redirected through a sockmap and the accounting in the kernel
 //! (`ours-full-ebpf`), measured interleaved with queue-proxy-ebpf in userspace mode
-//! (`ours-userspace`) in the same run: for each connection count, [`ROUNDS`] rounds of
-//! userspace, full, userspace, full...; the ratios are given per round and as their median.
+//! (`ours-userspace`) in the same run: for each connection count, [`ROUNDS`] rounds, or
+//! [`ROUNDS_AT_ONE_CONNECTION`] at 1 connection (where the per-round ratio swings most and a
+//! round is cheap), in ABBA order (userspace then full in even rounds, full then userspace in
+//! odd ones: see [`order`]), so that a drift of the machine's load over the run weighs on
+//! both alike and each order counts as often; the ratios are given per round and as their
+//! median.
 //!
 //! The emulated pod is a cgroup of its own holding the full-mode sidecar and its own upstream
 //! nginx (both start inside it, so every socket they create belongs to it); the sidecar runs
@@ -39,8 +43,37 @@ pub const ROW_NAME: &str = "ours-full-ebpf";
 const BASELINE: &str = "ours-userspace";
 /// The diagnostic variant: userspace mode, hop redirected by programs this bench loads.
 const SOCKMAP_ONLY: &str = "ours-sockmap-only";
-/// Rounds per connection count.
+/// Rounds per connection count, except 1.
 pub const ROUNDS: usize = 3;
+/// Rounds at 1 connection: its per-round ratios swing by ±15% on a quiet machine, so the
+/// median needs more of them; even, so that both orders count alike. The diagnostic
+/// [`SOCKMAP_ONLY`] variant is measured in the first [`ROUNDS`] only (a round of the two
+/// compared variants costs two loads, not three).
+pub const ROUNDS_AT_ONE_CONNECTION: usize = 8;
+
+/// Rounds at `connections`.
+fn rounds(connections: u32) -> usize {
+    if connections == 1 {
+        ROUNDS_AT_ONE_CONNECTION
+    } else {
+        ROUNDS
+    }
+}
+
+/// The variants measured in `round`, in order: as given in even rounds, reversed in odd ones
+/// (ABBA); the last (diagnostic) one only in the first [`ROUNDS`] rounds.
+fn order<T>(items: &[T], round: usize) -> Vec<&T> {
+    let keep = if round < ROUNDS {
+        items.len()
+    } else {
+        items.len().saturating_sub(1)
+    };
+    let mut v: Vec<&T> = items[..keep].iter().collect();
+    if round % 2 == 1 {
+        v.reverse();
+    }
+    v
+}
 
 /// Ports of one sidecar and its upstream.
 #[derive(Debug, Clone, Copy)]
@@ -246,6 +279,7 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
         Some(&sockmap_pod.path),
         false,
     )?;
+    // The diagnostic variant last (see `order`).
     let setups = [
         Setup {
             name: BASELINE,
@@ -271,8 +305,8 @@ pub fn rows(args: &QueueProxyBenchArgs, ours: &Path, dir: &Path) -> Result<(Vec<
     }
     let mut samples = Vec::new();
     for &c in &args.connections {
-        for round in 0..ROUNDS {
-            for s in &setups {
+        for round in 0..rounds(c) {
+            for s in order(&setups, round) {
                 samples.push(measure(args, s, round, c)?);
             }
         }
@@ -461,6 +495,21 @@ mod tests {
     fn core_busy_reads_proc_stat() {
         assert!(super::super::busy_seconds(Some(0)).expect("cpu0") > 0.0);
         assert!(super::super::busy_seconds(Some(9999)).is_err());
+    }
+
+    #[test]
+    fn rounds_alternate_their_order_and_one_connection_gets_more() {
+        let v = ["u", "f", "s"];
+        assert_eq!(order(&v, 0), [&"u", &"f", &"s"]);
+        assert_eq!(order(&v, 1), [&"s", &"f", &"u"]);
+        assert_eq!(order(&v, 2), [&"u", &"f", &"s"]);
+        // Past ROUNDS, the diagnostic variant (last) is left out.
+        assert_eq!(order(&v, ROUNDS), [&"f", &"u"]);
+        assert_eq!(order(&v, ROUNDS + 1), [&"u", &"f"]);
+        assert_eq!(rounds(1), ROUNDS_AT_ONE_CONNECTION);
+        assert_eq!(rounds(32), ROUNDS);
+        // Each order as often at 1 connection.
+        assert_eq!(ROUNDS_AT_ONE_CONNECTION % 2, 0);
     }
 
     #[test]
