@@ -234,6 +234,18 @@ start gateway "$BIN/spright-gateway" --chain config/chains/motion.yaml --listen 
 wait_for gateway 30 http_ok "http://$GATEWAY_LISTEN/healthz"
 
 say "   started: ${NAMES[*]}"
+transport() { # the dataplane transport a shared-memory host chose (sk_msg or unix) and why
+  local line
+  line=$(grep -m1 '"dataplane transport selected"' "$LOGS/$1.log" || true)
+  [[ "$line" =~ \"reason\":\"([^\"]*)\".*\"transport\":\"([^\"]*)\" ]] &&
+    printf '%s (%s)' "${BASH_REMATCH[2]}" "${BASH_REMATCH[1]}"
+}
+say "   descriptors: broker-shm <-> motion over $(transport broker-shm); gateway chain over $(transport gateway)"
+if grep -q '"request accounting in the kernel"' "$LOGS/queue-proxy.log"; then
+  say "   queue-proxy-ebpf request accounting: in the kernel (eBPF, loaded by the sidecar: $QP_ACCOUNTING)"
+else
+  say "   queue-proxy-ebpf request accounting: in the proxy ($QP_ACCOUNTING)"
+fi
 
 # ---- samples ---------------------------------------------------------------------------
 FAILED=()
