@@ -225,6 +225,102 @@ fn requests() -> Vec<Exchange> {
     all
 }
 
+/// xorshift64*: deterministic random numbers without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// `text` with each letter in a random case.
+    fn case(&mut self, text: &str) -> String {
+        text.chars()
+            .map(|c| {
+                if self.below(2) == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
+            .collect()
+    }
+
+    fn letters(&mut self, n: usize) -> String {
+        (0..n)
+            .map(|_| (b'a' + self.below(26) as u8) as char)
+            .collect()
+    }
+}
+
+/// A well-formed response with random headers (names in random case, near misses of the
+/// framing names, lines of any length), framed by Content-Length or chunked, cut into 1 to 4
+/// segments at random places.
+fn random_response(rng: &mut Rng) -> Vec<Vec<u8>> {
+    let status = [
+        "HTTP/1.1 200 OK",
+        "HTTP/1.1 404 Not Found",
+        "HTTP/1.0 500 Oops",
+    ];
+    let mut lines: Vec<String> = vec![status[rng.below(status.len())].to_owned()];
+    let others = [
+        "server",
+        "date",
+        "content-type",
+        "content-lengthy",
+        "content-encoding",
+        "transfer-encodinx",
+        "x-long",
+        "cache-control",
+        "user-agent",
+        "k-proxy-request",
+    ];
+    for _ in 0..rng.below(10) {
+        let pick = others[rng.below(others.len())];
+        let name = rng.case(pick);
+        let len = rng.below(150);
+        lines.push(format!("{name}: {}", rng.letters(len)));
+    }
+    let mut body = Vec::new();
+    let framing = if rng.below(2) == 0 {
+        let n = rng.below(200);
+        body.extend(rng.letters(n).bytes());
+        let blanks = ["", " ", " \t "][rng.below(3)];
+        format!("{}:{blanks}{n}", rng.case("content-length"))
+    } else {
+        for _ in 0..=rng.below(3) {
+            let n = 1 + rng.below(40);
+            body.extend(format!("{n:x}\r\n{}\r\n", rng.letters(n)).bytes());
+        }
+        body.extend(b"0\r\n\r\n");
+        format!("{}: chunked", rng.case("transfer-encoding"))
+    };
+    let at = 1 + rng.below(lines.len());
+    lines.insert(at, framing);
+    let mut all = lines.join("\r\n").into_bytes();
+    all.extend(b"\r\n\r\n");
+    all.extend(body);
+    let mut cuts: Vec<usize> = (0..rng.below(4))
+        .map(|_| 1 + rng.below(all.len() - 1))
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    for cut in cuts.into_iter().chain([all.len()]) {
+        pieces.push(all[from..cut].to_vec());
+        from = cut;
+    }
+    pieces
+}
+
 #[test]
 fn header_lines_at_every_offset_are_parsed_exactly() {
     let cgroup = TestCgroup::new("acct-scan");
@@ -234,6 +330,20 @@ fn header_lines_at_every_offset_are_parsed_exactly() {
         .unwrap_or_else(|e| panic!("attaching accounting failed: {e}"));
     for x in requests().iter().chain(responses().iter()) {
         run(&accounting, &serving, x);
+    }
+    let seed = 0x5eed_acc7_0000_0001 ^ u64::from(std::process::id());
+    // A failure replays with this seed.
+    eprintln!("random responses, seed {seed:#x}");
+    let mut rng = Rng(seed);
+    for i in 0..150 {
+        let x = Exchange {
+            what: format!("random response {i} (seed {seed:#x})"),
+            request: vec![b"GET /r HTTP/1.1\r\nHost: pod\r\n\r\n".to_vec()],
+            response: random_response(&mut rng),
+            counted: true,
+            proxied: false,
+        };
+        run(&accounting, &serving, &x);
     }
     let c = counters(&accounting);
     assert_eq!(c.arrivals, c.completions, "{c:?}");
