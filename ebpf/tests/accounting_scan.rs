@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use spright_ebpf::accounting::{PodAccounting, PodCounters};
+use spright_test_support::Rng;
 use spright_test_support::cgroup::TestCgroup;
 
 /// One exchange on a fresh connection: request pieces (one segment each), then response
@@ -225,21 +226,13 @@ fn requests() -> Vec<Exchange> {
     all
 }
 
-/// xorshift64*: deterministic random numbers without a dependency.
-struct Rng(u64);
+/// Random text for the generated heads.
+trait Text {
+    fn case(&mut self, text: &str) -> String;
+    fn letters(&mut self, n: usize) -> String;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
+impl Text for Rng {
     /// `text` with each letter in a random case.
     fn case(&mut self, text: &str) -> String {
         text.chars()

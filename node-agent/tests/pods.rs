@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use spright_test_support::cgroup::{TestCgroup, program_ids};
-use spright_test_support::{Test, TestDir, bpftool, free_port, run_ok, run_tests};
+use spright_test_support::{Rng, Test, TestDir, bpftool, free_port, run_ok, run_tests};
 
 const SERVING_PORT: u16 = 8080;
 /// Body size of `/big/<ms>`: many TCP segments.
@@ -1420,22 +1420,6 @@ fn queue_proxy_without_the_agent_falls_back_and_says_so() {
     assert!(stat.average_concurrent_requests > 0.0, "{stat:?}");
 }
 
-/// xorshift64*: deterministic random bytes without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn split_headers_and_random_bytes_keep_the_counters_sane() {
     let (pod, agent) = serving_pod_and_agent();
     agent.register(&pod);
@@ -1479,9 +1463,9 @@ fn split_headers_and_random_bytes_keep_the_counters_sane() {
         let stream = connect(pod.serving_addr());
         for _ in 0..rng.below(12) {
             let mut piece: Vec<u8> = if rng.below(2) == 0 {
-                words[rng.below(words.len() as u64) as usize].to_vec()
+                words[rng.below(words.len())].to_vec()
             } else {
-                (0..rng.below(64)).map(|_| rng.next() as u8).collect()
+                (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect()
             };
             if rng.below(8) == 0 {
                 piece.extend_from_slice(b"\r\n\r\n");

@@ -13,6 +13,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// xorshift64*: deterministic pseudo-random numbers for randomized tests, with no dependency
+/// (a test prints its seed, so a failure can be replayed).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
 const LOW: u32 = 20_000;
 /// The kernel hands out ephemeral ports from 32768 up (`ip_local_port_range`).
 const SPAN: u32 = 32_768 - LOW;
