@@ -51,7 +51,7 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<B
         (&Method::GET, "/readyz") => {
             let mut problems = Vec::new();
             if state.source_enabled && !state.metrics.source_ready() {
-                problems.push("MQTT source connection is down");
+                problems.push("MQTT source is not connected and subscribed");
             }
             if state.publisher.is_some() && !state.metrics.publisher_ready() {
                 problems.push("MQTT publisher connection is down");

@@ -24,6 +24,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 #[derive(Debug)]
 pub enum Incoming {
     Message(Box<InboundMessage>),
+    /// The broker granted every topic filter of the SUBSCRIBE (SUBACK).
+    Subscribed,
     /// The broker refused a subscription (filter and reason).
     SubscribeRefused(String),
     PingResp,
@@ -356,7 +358,7 @@ pub fn decode(
                 {
                     Incoming::SubscribeRefused("the broker refused a topic filter".into())
                 } else {
-                    Incoming::Other
+                    Incoming::Subscribed
                 }
             }
             _ => Incoming::Other,
@@ -370,7 +372,7 @@ fn refused_v5(codes: &[p5::SubscribeReasonCode]) -> Incoming {
         .find(|c| !matches!(c, p5::SubscribeReasonCode::Success(_)))
     {
         Some(c) => Incoming::SubscribeRefused(format!("{c:?}")),
-        None => Incoming::Other,
+        None => Incoming::Subscribed,
     }
 }
 
@@ -422,6 +424,34 @@ mod tests {
             decode(true, &mut rbuf, &mut wbuf),
             Ok(Some(Incoming::SubscribeRefused(_)))
         ));
+    }
+
+    /// A SUBACK granting every filter is what makes the source ready, in both protocols; one
+    /// refused filter among granted ones is a refusal.
+    #[test]
+    fn suback_grants_or_refuses() {
+        let mut wbuf = BytesMut::new();
+        // MQTT 3.1.1: packet id 1, QoS 1 and QoS 0 granted; then QoS 1 and failure (0x80).
+        let mut rbuf = BytesMut::from(&[0x90, 4, 0, 1, 1, 0, 0x90, 4, 0, 1, 1, 0x80][..]);
+        assert!(matches!(
+            decode(false, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::Subscribed))
+        ));
+        assert!(matches!(
+            decode(false, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::SubscribeRefused(_)))
+        ));
+        // MQTT 5: packet id 1, no properties, QoS 1 granted; then QoS 1 and 0x87 (not authorized).
+        let mut rbuf = BytesMut::from(&[0x90, 4, 0, 1, 0, 1, 0x90, 5, 0, 1, 0, 1, 0x87][..]);
+        assert!(matches!(
+            decode(true, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::Subscribed))
+        ));
+        assert!(matches!(
+            decode(true, &mut rbuf, &mut wbuf),
+            Ok(Some(Incoming::SubscribeRefused(_)))
+        ));
+        assert!(rbuf.is_empty() && wbuf.is_empty());
     }
 
     #[test]

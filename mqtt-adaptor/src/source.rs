@@ -272,7 +272,8 @@ async fn serve(
     let keep_alive = p.cfg.keep_alive;
     sess.queue_subscribe(&p.cfg.topics, p.cfg.qos)?;
     sess.flush().await?;
-    p.metrics.set_source_ready(true);
+    // Ready once the broker's SUBACK grants every filter (see `decode`), not when the
+    // SUBSCRIBE is sent: a message published in between would not be routed to us.
     let mut last_write = Instant::now();
     let mut batch = Vec::with_capacity(256);
     // Decoding stopped at the window with packets still buffered.
@@ -371,7 +372,9 @@ fn decode(
         match sess.next_packet()? {
             None => return Ok(false),
             Some(Incoming::Message(msg)) => dispatch(p, *msg, conn, jobs),
+            Some(Incoming::Subscribed) => p.metrics.set_source_ready(true),
             Some(Incoming::SubscribeRefused(reason)) => {
+                // Not ready: messages on the refused filters would never arrive.
                 tracing::error!(reason = %reason, topics = ?p.cfg.topics, "the broker refused the subscription");
             }
             Some(Incoming::Other | Incoming::PingResp) => {}

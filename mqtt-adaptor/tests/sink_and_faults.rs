@@ -342,7 +342,10 @@ async fn wrong_credentials_give_clear_error_and_not_ready() {
         );
         let (status, body) = bad.get("/readyz").expect("readyz");
         assert_eq!(status, 503);
-        assert!(body.contains("MQTT source connection is down"), "{body}");
+        assert!(
+            body.contains("MQTT source is not connected and subscribed"),
+            "{body}"
+        );
         assert_eq!(bad.get("/healthz").map(|r| r.0), Some(200));
     }
     let mut good = Adaptor::start(
