@@ -8,6 +8,8 @@
 //!    threshold from one sample to the next. Writes a small binary summary.
 //! 4. `alert`: the summary as JSON, the chain's answer.
 
+pub mod http;
+
 /// Functions in chain order.
 pub const STEPS: [&str; 4] = ["decode", "denoise", "detect", "alert"];
 

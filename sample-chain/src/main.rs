@@ -5,18 +5,18 @@
 //! - `spright-sample-chain http <step> <listen-addr> [next-url]`: the same step as an HTTP
 //!   service that posts its result to the next step's URL, the way Knative chains functions.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use spright_core::sdk::{Function, Next, Reject};
+use spright_sample_chain::http::{Answer, answer, serve};
 use spright_sample_chain::{STEPS, run_step};
 
 fn main() {
@@ -66,10 +66,7 @@ fn run_shm(step: &str) -> anyhow::Result<()> {
 
 fn run_http(args: &[String]) -> anyhow::Result<()> {
     let (step, listen) = match args {
-        [step, listen, ..] => (
-            step.clone(),
-            listen.parse::<SocketAddr>().context("listen address")?,
-        ),
+        [step, listen, ..] => (step.clone(), listen),
         _ => bail!("usage: spright-sample-chain http <step> <listen-addr> [next-url]"),
     };
     check_step(&step)?;
@@ -78,26 +75,11 @@ fn run_http(args: &[String]) -> anyhow::Result<()> {
         .map(|u| u.parse())
         .transpose()
         .context("next URL")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        let client: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
-        let state = Arc::new((step, next, client));
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            let state = Arc::clone(&state);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let state = Arc::new((step, next, client));
+    serve("chain step", listen, move |req| {
+        handle(Arc::clone(&state), req)
     })
 }
 
@@ -110,12 +92,13 @@ type State = (
 async fn handle(
     state: Arc<State>,
     req: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+) -> Result<Answer, std::convert::Infallible> {
     let (step, next, client) = &*state;
     let reply = |status: u16, body: Bytes| {
-        let mut r = Response::new(Full::new(body));
-        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        r
+        answer(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body,
+        )
     };
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),

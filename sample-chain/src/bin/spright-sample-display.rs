@@ -5,17 +5,18 @@
 //!
 //! Usage: `spright-sample-display [listen-addr]` (default 127.0.0.1:8084).
 
+#[cfg(test)]
 mod common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use common::{Answer, answer};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderMap};
 use hyper::{Method, Request, StatusCode};
+use spright_sample_chain::http::{Answer, answer};
 
 /// Largest event body accepted (larger ones get 413).
 const MAX_BODY: usize = 4 << 20;
@@ -38,7 +39,7 @@ fn main() {
 
 fn run(listen: &str) -> anyhow::Result<()> {
     let counts: Counts = Arc::default();
-    common::serve("event display", listen, move |req| {
+    spright_sample_chain::http::serve("event display", listen, move |req| {
         handle(Arc::clone(&counts), req)
     })
 }

@@ -11,16 +11,17 @@
 //!   container behind queue-proxy): `POST` the lines, get the JSON summary; `GET` any path
 //!   answers 200 (readiness).
 
+#[cfg(test)]
 mod common;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use base64::Engine as _;
-use common::{Answer, answer};
 use http_body_util::{BodyExt, Limited};
 use hyper::{Method, Request, StatusCode};
 use spright_core::sdk::{Function, Next, Reject};
+use spright_sample_chain::http::{Answer, answer};
 use spright_sample_chain::{StepError, run_chain_locally};
 
 /// The reply event's type.
@@ -103,7 +104,7 @@ fn reply_to(function: &str, event: &[u8]) -> Result<Vec<u8>, StepError> {
 
 fn run_http(listen: &str) -> anyhow::Result<()> {
     spright_core::logging::init("spright-sample-motion", "info");
-    common::serve("motion app", listen, handle)
+    spright_sample_chain::http::serve("motion app", listen, handle)
 }
 
 async fn handle(req: Request<hyper::body::Incoming>) -> Result<Answer, std::convert::Infallible> {
