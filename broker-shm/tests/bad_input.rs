@@ -5,24 +5,9 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
+use spright_test_support::Rng;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
-        xs[(self.next() as usize) % xs.len()]
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_requests_get_contract_statuses() {
@@ -58,22 +43,22 @@ async fn random_requests_get_contract_statuses() {
     let svs = ["1.0", "0.3", "2.0", "", "1.0 "];
     for i in 0..300 {
         let mut h = http::HeaderMap::new();
-        if rng.next().is_multiple_of(2) {
+        if rng.next_u64().is_multiple_of(2) {
             h.insert("content-type", rng.pick(&cts).parse().unwrap());
         }
-        if rng.next().is_multiple_of(2) {
+        if rng.next_u64().is_multiple_of(2) {
             h.insert("ce-specversion", rng.pick(&svs).parse().unwrap());
             h.insert("ce-id", format!("id{i}").parse().unwrap());
-            if !rng.next().is_multiple_of(3) {
+            if !rng.next_u64().is_multiple_of(3) {
                 h.insert("ce-source", "/s".parse().unwrap());
             }
-            if !rng.next().is_multiple_of(3) {
+            if !rng.next_u64().is_multiple_of(3) {
                 h.insert("ce-type", "t".parse().unwrap());
             }
-            if rng.next().is_multiple_of(4) {
+            if rng.next_u64().is_multiple_of(4) {
                 h.insert("ce-time", "not-a-time".parse().unwrap());
             }
-            if rng.next().is_multiple_of(4) {
+            if rng.next_u64().is_multiple_of(4) {
                 h.insert(
                     "ce-knativebrokerttl",
                     rng.pick(&["0", "1", "-5", "x", "99999999999"])
@@ -81,17 +66,17 @@ async fn random_requests_get_contract_statuses() {
                         .unwrap(),
                 );
             }
-            if rng.next().is_multiple_of(5) {
+            if rng.next_u64().is_multiple_of(5) {
                 h.insert(
                     http::HeaderName::from_bytes(b"ce-bad_name").unwrap(),
                     http::HeaderValue::from_bytes(&[0xff, 0xfe, b'%', b'z']).unwrap(),
                 );
             }
         }
-        let body = match rng.next() % 4 {
+        let body = match rng.next_u64() % 4 {
             0 => Bytes::new(),
             1 => {
-                let n = (rng.next() % 2048) as usize;
+                let n = (rng.next_u64() % 2048) as usize;
                 Bytes::from(rng.bytes(n))
             }
             2 => Bytes::from(format!(

@@ -4,30 +4,20 @@ use broker_shm::event::{CloudEvent, percent_decode};
 use broker_shm::ingress::broker_path;
 use broker_shm::manifests::{Snapshot, parse_iso8601};
 use bytes::Bytes;
+use spright_test_support::Rng;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn soup(&mut self, frags: &[&str], max: usize) -> String {
-        let n = self.below(max);
-        let mut s = String::new();
-        for _ in 0..n {
-            if self.below(8) == 0 {
-                s.push(char::from_u32((self.next() % 0x3000) as u32).unwrap_or('?'));
-            } else {
-                s.push_str(frags[self.below(frags.len())]);
-            }
+/// Up to `max` pieces: mostly `frags`, now and then a random character.
+fn soup(rng: &mut Rng, frags: &[&str], max: usize) -> String {
+    let n = rng.below(max);
+    let mut s = String::new();
+    for _ in 0..n {
+        if rng.below(8) == 0 {
+            s.push(char::from_u32((rng.next_u64() % 0x3000) as u32).unwrap_or('?'));
+        } else {
+            s.push_str(rng.pick(frags));
         }
-        s
     }
+    s
 }
 
 #[test]
@@ -62,7 +52,7 @@ fn structured_events_never_panic() {
     ];
     let mut rng = Rng(0xdead_beef_cafe_f00d);
     for _ in 0..20_000 {
-        let s = rng.soup(&frags, 40);
+        let s = soup(&mut rng, &frags, 40);
         if let Ok(ev) = CloudEvent::from_structured(s.as_bytes()) {
             let _ = ev.validate();
             let back = CloudEvent::from_record(&ev.to_record());
@@ -79,7 +69,7 @@ fn binary_headers_never_panic() {
     for _ in 0..5_000 {
         let mut h = http::HeaderMap::new();
         for _ in 0..rng.below(8) {
-            let name = [
+            let name = rng.pick(&[
                 "ce-specversion",
                 "ce-id",
                 "ce-source",
@@ -87,19 +77,16 @@ fn binary_headers_never_panic() {
                 "ce-x",
                 "content-type",
                 "ce-time",
-            ][rng.below(7)];
+            ]);
             let bytes: Vec<u8> = (0..rng.below(20))
-                .map(|_| (rng.next() % 94 + 32) as u8)
+                .map(|_| (rng.next_u64() % 94 + 32) as u8)
                 .collect();
             if let Ok(v) = http::HeaderValue::from_bytes(&bytes) {
                 h.append(name, v);
             }
         }
-        let body = Bytes::from(
-            (0..rng.below(64))
-                .map(|_| rng.next() as u8)
-                .collect::<Vec<u8>>(),
-        );
+        let n = rng.below(64);
+        let body = Bytes::from(rng.bytes(n));
         let _ = CloudEvent::from_http(&h, body);
     }
     for s in ["%", "%%", "%4", "%41%", "%C3", "%FF%FE", "a%2"] {
@@ -143,7 +130,7 @@ fn manifests_durations_and_paths_never_panic() {
     let mut rng = Rng(7);
     for _ in 0..3_000 {
         let mut s = Snapshot::default();
-        s.add_yaml("random", &rng.soup(&frags, 30));
+        s.add_yaml("random", &soup(&mut rng, &frags, 30));
     }
     let dfrags = [
         "P",
@@ -162,11 +149,11 @@ fn manifests_durations_and_paths_never_panic() {
         "-",
     ];
     for _ in 0..20_000 {
-        let _ = parse_iso8601(&rng.soup(&dfrags, 12));
+        let _ = parse_iso8601(&soup(&mut rng, &dfrags, 12));
     }
     let pfrags = ["/", "a", "%", "..", "//", "?x=1", "é"];
     for _ in 0..20_000 {
-        let _ = broker_path(&rng.soup(&pfrags, 10));
-        let _ = broker_shm::dropin::trigger_path(&rng.soup(&pfrags, 10));
+        let _ = broker_path(&soup(&mut rng, &pfrags, 10));
+        let _ = broker_shm::dropin::trigger_path(&soup(&mut rng, &pfrags, 10));
     }
 }
