@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -308,7 +308,8 @@ pub struct UnixEndpoint {
     dir: PathBuf,
     path: PathBuf,
     rx: UnixDatagram,
-    peers: Mutex<HashMap<u32, UnixDatagram>>,
+    /// Connected sockets to each destination, shared (not duplicated) by every send.
+    peers: Mutex<HashMap<u32, Arc<UnixDatagram>>>,
 }
 
 impl UnixEndpoint {
@@ -329,10 +330,10 @@ impl UnixEndpoint {
         })
     }
 
-    fn peer(&self, dst: u32) -> Result<UnixDatagram, TransportError> {
+    fn peer(&self, dst: u32) -> Result<Arc<UnixDatagram>, TransportError> {
         let mut peers = self.peers.lock().map_err(|_| TransportError::Closed)?;
         if let Some(p) = peers.get(&dst) {
-            return Ok(p.try_clone()?);
+            return Ok(Arc::clone(p));
         }
         let sock = UnixDatagram::unbound()?;
         match sock.connect(unix_socket_path(&self.dir, dst)) {
@@ -342,7 +343,8 @@ impl UnixEndpoint {
             }
             Err(e) => return Err(e.into()),
         }
-        peers.insert(dst, sock.try_clone()?);
+        let sock = Arc::new(sock);
+        peers.insert(dst, Arc::clone(&sock));
         Ok(sock)
     }
 }
