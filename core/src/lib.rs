@@ -8,10 +8,12 @@
 //! - [`http1`]: HTTP/1.1 response framing, chunked-body scanning and `Rewind` for the fast paths.
 //! - [`logging`]: zap-compatible JSON logs shared by every component.
 //! - [`autoscaler`]: the Knative autoscaler's wire messages (`Stat`, `WireStatMessages`).
+//! - [`cloudevent`]: the CloudEvents model, the JSON event format and the HTTP binding.
 
 pub mod autoscaler;
 pub mod backoff;
 pub mod chain;
+pub mod cloudevent;
 pub mod control;
 pub mod dataplane_mode;
 pub mod descriptor;
