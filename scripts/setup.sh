@@ -73,6 +73,15 @@ for mod in "${GO_BINARIES[@]}"; do
   fi
 done
 
+# The broker oracle (oracle/knative-broker): Knative's own mt-broker-ingress/filter handlers
+# run without an API server, for broker-shm's drop-in tests. Rebuilt when a source is newer.
+oracle_src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/oracle/knative-broker"
+oracle_bin="$GOBIN/knative-broker-oracle"
+if [[ ! -x "$oracle_bin" || -n $(find "$oracle_src" -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) -newer "$oracle_bin" -print -quit) ]]; then
+  log "go build knative-broker-oracle (oracle/knative-broker)"
+  (cd "$oracle_src" && GOFLAGS=-mod=mod go build -o "$oracle_bin" .)
+fi
+
 # The fuzz targets (fuzz/, run by scripts/fuzz.sh) need the nightly toolchain and cargo-fuzz.
 if ! cargo +nightly --version >/dev/null 2>&1; then
   log "rustup toolchain install nightly"
