@@ -11,7 +11,7 @@
 //! cursor only moves to the lowest offset not yet finished (at least once).
 
 use crate::delivery::{Attempt, Done, SendOptions, Sinks, with_error_extensions};
-use crate::event::{ARRIVAL_EXT, CloudEvent, TTL_EXT};
+use crate::event::{ARRIVAL_EXT, CloudEvent, EventRecord as _, TTL_EXT};
 use crate::filter::Filter;
 use crate::log::{BrokerLog, Cursor, LogConfig, LogError};
 use crate::manifests::{Delivery, DeliverySpec, Snapshot, Target, Trigger};

@@ -1,6 +1,6 @@
 //! Random-input tests: no parser of broker-shm panics on arbitrary input.
 
-use broker_shm::event::{CloudEvent, percent_decode};
+use broker_shm::event::{CloudEvent, EventRecord as _, percent_decode};
 use broker_shm::ingress::broker_path;
 use broker_shm::manifests::{Snapshot, parse_iso8601};
 use bytes::Bytes;

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use broker_shm::event::CloudEvent;
+use broker_shm::event::{CloudEvent, EventRecord as _};
 use broker_shm::log::{BrokerLog, Cursor, Durability, LogConfig};
 use libfuzzer_sys::fuzz_target;
 
