@@ -91,23 +91,7 @@ impl BrokerProc {
         }
         self.child = cmd.spawn().expect("spawn broker-shm");
         let url = format!("http://127.0.0.1:{}/healthz", self.port);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!("broker-shm exited early with {status}: {}", self.logs());
-            }
-            if let Ok(r) = raw(http::Method::GET, &url, HeaderMap::new(), Bytes::new()).await
-                && r.0 == StatusCode::OK
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "broker-shm did not come up: {}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&mut self.child, "broker-shm", &url, &[], &self.log_path).await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -437,4 +421,187 @@ pub fn dir_bytes(p: &Path) -> u64 {
         }
     }
     total
+}
+
+/// Polls `url` (GET with `probe` headers) until it answers 200; panics with the process log when
+/// `child` exits first or 20 s pass.
+async fn wait_ready(
+    child: &mut Child,
+    name: &str,
+    url: &str,
+    probe: &[(&str, &str)],
+    log_path: &Path,
+) {
+    let logs = || std::fs::read_to_string(log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("{name} exited early with {status}: {}", logs());
+        }
+        if let Ok(r) = raw(http::Method::GET, url, headers(probe), Bytes::new()).await
+            && r.0 == StatusCode::OK
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not come up: {}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The implementation a differential drop-in test runs against: broker-shm's drop-in modes or
+/// Knative's own handlers (the oracle, `oracle/knative-broker`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Impl {
+    BrokerShm,
+    Knative,
+}
+
+/// Which stock deployment a drop-in process stands in for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// mt-broker-ingress (contract C.2).
+    Ingress,
+    /// mt-broker-filter (contract C.3).
+    Filter,
+}
+
+/// Where `scripts/setup.sh` puts the oracle: `$GOBIN`, else `$HOME/go/bin`.
+pub fn oracle_bin() -> PathBuf {
+    let dir = match std::env::var_os("GOBIN") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join("go")
+            .join("bin"),
+    };
+    dir.join("knative-broker-oracle")
+}
+
+/// A running knative-broker-oracle: Knative's mt-broker-ingress or mt-broker-filter handler
+/// serving the objects of a manifest directory.
+pub struct OracleProc {
+    pub child: Child,
+    pub port: u16,
+    pub log_path: PathBuf,
+    pub _tmp: tempfile::TempDir,
+}
+
+impl OracleProc {
+    /// Starts the oracle in `role` on a free port. Fails (never skips) when the binary is missing.
+    pub async fn start(files: &[(&str, String)], role: Role) -> OracleProc {
+        let bin = oracle_bin();
+        assert!(
+            bin.is_file(),
+            "Knative's broker oracle is missing at {}: run scripts/setup.sh (it builds \
+             oracle/knative-broker into $GOBIN/knative-broker-oracle)",
+            bin.display()
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let manifests = tmp.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        for (name, yaml) in files {
+            std::fs::write(manifests.join(name), yaml).expect("write manifest");
+        }
+        let log_path = tmp.path().join("oracle.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let port = free_port();
+        let (ingress, filter) = match role {
+            Role::Ingress => (port, 0),
+            Role::Filter => (0, port),
+        };
+        let child = Command::new(&bin)
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--ingress-port")
+            .arg(ingress.to_string())
+            .arg("--filter-port")
+            .arg(filter.to_string())
+            .env_remove("INGRESS_PORT")
+            .env_remove("FILTER_PORT")
+            .env_remove("MAX_TTL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut p = OracleProc {
+            child,
+            port,
+            log_path,
+            _tmp: tmp,
+        };
+        // Knative's receiver answers kubelet probes on any path once it listens.
+        let url = p.url("/healthz");
+        let probe = [("user-agent", "kube-probe/1.30")];
+        wait_ready(
+            &mut p.child,
+            "knative-broker-oracle",
+            &url,
+            &probe,
+            &p.log_path,
+        )
+        .await;
+        p
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for OracleProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A drop-in data plane under test: `broker-shm ingress|filter` or the oracle in the same role.
+pub enum DropIn {
+    Shm(BrokerProc),
+    Knative(OracleProc),
+}
+
+impl DropIn {
+    pub async fn start(imp: Impl, role: Role, files: &[(&str, String)]) -> DropIn {
+        match imp {
+            Impl::BrokerShm => {
+                let mode = match role {
+                    Role::Ingress => "ingress",
+                    Role::Filter => "filter",
+                };
+                DropIn::Shm(BrokerProc::start(files, &[mode], &[]).await)
+            }
+            Impl::Knative => DropIn::Knative(OracleProc::start(files, role).await),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        match self {
+            DropIn::Shm(p) => p.url(path),
+            DropIn::Knative(p) => p.url(path),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        match self {
+            DropIn::Shm(p) => p.logs(),
+            DropIn::Knative(p) => p.logs(),
+        }
+    }
+
+    pub fn assert_alive(&mut self) {
+        let (name, child) = match self {
+            DropIn::Shm(p) => ("broker-shm", &mut p.child),
+            DropIn::Knative(p) => ("knative-broker-oracle", &mut p.child),
+        };
+        let exited = child.try_wait().expect("try_wait");
+        assert!(exited.is_none(), "{name} died: {}", self.logs());
+    }
 }
