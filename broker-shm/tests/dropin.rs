@@ -419,6 +419,75 @@ async fn filter_case(imp: Impl) {
 
 differential!(filter_case: filter_speaks_the_filter_contract_broker_shm, filter_speaks_the_filter_contract_knative);
 
+/// The stock topology with Knative's own in-memory channel between the two drop-in processes,
+/// as an operator who swaps only the ingress and filter images runs it: client -> ingress ->
+/// IMC fan-out -> filter -> subscriber, whose reply goes back through the IMC's replyUri to the
+/// ingress (TTL decremented) and reaches a second Trigger's subscriber.
+async fn stock_chain_case(imp: Impl) {
+    let sub = Recorder::scripted(|r, _| match r.path.as_str() {
+        "/step" => Reply::event("r1", "step2"),
+        _ => Reply::status(202),
+    })
+    .await;
+    let channel_port = free_port();
+    let channel_url = format!("http://127.0.0.1:{channel_port}/dk/default-kne-trigger");
+    let first = mt_trigger(
+        "dk",
+        "first",
+        &sub.url("/step"),
+        "  filters:\n    - exact: {type: start}",
+    );
+    let second = mt_trigger(
+        "dk",
+        "second",
+        &sub.url("/final"),
+        "  filters:\n    - exact: {type: step2}",
+    );
+    let broker = mt_broker("dk", "default", Some(&channel_url));
+    let files = [
+        ("b.yaml", broker.clone()),
+        ("first.yaml", first),
+        ("second.yaml", second),
+    ];
+    let mut ingress = DropIn::start(imp, Role::Ingress, &files[..1]).await;
+    let mut filter = DropIn::start(imp, Role::Filter, &files).await;
+    // What the trigger reconciler makes of the two Triggers: Subscriptions on the Broker's
+    // channel, subscriber = the filter's trigger path, reply = the Broker (the ingress).
+    let reply = ingress.url("/dk/default");
+    let subscriber = |t: &str| {
+        format!(
+            "    - uid: sub-{t}\n      generation: 1\n      subscriberUri: {}\n      replyUri: {reply}\n",
+            filter.url(&format!("/triggers/dk/{t}/uid-{t}"))
+        )
+    };
+    let imc = format!(
+        "apiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: default-kne-trigger\n  namespace: dk\n  uid: imc-uid\nspec:\n  subscribers:\n{}{}",
+        subscriber("first"),
+        subscriber("second")
+    );
+    let channel = OracleProc::start_channel(&[("imc.yaml", imc)], channel_port).await;
+    assert_eq!(
+        send_binary(&reply, "c1", "start", &[("x-request-id", "chain")]).await,
+        StatusCode::ACCEPTED,
+        "{}",
+        channel.logs()
+    );
+    let got = sub.wait_n("/final", 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "{}", channel.logs());
+    assert_eq!(got[0].ce("id").as_deref(), Some("r1"));
+    assert_eq!(got[0].ce("type").as_deref(), Some("step2"));
+    assert!(got[0].ce("knativebrokerttl").is_none());
+    assert!(got[0].ce("knativearrivaltime").is_some());
+    let step = sub.on("/step");
+    assert_eq!(step.len(), 1);
+    assert_eq!(step[0].ce("id").as_deref(), Some("c1"));
+    assert_eq!(step[0].headers["x-request-id"], "chain");
+    ingress.assert_alive();
+    filter.assert_alive();
+}
+
+differential!(stock_chain_case: stock_chain_through_knative_imc_broker_shm, stock_chain_through_knative_imc_knative);
+
 // Cases where broker-shm's drop-in modes do not (yet) behave as Knative's handlers do. Each
 // pins Knative's behaviour, read from its source (knative.dev/eventing v0.49.2) and checked
 // against the oracle here; the broker-shm differences were reported with file and line to the

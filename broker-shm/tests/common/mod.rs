@@ -492,6 +492,22 @@ pub struct OracleProc {
 impl OracleProc {
     /// Starts the oracle in `role` on a free port. Fails (never skips) when the binary is missing.
     pub async fn start(files: &[(&str, String)], role: Role) -> OracleProc {
+        let flag = match role {
+            Role::Ingress => "--ingress-port",
+            Role::Filter => "--filter-port",
+        };
+        Self::start_on(files, flag, free_port()).await
+    }
+
+    /// Starts the oracle's in-memory channel fan-out alone on `port` (channels of the
+    /// manifests at `/<namespace>/<name>`).
+    pub async fn start_channel(files: &[(&str, String)], port: u16) -> OracleProc {
+        Self::start_on(files, "--channel-port", port).await
+    }
+
+    /// Starts the oracle with one server, `port_flag` (`--ingress-port`, `--filter-port` or
+    /// `--channel-port`), on `port`.
+    pub async fn start_on(files: &[(&str, String)], port_flag: &str, port: u16) -> OracleProc {
         let bin = oracle_bin();
         assert!(
             bin.is_file(),
@@ -507,18 +523,13 @@ impl OracleProc {
         }
         let log_path = tmp.path().join("oracle.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let port = free_port();
-        let (ingress, filter) = match role {
-            Role::Ingress => (port, 0),
-            Role::Filter => (0, port),
-        };
-        let child = Command::new(&bin)
-            .arg("--manifests")
-            .arg(&manifests)
-            .arg("--ingress-port")
-            .arg(ingress.to_string())
-            .arg("--filter-port")
-            .arg(filter.to_string())
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--manifests").arg(&manifests);
+        for flag in ["--ingress-port", "--filter-port", "--channel-port"] {
+            let p = if flag == port_flag { port } else { 0 };
+            cmd.arg(flag).arg(p.to_string());
+        }
+        let child = cmd
             .env_remove("INGRESS_PORT")
             .env_remove("FILTER_PORT")
             .env_remove("MAX_TTL")
