@@ -12,7 +12,12 @@
 //! - `chain-stock`: the same 3-step chain in the stock broker's topology: drop-in ingress →
 //!   HTTP → an in-memory channel (IMC-like: 202, then fan-out to every subscription in
 //!   parallel, each reply posted back to the ingress as a Subscription's `reply`) → HTTP →
-//!   drop-in filter → HTTP → subscriber, the reply returned in the filter's response.
+//!   drop-in filter → HTTP → subscriber, the reply returned in the filter's response;
+//! - `chain-knative` (not in the default set): the same topology on Knative's own code, the
+//!   `knative-broker-oracle` that `scripts/setup.sh` builds from `oracle/knative-broker`:
+//!   Knative's mt-broker-ingress and mt-broker-filter handlers and the in-memory channel's
+//!   fan-out (knative.dev/eventing v0.49.2) in one Go process on the component's core, the
+//!   same bench subscribers; measured from the sender only (no probe inside Go).
 //!
 //! Each path runs two phases. Throughput: `--concurrency` closed-loop senders POST binary-mode
 //! events to the ingress, each waiting for the 202; events/s is what reaches the last step.
@@ -83,8 +88,10 @@ pub struct BrokerBenchArgs {
     /// Concurrent closed-loop senders.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Paths to run (http, shm, chain-shm, chain-http, chain-stock; also post: a bare POST
-    /// answered 202 at once, the floor of every path).
+    /// Paths to run (http, shm, chain-shm, chain-http, chain-stock; also chain-knative: the
+    /// stock topology on Knative's own Go handlers, from `scripts/setup.sh`'s
+    /// knative-broker-oracle; and post: a bare POST answered 202 at once, the floor of every
+    /// path).
     #[arg(
         long,
         value_delimiter = ',',
@@ -601,6 +608,102 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
     Ok(ingress_url)
 }
 
+/// Where `scripts/setup.sh` builds `oracle/knative-broker`: `$GOBIN`, else `$HOME/go/bin`.
+fn knative_oracle_bin() -> PathBuf {
+    std::env::var_os("GOBIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join("go/bin")))
+        .unwrap_or_else(|| PathBuf::from("/root/go/bin"))
+        .join("knative-broker-oracle")
+}
+
+/// A child process killed (and reaped) when the path's run ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port nothing listens on right now, for a child process to bind.
+fn unused_port() -> anyhow::Result<u16> {
+    Ok(std_listener()?.1)
+}
+
+/// The stock topology on Knative's own code: `knative-broker-oracle` runs the mt-broker-ingress
+/// and mt-broker-filter handlers and the in-memory channel's fan-out of knative.dev/eventing
+/// v0.49.2 (imported, fed from manifests with the status blocks Knative's controllers would
+/// write) in one Go process. Started from this thread, it inherits the component's core (Go
+/// then runs one P). Returns the ingress URL and the process.
+async fn knative_topology(
+    dir: &std::path::Path,
+    subs: [u16; 3],
+) -> anyhow::Result<(String, KillOnDrop)> {
+    let bin = knative_oracle_bin();
+    if !bin.exists() {
+        anyhow::bail!(
+            "chain-knative needs Knative's broker oracle at {}: run scripts/setup.sh",
+            bin.display()
+        );
+    }
+    let (ing, fil, ch) = (unused_port()?, unused_port()?, unused_port()?);
+    let ingress_url = format!("http://127.0.0.1:{ing}/bench/default");
+    let mut yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: bench\n  annotations:\n    eventing.knative.dev/broker.class: MTChannelBasedBroker\nstatus:\n  address:\n    url: {ingress_url}\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{ch}/bench/default-kne-trigger\n---\napiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: default-kne-trigger\n  namespace: bench\n  uid: uid-channel\nspec:\n  subscribers:\n"
+    );
+    for t in ["t1", "t2", "t3"] {
+        yaml.push_str(&format!(
+            "    - uid: sub-{t}\n      subscriberUri: http://127.0.0.1:{fil}/triggers/bench/{t}/uid-{t}\n      replyUri: {ingress_url}\n"
+        ));
+    }
+    for ((t, ty), port) in [("t1", "chain.s1"), ("t2", "chain.s2"), ("t3", "chain.s3")]
+        .into_iter()
+        .zip(subs)
+    {
+        yaml.push_str(&format!(
+            "---\n{}status:\n  subscriberUri: http://127.0.0.1:{port}/\n",
+            trigger(t, ty, &uri(port))
+        ));
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("chain.yaml"), yaml)?;
+    let log = std::fs::File::create(dir.join("oracle.log"))?;
+    let child = std::process::Command::new(&bin)
+        .arg("--manifests")
+        .arg(dir)
+        .args(["--ingress-port", &ing.to_string()])
+        .args(["--filter-port", &fil.to_string()])
+        .args(["--channel-port", &ch.to_string()])
+        .args(["--log-level", "error"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for port in [ing, fil, ch] {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Some(status) = child.0.try_wait()? {
+                anyhow::bail!(
+                    "knative-broker-oracle exited with {status}: {}",
+                    std::fs::read_to_string(dir.join("oracle.log")).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("knative-broker-oracle did not listen on port {port} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok((ingress_url, child))
+}
+
 /// An IMC-like channel: answers 202, then delivers to every subscription and posts replies
 /// back to `reply_to`; returns its port.
 async fn channel(subs: Vec<String>, reply_to: String) -> anyhow::Result<u16> {
@@ -1090,6 +1193,25 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
         );
     }
 
+    if want("chain-knative") {
+        let stats = Stats::new();
+        let p1 = subscriber(Some("chain.s2"), &stats).await?;
+        let p2 = subscriber(Some("chain.s3"), &stats).await?;
+        let p3 = subscriber(None, &stats).await?;
+        let (url, _oracle) = knative_topology(&tmp.join("chain-knative"), [p1, p2, p3]).await?;
+        rows.extend(
+            load(
+                &on,
+                "3-step chain, Knative's own broker (Go)",
+                &url,
+                "chain.s1",
+                stats,
+                &args,
+            )
+            .await,
+        );
+    }
+
     print!("{}", table(&rows));
     let find = |n: &str| {
         rows.iter()
@@ -1122,6 +1244,23 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
         if let (Some(a), Some(b)) = (shm.p50_us, stock.p50_us) {
             println!(
                 "chain p50 latency, shm / stock topology: {:.3}",
+                a / b.max(1e-9)
+            );
+        }
+    }
+    if let (Some(shm), Some(kn)) = (
+        find("3-step chain, broker-shm + shm"),
+        find("3-step chain, Knative's own broker"),
+    ) {
+        if let (Some(a), Some(b)) = (shm.rps, kn.rps) {
+            println!(
+                "chain events/s, shm vs Knative's own broker (Go handlers, same topology): {:.1}x",
+                a / b.max(1e-9)
+            );
+        }
+        if let (Some(a), Some(b)) = (shm.p50_us, kn.p50_us) {
+            println!(
+                "chain p50 latency, shm / Knative's own broker (Go handlers, same topology): {:.3}",
                 a / b.max(1e-9)
             );
         }
