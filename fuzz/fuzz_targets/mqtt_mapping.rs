@@ -7,11 +7,11 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use mqtt_adaptor::cloudevent::CloudEvent;
 use mqtt_adaptor::config::InvalidPolicy;
 use mqtt_adaptor::mapping::{
     Disposition, InboundMessage, WrapSettings, dispose, to_cloudevent, to_mqtt, topic_for,
 };
+use spright_core::cloudevent::CloudEvent;
 use spright_fuzz::{key_values, split_once, text};
 
 fn outbound(ev: &CloudEvent, template: &str) {
@@ -21,7 +21,7 @@ fn outbound(ev: &CloudEvent, template: &str) {
             let out = to_mqtt(ev, topic.clone(), binary);
             if !binary {
                 // Structured output must read back as the same event.
-                let back = CloudEvent::from_json(&out.payload);
+                let back = CloudEvent::from_structured(&out.payload);
                 if ev.validate().is_ok() {
                     let back = back.expect("structured output of a valid event must parse");
                     assert_eq!(back.attrs, ev.attrs);
@@ -30,7 +30,7 @@ fn outbound(ev: &CloudEvent, template: &str) {
         }
     }
     let _ = ev.binary_headers();
-    let _ = ev.to_json();
+    let _ = ev.to_structured();
 }
 
 fuzz_target!(|data: &[u8]| {

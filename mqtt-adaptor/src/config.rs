@@ -402,7 +402,8 @@ pub fn parse_overrides(raw: &str) -> Result<BTreeMap<String, String>, ConfigErro
     let o: Overrides =
         serde_json::from_str(raw).map_err(|e| ConfigError::Overrides(e.to_string()))?;
     if let Some(bad) = o.extensions.keys().find(|k| {
-        !crate::cloudevent::valid_attr_name(k) || crate::cloudevent::reserved_attr_name(k)
+        !spright_core::cloudevent::valid_attr_name(k)
+            || spright_core::cloudevent::reserved_attr_name(k)
     }) {
         return Err(ConfigError::OverrideName(bad.clone()));
     }
@@ -518,7 +519,7 @@ impl Config {
                 "--event-type must not be empty".into(),
             ));
         }
-        if !crate::cloudevent::valid_attr_name(&a.publish_topic_attribute) {
+        if !spright_core::cloudevent::valid_attr_name(&a.publish_topic_attribute) {
             return Err(ConfigError::Invalid(format!(
                 "--publish-topic-attribute `{}` is not a CloudEvents attribute name",
                 a.publish_topic_attribute

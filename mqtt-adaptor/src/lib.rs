@@ -7,7 +7,6 @@
 //! - Without a broker address it embeds rumqttd on 127.0.0.1:1883.
 
 pub mod adaptive;
-pub mod cloudevent;
 pub mod config;
 pub mod embedded;
 pub mod h1;

@@ -19,11 +19,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cloudevent::CloudEvent;
 use crate::config::{Config, Format, ProtocolVersion};
 use crate::mapping;
 use crate::metrics::Metrics;
 use crate::publisher::{PublishError, Publisher};
+use spright_core::cloudevent::CloudEvent;
 
 /// What the handlers need.
 #[derive(Debug)]

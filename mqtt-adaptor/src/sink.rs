@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::cloudevent::{CloudEvent, STRUCTURED_CONTENT_TYPE};
 use crate::config::Format;
 use crate::h1;
+use spright_core::cloudevent::{CloudEvent, STRUCTURED_CONTENT_TYPE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -298,7 +298,7 @@ impl SinkClient {
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static(STRUCTURED_CONTENT_TYPE),
                 );
-                (h, Bytes::from(ev.to_json()))
+                (h, Bytes::from(ev.to_structured()))
             }
         };
         if let Some(token) = self.token.get()
@@ -346,7 +346,7 @@ impl SinkClient {
                 .body(ev.data.clone().unwrap_or_default()),
             Format::Structured => req
                 .header(http::header::CONTENT_TYPE, STRUCTURED_CONTENT_TYPE)
-                .body(Bytes::from(ev.to_json())),
+                .body(Bytes::from(ev.to_structured())),
         };
         if let Some(token) = self.token.get() {
             req = req.bearer_auth(token);

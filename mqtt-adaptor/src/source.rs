@@ -14,7 +14,6 @@ use bytes::BytesMut;
 use tokio::sync::{Notify, watch};
 
 use crate::adaptive::{self, Adaptive};
-use crate::cloudevent::CloudEvent;
 use crate::config::{Config, SinkPipeline};
 use crate::h1;
 use crate::mapping::{self, Disposition, InboundMessage, WrapSettings};
@@ -22,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::{self, ConnSettings, MqttError};
 use crate::session::{Incoming, Session};
 use crate::sink::{self, Attempt, H1Target, SinkClient, SinkConn, backoff};
+use spright_core::cloudevent::CloudEvent;
 
 /// Shared state of the delivery workers.
 #[derive(Debug)]
