@@ -3,6 +3,7 @@ module spright-rs/oracle/knative-broker
 go 1.25.0
 
 require (
+	github.com/fsnotify/fsnotify v1.9.0
 	go.opentelemetry.io/otel/metric v1.43.0
 	go.opentelemetry.io/otel/trace v1.43.0
 	go.uber.org/zap v1.27.1

@@ -234,12 +234,13 @@ func run(cfg *config, logger *zap.Logger) error {
 		}
 		servers = append(servers, namedHandler{"filter", cfg.filterPort, h})
 	}
+	var chans *channels
 	if cfg.channelPort != 0 {
-		h, err := newChannelHandler(logger.Named("channel"), objs.channels, trustBundles, withFeatures, mp, tp)
-		if err != nil {
+		chans = newChannels(logger.Named("channel"), trustBundles, withFeatures, mp, tp)
+		if err := chans.set(objs.channels); err != nil {
 			return fmt.Errorf("in-memory channel: %w", err)
 		}
-		servers = append(servers, namedHandler{"channel", cfg.channelPort, h})
+		servers = append(servers, namedHandler{"channel", cfg.channelPort, chans.handler()})
 	}
 	// Informers are registered by the handlers' constructors; start them and wait for the lists.
 	kubeFactory.Core().V1().ConfigMaps().Informer()
@@ -255,6 +256,31 @@ func run(cfg *config, logger *zap.Logger) error {
 			return fmt.Errorf("informer for %v did not sync", typ)
 		}
 	}
+	// Changes to the directory reach the handlers as the API server's watch events would; a
+	// change that does not load or validate is logged and leaves everything as it was.
+	st := newStore(eventingClient, objs)
+	reload := func() {
+		next, err := loadDir(cfg.manifests)
+		if err == nil {
+			err = next.validate(withFeatures(ctx))
+		}
+		if err == nil && chans != nil {
+			err = chans.set(next.channels)
+		}
+		if err == nil {
+			err = st.apply(ctx, next)
+		}
+		if err != nil {
+			logger.Error("manifests not reloaded", zap.Error(err))
+			return
+		}
+		logger.Info("manifests reloaded", zap.Int("brokers", len(next.brokers)),
+			zap.Int("triggers", len(next.triggers)), zap.Int("channels", len(next.channels)))
+	}
+	if err := watchDir(ctx, cfg.manifests, logger, reload); err != nil {
+		return err
+	}
+
 	for _, s := range servers {
 		// Knative's receiver: its Drainer answers kubelet probes (User-Agent kube-probe/...)
 		// with 200 and drains on shutdown.
