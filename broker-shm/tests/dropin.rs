@@ -586,6 +586,52 @@ async fn filter_dialects_case(imp: Impl) {
 
 differential!(filter_dialects_case: filter_dialects_broker_shm, filter_dialects_knative);
 
+/// The watched manifest directory: a Trigger added, changed and removed while the filter runs.
+async fn filter_follows_manifests_case(imp: Impl) {
+    let sub = Recorder::scripted(|_, _| Reply::status(202)).await;
+    let b = DropIn::start(
+        imp,
+        Role::Filter,
+        &[("b.yaml", mt_broker("dw", "default", None))],
+    )
+    .await;
+    let url = b.url("/triggers/dw/t/uid-t");
+    let until = |want: StatusCode| {
+        let url = url.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let s = send_binary(&url, "w", "want", &[("ce-knativebrokerttl", "5")]).await;
+                if s == want || std::time::Instant::now() > deadline {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(until(StatusCode::NOT_FOUND).await, StatusCode::NOT_FOUND);
+    let trigger = |ty: &str| {
+        let filters = format!("  filters:\n    - exact: {{type: {ty}}}");
+        mt_trigger("dw", "t", &sub.url("/t"), &filters)
+    };
+    b.write_manifest("t.yaml", &trigger("want"));
+    assert_eq!(
+        until(StatusCode::ACCEPTED).await,
+        StatusCode::ACCEPTED,
+        "added"
+    );
+    b.write_manifest("t.yaml", &trigger("other"));
+    assert_eq!(until(StatusCode::OK).await, StatusCode::OK, "changed");
+    b.remove_manifest("t.yaml");
+    assert_eq!(
+        until(StatusCode::NOT_FOUND).await,
+        StatusCode::NOT_FOUND,
+        "removed"
+    );
+}
+
+differential!(filter_follows_manifests_case: filter_follows_manifests_broker_shm, filter_follows_manifests_knative);
+
 // Cases where broker-shm's drop-in modes do not (yet) behave as Knative's handlers do. Each
 // pins Knative's behaviour, read from its source (knative.dev/eventing v0.49.2) and checked
 // against the oracle here; the broker-shm differences were reported with file and line to the

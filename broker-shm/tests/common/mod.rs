@@ -116,9 +116,7 @@ impl BrokerProc {
     }
 
     pub fn write_manifest(&self, name: &str, yaml: &str) {
-        let tmp = self.manifests.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, yaml).expect("write");
-        std::fs::rename(&tmp, self.manifests.join(name)).expect("rename");
+        write_manifest_in(&self.manifests, name, yaml);
     }
 
     pub fn assert_alive(&mut self) {
@@ -423,6 +421,13 @@ pub fn dir_bytes(p: &Path) -> u64 {
     total
 }
 
+/// Writes `dir/name` atomically (a hidden temporary file renamed over it).
+pub fn write_manifest_in(dir: &Path, name: &str, yaml: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, yaml).expect("write");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename");
+}
+
 /// Polls `url` (GET with `probe` headers) until it answers 200; panics with the process log when
 /// `child` exits first or 20 s pass.
 async fn wait_ready(
@@ -485,6 +490,7 @@ pub fn oracle_bin() -> PathBuf {
 pub struct OracleProc {
     pub child: Child,
     pub port: u16,
+    pub manifests: PathBuf,
     pub log_path: PathBuf,
     pub _tmp: tempfile::TempDir,
 }
@@ -540,6 +546,7 @@ impl OracleProc {
         let mut p = OracleProc {
             child,
             port,
+            manifests,
             log_path,
             _tmp: tmp,
         };
@@ -605,6 +612,23 @@ impl DropIn {
             DropIn::Shm(p) => p.logs(),
             DropIn::Knative(p) => p.logs(),
         }
+    }
+
+    /// The watched manifest directory.
+    pub fn manifests(&self) -> &Path {
+        match self {
+            DropIn::Shm(p) => &p.manifests,
+            DropIn::Knative(p) => &p.manifests,
+        }
+    }
+
+    /// Writes (atomically, by rename) or replaces a manifest file.
+    pub fn write_manifest(&self, name: &str, yaml: &str) {
+        write_manifest_in(self.manifests(), name, yaml);
+    }
+
+    pub fn remove_manifest(&self, name: &str) {
+        std::fs::remove_file(self.manifests().join(name)).expect("remove manifest");
     }
 
     pub fn assert_alive(&mut self) {
