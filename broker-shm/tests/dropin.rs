@@ -488,6 +488,88 @@ async fn stock_chain_case(imp: Impl) {
 
 differential!(stock_chain_case: stock_chain_through_knative_imc_broker_shm, stock_chain_through_knative_imc_knative);
 
+/// One request to the ingress per row: (id, headers, body, status; then, for an accepted event,
+/// what the channel receives: attribute, `body` or `content-type` -> value, None = absent).
+type IngressRow = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [u8],
+    u16,
+    &'static [(&'static str, Option<&'static str>)],
+);
+
+async fn ingress_rows(imp: Impl, rows: &[IngressRow]) {
+    let channel = Recorder::scripted(|_, _| Reply::status(202)).await;
+    let files = [(
+        "b.yaml",
+        mt_broker("dv", "default", Some(&channel.url("/channel"))),
+    )];
+    let mut b = DropIn::start(imp, Role::Ingress, &files).await;
+    for (id, pairs, body, status, _) in rows {
+        let (s, _, _) = raw(
+            Method::POST,
+            &b.url("/dv/default"),
+            headers(pairs),
+            Bytes::from_static(body),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.as_u16(), *status, "{id}: {pairs:?}");
+    }
+    let accepted = rows.iter().filter(|r| r.3 == 202).count();
+    let got = channel
+        .wait_n("/channel", accepted, Duration::from_secs(10))
+        .await;
+    assert_eq!(got.len(), accepted);
+    for (id, _, _, status, expect) in rows.iter().filter(|r| r.3 == 202) {
+        let r = got.iter().find(|r| r.ce("id").as_deref() == Some(id));
+        let r = r.unwrap_or_else(|| panic!("{id} ({status}) not forwarded"));
+        for (what, want) in *expect {
+            let have = match *what {
+                "body" => Some(String::from_utf8_lossy(&r.body).into_owned()),
+                "content-type" => r
+                    .headers
+                    .get(*what)
+                    .map(|v| v.to_str().unwrap().to_string()),
+                attr => r.ce(attr),
+            };
+            assert_eq!(have.as_deref(), *want, "{id}: {what}");
+        }
+    }
+    b.assert_alive();
+}
+
+/// CloudEvents forms both ingresses treat alike: binary-mode attribute and extension edge
+/// cases, structured events with typed extensions, `data` and `data_base64`, all forwarded
+/// in binary mode.
+async fn ingress_event_forms_case(imp: Impl) {
+    const CE: &str = "application/cloudevents+json";
+    #[rustfmt::skip]
+    const ROWS: &[IngressRow] = &[
+        ("b1", &[("ce-specversion", "1.0"), ("ce-id", "b1"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-knativebrokerttl", " 5")], b"x", 202, &[("knativebrokerttl", Some("4")), ("body", Some("x"))]),
+        ("b2", &[("ce-specversion", "1.0"), ("ce-id", "b2"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-time", "x")], b"", 400, &[]),
+        ("b3", &[("ce-specversion", "1.0"), ("ce-id", "b3"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-my_ext", "v")], b"", 400, &[]),
+        ("b4", &[("ce-specversion", "1.0"), ("ce-id", "b4"), ("ce-source", "/s"), ("ce-type", "t"), ("Ce-MyExt", "v")], b"", 202, &[("myext", Some("v"))]),
+        ("b5", &[("ce-specversion", "1.0"), ("ce-id", "b5"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-myext", "")], b"", 202, &[("myext", Some(""))]),
+        ("b6", &[("ce-specversion", "1.0"), ("ce-id", "b6"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-myext", "a%20b")], b"", 202, &[("myext", Some("a%20b"))]),
+        ("b7", &[("ce-specversion", "1.0"), ("ce-id", ""), ("ce-source", "/s"), ("ce-type", "t")], b"", 400, &[]),
+        ("b8", &[("ce-specversion", "1.0"), ("ce-id", "b8"), ("ce-source", "/s"), ("ce-type", "t"), ("content-type", CE)], b"{\"a\":1}", 400, &[]),
+        ("b9", &[("ce-specversion", "1.0"), ("ce-id", "b9"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-abcdefghijklmnopqrstuvwxyz", "v")], b"", 202, &[("abcdefghijklmnopqrstuvwxyz", Some("v"))]),
+        ("s1", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s1","source":"/s","type":"t","knativebrokerttl":5}"#, 202, &[("knativebrokerttl", Some("4"))]),
+        ("s2", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s2","source":"/s","type":"t","knativebrokerttl":"5"}"#, 202, &[("knativebrokerttl", Some("4"))]),
+        ("s3", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s3","source":"/s","type":"t","datacontenttype":"text/plain","data_base64":"aGk="}"#, 202, &[("body", Some("hi")), ("content-type", Some("text/plain"))]),
+        ("s4", &[("content-type", CE)], br#"{"specversion":"1.0","id""#, 400, &[]),
+        ("s5", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s5","source":"/s","type":"t","myext":true}"#, 202, &[("myext", Some("true"))]),
+        ("s6", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s6","source":"/s","type":"t","myext":{"a":1}}"#, 400, &[]),
+        ("s7", &[("content-type", "application/cloudevents+json; charset=utf-8")], br#"{"specversion":"1.0","id":"s7","source":"/s","type":"t","data":"hello"}"#, 202, &[("body", Some("\"hello\""))]),
+        ("s8", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s8","source":"/s","type":"t","data":{"x":[1,2]}}"#, 202, &[("body", Some(r#"{"x":[1,2]}"#))]),
+        ("s9", &[("content-type", CE)], br#"{"specversion":"1.0","id":"s9","source":"/s","type":"t","datacontenttype":"application/xml","data":"<a/>"}"#, 202, &[("body", Some("<a/>")), ("content-type", Some("application/xml"))]),
+    ];
+    ingress_rows(imp, ROWS).await;
+}
+
+differential!(ingress_event_forms_case: ingress_event_forms_broker_shm, ingress_event_forms_knative);
+
 /// One Trigger per row, each sent the same event (type `want`, source `/s`, no subject, plus the
 /// row's extra headers): does the filter pass it to the subscriber (202) or answer 200-empty?
 type DialectRow = (bool, &'static str, &'static [(&'static str, &'static str)]);
@@ -814,4 +896,28 @@ async fn filter_attribute_forms_case(imp: Impl) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_attribute_forms_knative() {
     filter_attribute_forms_case(Impl::Knative).await;
+}
+
+/// sdk-go's decoding and validation behind pkg/broker/ingress (`binding.ToEvent`,
+/// `event.Validate`) and pkg/broker/ttl.go: a TTL written as `5.0` counts as 5, one that does
+/// not fit an int32 becomes MAX_TTL; `source` must be a URI-reference and `dataschema` a URI
+/// (400 otherwise); a 0.3 structured event with `datacontentencoding: base64` goes on with its
+/// decoded data and without that attribute; `time` goes on in canonical RFC 3339 form.
+async fn ingress_strict_forms_case(imp: Impl) {
+    const CE: &str = "application/cloudevents+json";
+    #[rustfmt::skip]
+    const ROWS: &[IngressRow] = &[
+        ("k1", &[("ce-specversion", "1.0"), ("ce-id", "k1"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-knativebrokerttl", "5.0")], b"", 202, &[("knativebrokerttl", Some("4"))]),
+        ("k2", &[("ce-specversion", "1.0"), ("ce-id", "k2"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-knativebrokerttl", "99999999999")], b"", 202, &[("knativebrokerttl", Some("255"))]),
+        ("k3", &[("ce-specversion", "1.0"), ("ce-id", "k3"), ("ce-source", "%%"), ("ce-type", "t")], b"", 400, &[]),
+        ("k4", &[("ce-specversion", "1.0"), ("ce-id", "k4"), ("ce-source", "/s"), ("ce-type", "t"), ("ce-dataschema", "not a uri")], b"", 400, &[]),
+        ("k5", &[("content-type", CE)], br#"{"specversion":"0.3","id":"k5","source":"/s","type":"t","datacontenttype":"text/plain","datacontentencoding":"base64","data":"aGk="}"#, 202, &[("body", Some("hi")), ("datacontentencoding", None), ("specversion", Some("0.3"))]),
+        ("k6", &[("content-type", CE)], br#"{"specversion":"1.0","id":"k6","source":"/s","type":"t","time":"2021-01-01T00:00:00.000Z"}"#, 202, &[("time", Some("2021-01-01T00:00:00Z"))]),
+    ];
+    ingress_rows(imp, ROWS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_strict_forms_knative() {
+    ingress_strict_forms_case(Impl::Knative).await;
 }
