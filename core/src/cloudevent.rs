@@ -72,8 +72,6 @@ pub struct CloudEvent {
     pub data: Option<Bytes>,
 }
 
-const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
-
 /// Attributes of type String (or URI, Timestamp: text in JSON) in 1.0 and 0.3. In the JSON
 /// format their values must be JSON strings.
 const STRING_ATTRS: [&str; 10] = [
@@ -179,12 +177,20 @@ impl CloudEvent {
     /// `event.Validate()`: required attributes, known spec version, attribute names, the
     /// non-blank optional attributes, `time` in RFC 3339, and 0.3's `datacontentencoding`.
     pub fn validate(&self) -> Result<(), EventError> {
-        for r in REQUIRED {
-            if self.get(r).is_none_or(|v| v.trim().is_empty()) {
+        // The first byte of a blank value is ASCII space or control, or starts a non-ASCII
+        // character: a cheap test before the trim.
+        let blank = |v: &str| {
+            v.as_bytes().first().is_none_or(|&b| b <= b' ' || b >= 0x80) && v.trim().is_empty()
+        };
+        let sv = match self.get("specversion") {
+            Some(sv) if !blank(sv) => sv,
+            _ => return Err(EventError::Missing("specversion")),
+        };
+        for r in ["id", "source", "type"] {
+            if self.get(r).is_none_or(blank) {
                 return Err(EventError::Missing(r));
             }
         }
-        let sv = self.specversion();
         if sv != "1.0" && sv != "0.3" {
             return Err(EventError::SpecVersion(sv.to_owned()));
         }
@@ -192,7 +198,7 @@ impl CloudEvent {
             if !valid_attr_name(k) || reserved_attr_name(k) {
                 return Err(EventError::AttributeName(k.clone()));
             }
-            if v.trim().is_empty() && NON_BLANK_OPTIONAL.contains(&k.as_str()) {
+            if blank(v) && NON_BLANK_OPTIONAL.contains(&k.as_str()) {
                 return Err(EventError::Invalid(
                     k.clone(),
                     "must not be empty when present".into(),
@@ -221,7 +227,7 @@ impl CloudEvent {
 
     /// 0.3 events whose JSON `data` member is base64 text.
     fn base64_03(&self) -> bool {
-        self.specversion() == "0.3" && self.get("datacontentencoding") == Some("base64")
+        self.get("datacontentencoding") == Some("base64") && self.specversion() == "0.3"
     }
 
     /// Decodes an HTTP request or response (binary or structured mode) and validates it.
@@ -396,12 +402,11 @@ impl CloudEvent {
 
 /// The text of a JSON-format attribute member, `None` for null (absent).
 fn attribute_text(name: &str, v: Json) -> Result<Option<String>, EventError> {
-    let string_typed = STRING_ATTRS.contains(&name);
     let bad = || EventError::AttributeType(name.to_owned());
     Ok(Some(match v {
         Json::Null => return Ok(None),
         Json::String(s) => s,
-        _ if string_typed => return Err(bad()),
+        _ if STRING_ATTRS.contains(&name) => return Err(bad()),
         Json::Bool(b) => b.to_string(),
         // CloudEvents Integer: a whole number in the signed 32-bit range.
         Json::Number(n) => {
