@@ -3,6 +3,7 @@
 
 use crate::event::CloudEvent;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// `spec.filter` of a Trigger.
@@ -60,17 +61,6 @@ fn check_names(map: &BTreeMap<String, String>, path: &str, errs: &mut Vec<FieldE
     }
 }
 
-fn check_single(map: &BTreeMap<String, String>, path: &str, errs: &mut Vec<FieldError>) {
-    if map.len() > 1 {
-        errs.push(FieldError {
-            path: path.to_string(),
-            message: "Multiple items found, can have only one key-value".into(),
-        });
-    } else {
-        check_names(map, path, errs);
-    }
-}
-
 /// Validates `spec.filter.attributes`.
 pub fn validate_attributes(f: &TriggerFilter, path: &str) -> Vec<FieldError> {
     let mut errs = Vec::new();
@@ -109,9 +99,11 @@ fn validate_one(f: &SubscriptionsApiFilter, path: &str, errs: &mut Vec<FieldErro
             message: "multiple dialects found, filters can have only one dialect set".into(),
         });
     }
-    check_single(&f.exact, &format!("{path}.exact"), errs);
-    check_single(&f.prefix, &format!("{path}.prefix"), errs);
-    check_single(&f.suffix, &format!("{path}.suffix"), errs);
+    // Several keys in one exact, prefix or suffix are valid (every one must match): the
+    // webhook checks only their names (trigger_validation.go, ValidateAttributesNames).
+    check_names(&f.exact, &format!("{path}.exact"), errs);
+    check_names(&f.prefix, &format!("{path}.prefix"), errs);
+    check_names(&f.suffix, &format!("{path}.suffix"), errs);
     for (i, c) in f.all.iter().enumerate() {
         validate_one(c, &format!("{path}.all[{i}]"), errs);
     }
@@ -153,30 +145,62 @@ pub enum Filter {
     Cesql(Box<cesql::Expression>),
 }
 
-/// Looks an attribute up the way Knative's attribute filter does: standard attributes exist
-/// even when unset (as ""), extensions only when present.
-fn lookup<'a>(ev: &'a CloudEvent, name: &str) -> Option<&'a str> {
-    match name {
+/// Looks an attribute up the way Knative's attribute filter does
+/// (pkg/eventfilter/attributes `LookupAttribute`): standard attributes exist even when unset
+/// (as ""), extensions only when present; `time` in its canonical form ([`canonical_time`]).
+fn lookup<'a>(ev: &'a CloudEvent, name: &str) -> Option<Cow<'a, str>> {
+    Some(Cow::Borrowed(match name {
+        "time" => return Some(Cow::Owned(canonical_time(ev.get("time")))),
         "specversion"
         | "type"
         | "source"
         | "subject"
         | "id"
-        | "time"
         | "datacontenttype"
-        | "datacontentencoding" => Some(ev.get(name).unwrap_or("")),
-        "schemaurl" | "dataschema" => Some(
-            ev.get("dataschema")
-                .or_else(|| ev.get("schemaurl"))
-                .unwrap_or(""),
-        ),
-        "datamediatype" => Some(
-            ev.get("datacontenttype")
-                .and_then(|c| c.split(';').next())
-                .map_or("", str::trim),
-        ),
-        _ => ev.get(name),
+        | "datacontentencoding" => ev.get(name).unwrap_or(""),
+        "schemaurl" | "dataschema" => ev
+            .get("dataschema")
+            .or_else(|| ev.get("schemaurl"))
+            .unwrap_or(""),
+        "datamediatype" => ev
+            .get("datacontenttype")
+            .and_then(|c| c.split(';').next())
+            .map_or("", str::trim),
+        _ => ev.get(name)?,
+    }))
+}
+
+/// An event's `time` as Knative's filters see it: Go's RFC 3339 text of the parsed time
+/// (`time.Time.MarshalText`): the fraction without trailing zeros (none when zero), `Z` for a
+/// zero offset, other offsets kept; an unset time is Go's zero time. A value that does not
+/// parse stays as it is (the ingress refuses such events before they reach a filter).
+pub fn canonical_time(time: Option<&str>) -> String {
+    use chrono::{Offset, Timelike};
+    let Some(t) = time else {
+        return "0001-01-01T00:00:00Z".into();
+    };
+    let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) else {
+        return t.to_string();
+    };
+    let mut out = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let nanos = dt.nanosecond() % 1_000_000_000;
+    if nanos != 0 {
+        let frac = format!("{nanos:09}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
     }
+    let offset = dt.offset().fix().local_minus_utc();
+    if offset == 0 {
+        out.push('Z');
+    } else {
+        let (sign, abs) = if offset < 0 {
+            ('-', -offset)
+        } else {
+            ('+', offset)
+        };
+        out.push_str(&format!("{sign}{:02}:{:02}", abs / 3600, abs / 60 % 60));
+    }
+    out
 }
 
 impl Filter {
@@ -227,7 +251,7 @@ impl Filter {
         use FilterResult::{Fail, NoFilter, Pass};
         let all_match = |m: &BTreeMap<String, String>, f: &dyn Fn(&str, &str) -> bool| {
             if m.iter()
-                .all(|(k, want)| lookup(ev, k).is_some_and(|got| f(got, want)))
+                .all(|(k, want)| lookup(ev, k).is_some_and(|got| f(&got, want)))
             {
                 Pass
             } else {
@@ -236,7 +260,15 @@ impl Filter {
         };
         match self {
             Filter::NoFilter => NoFilter,
-            Filter::Attributes(m) => all_match(m, &|got, want| want.is_empty() || got == want),
+            // "" asks for a present, non-empty attribute (an unset subject or an empty
+            // extension fails), as in pkg/eventfilter/attributes.
+            Filter::Attributes(m) => all_match(m, &|got, want| {
+                if want.is_empty() {
+                    !got.is_empty()
+                } else {
+                    got == want
+                }
+            }),
             Filter::Exact(m) => all_match(m, &|got, want| got == want),
             Filter::Prefix(m) => all_match(m, &|got, want| got.starts_with(want)),
             Filter::Suffix(m) => all_match(m, &|got, want| got.ends_with(want)),
@@ -335,9 +367,55 @@ mod tests {
         assert!(Filter::for_trigger(Some(&attrs), &[]).passes(&ev()));
         attrs.attributes.insert("absent".into(), String::new());
         assert!(!Filter::for_trigger(Some(&attrs), &[]).passes(&ev()));
+        // "" asks for a present, non-empty value: an unset subject or an empty extension fails.
+        for name in ["subject", "emptyext"] {
+            let mut attrs = TriggerFilter::default();
+            attrs.attributes.insert(name.into(), String::new());
+            let mut e = ev();
+            e.set("emptyext", "");
+            assert!(!Filter::for_trigger(Some(&attrs), &[]).passes(&e), "{name}");
+            e.set(name, "x");
+            assert!(Filter::for_trigger(Some(&attrs), &[]).passes(&e), "{name}");
+        }
         // spec.filters overrides spec.filter.
         let filters = f("- exact: {myext: hello}");
         assert!(Filter::for_trigger(Some(&attrs), &filters).passes(&ev()));
+    }
+
+    #[test]
+    fn time_is_compared_in_go_canonical_form() {
+        let cases = [
+            (Some("2021-01-01T00:00:00.000Z"), "2021-01-01T00:00:00Z"),
+            (Some("2021-01-01T00:00:00.120Z"), "2021-01-01T00:00:00.12Z"),
+            (
+                Some("2021-01-01T00:00:00.5+00:00"),
+                "2021-01-01T00:00:00.5Z",
+            ),
+            (
+                Some("2021-01-01T01:00:00.000000001+01:30"),
+                "2021-01-01T01:00:00.000000001+01:30",
+            ),
+            (
+                Some("2021-01-01T01:00:00-05:00"),
+                "2021-01-01T01:00:00-05:00",
+            ),
+            (None, "0001-01-01T00:00:00Z"),
+            (Some("not a time"), "not a time"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(canonical_time(input), want, "{input:?}");
+        }
+        let mut e = ev();
+        e.set("time", "2021-01-01T00:00:00.000Z");
+        for yaml in [
+            "- exact: {time: '2021-01-01T00:00:00Z'}",
+            "- prefix: {time: '2021-01-01T00:00:00Z'}",
+        ] {
+            assert!(Filter::for_trigger(None, &f(yaml)).passes(&e), "{yaml}");
+        }
+        // An event without time has Go's zero time.
+        let yaml = "- exact: {time: '0001-01-01T00:00:00Z'}";
+        assert!(Filter::for_trigger(None, &f(yaml)).passes(&ev()));
     }
 
     #[test]
@@ -347,8 +425,19 @@ mod tests {
             errs[0].message.contains("multiple dialects found"),
             "{errs:?}"
         );
-        let errs = validate_filters(&f("- exact: {a: b, c: d}"), "spec.filters");
-        assert!(errs[0].message.contains("Multiple items"));
+        // Several keys in one exact/prefix/suffix are valid; their names are still checked.
+        for yaml in [
+            "- exact: {a: b, c: d}",
+            "- prefix: {a: b, c: d}",
+            "- suffix: {a: b, c: d}",
+        ] {
+            assert!(
+                validate_filters(&f(yaml), "spec.filters").is_empty(),
+                "{yaml}"
+            );
+        }
+        let errs = validate_filters(&f("- exact: {a: b, C: d}"), "spec.filters");
+        assert_eq!(errs[0].path, "spec.filters[0].exact[C]");
         let errs = validate_filters(&f("- not: {prefix: {Bad: x}}"), "spec.filters");
         assert_eq!(errs[0].path, "spec.filters[0].not.prefix[Bad]");
         let errs = validate_filters(&f("- cesql: \"a = \""), "spec.filters");
