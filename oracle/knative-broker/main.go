@@ -12,6 +12,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/signal"
@@ -79,6 +80,9 @@ func parseConfig(args []string) (*config, error) {
 	}
 	c := &config{}
 	fs := flag.NewFlagSet("knative-broker-oracle", flag.ContinueOnError)
+	// Errors are logged by main as JSON; -h prints the usage on stdout.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	fs.StringVar(&c.manifests, "manifests", "", "directory of Broker, Trigger and InMemoryChannel manifests (required)")
 	fs.IntVar(&c.ingressPort, "ingress-port", ingressDef, "port of Knative's broker ingress handler; 0 disables it (env INGRESS_PORT)")
 	fs.IntVar(&c.filterPort, "filter-port", filterDef, "port of Knative's broker filter handler; 0 disables it (env FILTER_PORT)")
@@ -86,6 +90,11 @@ func parseConfig(args []string) (*config, error) {
 	fs.IntVar(&c.maxTTL, "max-ttl", ttlDef, "TTL given to events without knativebrokerttl (env MAX_TTL)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stdout)
+			fmt.Println("usage: knative-broker-oracle --manifests DIR [flags]")
+			fs.PrintDefaults()
+		}
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -118,6 +127,7 @@ func newLogger(level string) (*zap.Logger, error) {
 	cfg.OutputPaths = []string{"stderr"}
 	cfg.ErrorOutputPaths = []string{"stderr"}
 	cfg.Sampling = nil
+	cfg.DisableStacktrace = true
 	cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
 	l, err := cfg.Build()
 	if err != nil {
@@ -127,18 +137,26 @@ func newLogger(level string) (*zap.Logger, error) {
 }
 
 func main() {
-	cfg, err := parseConfig(os.Args[1:])
-	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(0)
+	fail := func(err error) {
+		l, lerr := newLogger("info")
+		if lerr != nil {
+			fmt.Fprintf(os.Stderr, "knative-broker-oracle: %v\n", err)
+		} else {
+			l.Error("invalid configuration", zap.Error(err))
+			_ = l.Sync()
 		}
-		fmt.Fprintf(os.Stderr, "knative-broker-oracle: %v\n", err)
 		os.Exit(2)
+	}
+	cfg, err := parseConfig(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fail(err)
 	}
 	logger, err := newLogger(cfg.logLevel)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "knative-broker-oracle: %v\n", err)
-		os.Exit(2)
+		fail(err)
 	}
 	if err := run(cfg, logger); err != nil {
 		logger.Error("knative-broker-oracle failed", zap.Error(err))
