@@ -71,18 +71,34 @@ pub fn apply_ingress_extensions(ev: &mut CloudEvent, max_ttl: i32) -> Result<(),
         ARRIVAL_EXT,
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
     );
-    let ttl = match ev.get(TTL_EXT) {
-        None => max_ttl,
-        Some(raw) => raw
-            .trim()
-            .parse::<i32>()
-            .map_or(0, |t| t.saturating_sub(1).max(0)),
+    // Knative's TTL defaulter (pkg/broker/ttl.go): missing, or not a CloudEvents integer
+    // (sdk-go's ParseInteger: a decimal number truncated to int32, out-of-range refused) →
+    // MAX_TTL; otherwise decremented, floor 0.
+    let ttl = match ev.get(TTL_EXT).map(parse_ce_integer) {
+        None | Some(None) => max_ttl,
+        Some(Some(t)) => t.saturating_sub(1).max(0),
     };
     ev.set(TTL_EXT, ttl.to_string());
     if ttl <= 0 {
         return Err(IngestError::TtlExhausted);
     }
     Ok(())
+}
+
+/// A CloudEvents integer as sdk-go reads one from text (`types.ParseInteger`): any decimal
+/// floating-point number within int32's range, truncated toward zero; blanks around it
+/// are ignored (HTTP trims header values). `None` for anything else, NaN included.
+fn parse_ce_integer(raw: &str) -> Option<i32> {
+    let raw = raw.trim();
+    if let Ok(n) = raw.parse::<i32>() {
+        return Some(n);
+    }
+    let f: f64 = raw.parse().ok()?;
+    if !f.is_finite() || f > f64::from(i32::MAX) || f < f64::from(i32::MIN) {
+        return None;
+    }
+    // In range and finite: the cast truncates toward zero, as Go's int32(f).
+    Some(f as i32)
 }
 
 struct TriggerRun {
@@ -897,7 +913,29 @@ mod tests {
             apply_ingress_extensions(&mut ev, 255),
             Err(IngestError::TtlExhausted)
         ));
-        ev.set(TTL_EXT, "abc");
-        assert!(apply_ingress_extensions(&mut ev, 255).is_err());
+        // Knative's defaulter: a decimal number is truncated; anything that is not a
+        // CloudEvents integer (or out of int32's range) is replaced by MAX_TTL.
+        for (raw, want) in [
+            ("5.0", Some("4")),
+            ("5.9", Some("4")),
+            ("1e1", Some("9")),
+            (" 3 ", Some("2")),
+            ("abc", Some("255")),
+            ("99999999999", Some("255")),
+            ("NaN", Some("255")),
+            ("inf", Some("255")),
+            ("-3", None),
+            ("0.5", None),
+        ] {
+            ev.set(TTL_EXT, raw);
+            let res = apply_ingress_extensions(&mut ev, 255);
+            match want {
+                Some(w) => {
+                    assert!(res.is_ok(), "{raw}");
+                    assert_eq!(ev.get(TTL_EXT), Some(w), "{raw}");
+                }
+                None => assert!(matches!(res, Err(IngestError::TtlExhausted)), "{raw}"),
+            }
+        }
     }
 }
