@@ -248,6 +248,17 @@ async fn ingress_requests_case(imp: Impl) {
 
 differential!(ingress_requests_case: ingress_request_rules_broker_shm, ingress_request_rules_knative);
 
+/// A binary event of type `t` with TTL 7, as the channel sends it to the filter.
+fn ev7(id: &str) -> [(&str, &str); 5] {
+    [
+        ("ce-specversion", "1.0"),
+        ("ce-id", id),
+        ("ce-source", "/s"),
+        ("ce-type", "t"),
+        ("ce-knativebrokerttl", "7"),
+    ]
+}
+
 async fn filter_case(imp: Impl) {
     let sub = Recorder::scripted(|r, _| match r.path.as_str() {
         "/fail" => Reply {
@@ -260,6 +271,22 @@ async fn filter_case(imp: Impl) {
             ..Reply::status(200)
         },
         "/reply" => Reply::event("r1", "reply.t"),
+        "/sreply" => Reply {
+            headers: vec![("content-type".into(), "application/cloudevents+json".into())],
+            body: Bytes::from_static(
+                br#"{"specversion":"1.0","id":"sr","source":"/x","type":"t",
+                "datacontenttype":"application/json","data":{"k":2},"knativebrokerttl":99}"#,
+            ),
+            ..Reply::status(200)
+        },
+        "/hdr" => Reply {
+            headers: vec![
+                ("x-request-id".into(), "back".into()),
+                ("knative-x".into(), "k".into()),
+                ("other".into(), "o".into()),
+            ],
+            ..Reply::status(202)
+        },
         _ => Reply::status(202),
     })
     .await;
@@ -281,6 +308,8 @@ async fn filter_case(imp: Impl) {
         ("fail.yaml", t("fail", "/fail", "")),
         ("junk.yaml", t("junk", "/junk", "")),
         ("reply.yaml", t("reply", "/reply", "")),
+        ("sreply.yaml", t("sreply", "/sreply", "")),
+        ("hdr.yaml", t("hdr", "/hdr", "")),
     ];
     let mut b = DropIn::start(imp, Role::Filter, &files).await;
     let ttl = [("ce-knativebrokerttl", "7")];
@@ -374,17 +403,7 @@ async fn filter_case(imp: Impl) {
     assert_eq!(got[0].ce("id").as_deref(), Some("3j"));
     assert!(got[0].ce("knativebrokerttl").is_none());
     // Subscriber error: same status, error JSON, pass-through response headers.
-    let (s, h, body) = post(
-        &b.url("/triggers/df/fail/uid-fail"),
-        &[
-            ("ce-specversion", "1.0"),
-            ("ce-id", "3"),
-            ("ce-source", "/s"),
-            ("ce-type", "t"),
-            ("ce-knativebrokerttl", "7"),
-        ],
-    )
-    .await;
+    let (s, h, body) = post(&b.url("/triggers/df/fail/uid-fail"), &ev7("3")).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(h["x-request-id"], "back");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -399,21 +418,26 @@ async fn filter_case(imp: Impl) {
         StatusCode::BAD_GATEWAY
     );
     // Reply event written back with the TTL it had.
-    let (s, h, body) = post(
-        &b.url("/triggers/df/reply/uid-reply"),
-        &[
-            ("ce-specversion", "1.0"),
-            ("ce-id", "5"),
-            ("ce-source", "/s"),
-            ("ce-type", "t"),
-            ("ce-knativebrokerttl", "7"),
-        ],
-    )
-    .await;
+    let (s, h, body) = post(&b.url("/triggers/df/reply/uid-reply"), &ev7("5")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(h["ce-id"], "r1");
     assert_eq!(h["ce-knativebrokerttl"], "7");
     assert_eq!(body, Bytes::from_static(b"reply"));
+    // A structured reply is written back in binary mode, its own TTL replaced by the request's.
+    let (s, h, body) = post(&b.url("/triggers/df/sreply/uid-sreply"), &ev7("6")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["ce-id"], "sr");
+    assert_eq!(h["ce-knativebrokerttl"], "7");
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(body, Bytes::from_static(br#"{"k":2}"#));
+    // Response headers: only the pass-through ones come back.
+    let (s, h, _) = post(&b.url("/triggers/df/hdr/uid-hdr"), &ev7("7")).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(
+        (&h["x-request-id"], &h["knative-x"]),
+        (&"back".parse().unwrap(), &"k".parse().unwrap())
+    );
+    assert!(h.get("other").is_none());
     b.assert_alive();
 }
 
