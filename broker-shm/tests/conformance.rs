@@ -239,13 +239,15 @@ async fn invalid_events_get_400() {
             String::new(),
         ),
         (
-            "TTL garbage",
+            // A TTL that is not a number gets MAX_TTL (Knative's defaulter); one that
+            // truncates to 0 is exhausted.
+            "TTL 0.5",
             headers(&[
                 ("ce-specversion", "1.0"),
                 ("ce-id", "1"),
                 ("ce-source", "/s"),
                 ("ce-type", "t"),
-                ("ce-knativebrokerttl", "x"),
+                ("ce-knativebrokerttl", "0.5"),
             ]),
             String::new(),
         ),
