@@ -329,9 +329,7 @@ impl Runtime {
 
     /// Brings brokers and dispatchers in line with a snapshot.
     pub fn reconcile(self: &Arc<Self>, snap: &Snapshot) {
-        for r in &snap.rejected {
-            tracing::warn!(source = %r.source, kind = %r.kind, name = %r.name, reason = %r.reason, "object rejected");
-        }
+        snap.log_rejected();
         let mut brokers = self
             .brokers
             .write()

@@ -9,7 +9,7 @@ use crate::delivery::{HttpSink, SendOptions};
 use crate::event::{CloudEvent, TTL_EXT};
 use crate::filter::Filter;
 use crate::ingress::{BodyRead, Resp, ingress_preamble, read_body, respond, serve};
-use crate::manifests::{ConfigSource, Format, Snapshot, Target};
+use crate::manifests::{ConfigSource, Format, Snapshot, StatusTarget, Trigger};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
@@ -62,8 +62,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let snap = source.load();
+    snap.log_rejected();
     let state = Arc::new(State {
-        snap: RwLock::new(source.load()),
+        snap: RwLock::new(snap),
         http: HttpSink::default(),
         max_ttl,
     });
@@ -78,6 +80,7 @@ pub async fn run(
             while rx.recv().await.is_some() {
                 while rx.try_recv().is_ok() {}
                 let snap = source.load();
+                snap.log_rejected();
                 *state
                     .snap
                     .write()
@@ -114,9 +117,8 @@ async fn ingress_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         Err(e) => return respond(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     crate::probe::mark("ingress.decoded", &ev);
-    if let Err(IngestError::TtlExhausted) = apply_ingress_extensions(&mut ev, state.max_ttl) {
-        return respond(StatusCode::BAD_REQUEST, Bytes::new());
-    }
+    // As mt-broker-ingress: the Broker is looked up (404) before the TTL is applied (400),
+    // then the channel address (500).
     let address = {
         let snap = state.snap();
         let Some(b) = snap
@@ -128,27 +130,41 @@ async fn ingress_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         };
         b.status_annotations.get(CHANNEL_ADDRESS).cloned()
     };
+    if let Err(IngestError::TtlExhausted) = apply_ingress_extensions(&mut ev, state.max_ttl) {
+        return respond(StatusCode::BAD_REQUEST, Bytes::new());
+    }
     let Some(address) = address else {
         return respond(
             StatusCode::INTERNAL_SERVER_ERROR,
             "channel address not found in broker status annotations\n",
         );
     };
+    // Knative's dispatcher asks every destination for a reply (`Prefer: reply`).
     let opts = SendOptions {
         format: Format::Binary,
         timeout: None,
         namespace: String::new(),
-        prefer_reply: false,
+        prefer_reply: true,
         extra_headers: pass_through(&parts.headers),
         ca_certs: None,
     };
     let attempt = state.http.post(&address, &ev, &opts).await;
+    // The channel's own status when it accepted the event; anything else (no answer, or
+    // not 2xx) is a failed dispatch: 500, as kncloudevents' SendEvent reports it.
     match attempt.status {
-        Some(s) => respond(
+        Some(s) if attempt.is_success() => respond(
             StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             Bytes::new(),
         ),
-        None => respond(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+        _ => {
+            tracing::warn!(
+                channel = %address,
+                status = ?attempt.status,
+                error = attempt.error.as_deref().unwrap_or(""),
+                "failed to dispatch event to the channel"
+            );
+            respond(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new())
+        }
     }
 }
 
@@ -195,17 +211,15 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
             .iter()
             .find(|t| t.namespace == ns && t.name == name)
             .map(|t| {
-                let broker_dls = snap
+                let broker = snap
                     .brokers
                     .iter()
                     .find(|b| b.namespace == t.namespace && b.name == t.broker)
-                    .and_then(|b| b.delivery.as_ref())
-                    .and_then(|d| d.dead_letter_sink.as_ref())
-                    .and_then(|d| Some((d.resolve(&t.namespace).ok()?, d.ca_certs.clone())));
-                (t.clone(), broker_dls)
+                    .cloned();
+                (t.clone(), broker)
             })
     };
-    let Some((trigger, broker_dls)) = found else {
+    let Some((trigger, broker)) = found else {
         return respond(StatusCode::NOT_FOUND, Bytes::new());
     };
     if trigger.uid != uid {
@@ -221,72 +235,142 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         Ok(ev) => ev,
         Err(e) => return respond(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let delivery = trigger
-        .delivery
-        .as_ref()
-        .and_then(|d| d.compile(&trigger.namespace, "spec.delivery").ok())
-        .unwrap_or_default();
-    let pass = pass_through(&parts.headers);
-    match sub.as_deref() {
-        Some("dls") => {
-            let trigger_dls = delivery
-                .dead_letter_sink
-                .clone()
-                .map(|t| (t, delivery.dead_letter_ca_certs.clone()));
-            let Some((dls, ca)) = trigger_dls.or(broker_dls) else {
-                return respond(StatusCode::ACCEPTED, Bytes::new());
-            };
-            let Target::Http(url) = dls else {
-                return respond(StatusCode::BAD_REQUEST, Bytes::new());
-            };
-            return relay(&state, &url, &ev, pass, Format::Binary, ca).await;
-        }
-        Some(_) => {
-            // Reply path: re-post to the broker's own address, no TTL change.
-            let addr = {
-                let snap = state.snap();
-                snap.brokers
-                    .iter()
-                    .find(|b| b.namespace == trigger.namespace && b.name == trigger.broker)
-                    .and_then(|b| b.status_annotations.get("address").cloned())
-            };
-            let Some(addr) = addr else {
+    // The reply and dead-letter paths proxy: every request header goes on, the TTL stays as
+    // it is, the answer is relayed as for a subscriber.
+    if let Some(sub) = sub.as_deref() {
+        let target = if sub == "reply" {
+            let Some(broker) = broker else {
                 return respond(StatusCode::NOT_FOUND, Bytes::new());
             };
-            return relay(&state, &addr, &ev, pass, Format::Binary, None).await;
-        }
-        None => {}
+            let Some(address) = broker.status_address else {
+                return respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the Broker has no status.address\n",
+                );
+            };
+            StatusTarget {
+                uri: address,
+                ca_certs: None,
+            }
+        } else {
+            let target = trigger
+                .status
+                .dead_letter_sink
+                .clone()
+                .or_else(|| broker.and_then(|b| b.status_dead_letter_sink));
+            // No dead-letter sink anywhere: nothing is sent, 200 with no body.
+            let Some(target) = target else {
+                return respond(StatusCode::OK, Bytes::new());
+            };
+            target
+        };
+        let headers = proxied(&parts.headers);
+        return send(
+            &state,
+            &trigger,
+            &target,
+            &ev,
+            headers,
+            Format::Binary,
+            None,
+        )
+        .await;
     }
     let Some(ttl) = ev.remove(TTL_EXT) else {
         return respond(StatusCode::BAD_REQUEST, "missing knativebrokerttl\n");
+    };
+    // mt-broker-filter delivers to what the Trigger reconciler resolved.
+    let Some(target) = trigger.status.subscriber.clone() else {
+        return respond(
+            StatusCode::NOT_FOUND,
+            "the Trigger has no status.subscriberUri\n",
+        );
     };
     let filter = Filter::for_trigger(trigger.spec.filter.as_ref(), &trigger.spec.filters);
     if !filter.passes(&ev) {
         return respond(StatusCode::OK, Bytes::new());
     }
-    let Target::Http(url) = &trigger.subscriber else {
-        return respond(StatusCode::NOT_FOUND, Bytes::new());
-    };
+    let format = trigger
+        .delivery
+        .as_ref()
+        .and_then(|d| d.compile(&trigger.namespace, "spec.delivery").ok())
+        .unwrap_or_default()
+        .format;
+    let headers = pass_through(&parts.headers);
+    send(&state, &trigger, &target, &ev, headers, format, Some(ttl)).await
+}
+
+/// The request headers a proxying path (`/reply`, `/dls`) sends on: all of them but the
+/// connection's own (framing, host, hop-by-hop), which the new request sets itself.
+fn proxied(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    for h in [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+    ] {
+        out.remove(h);
+    }
+    out
+}
+
+/// Sends `ev` to `target` as mt-broker-filter's `send` does (with `Prefer: reply` and
+/// `Kn-Namespace`), and answers with what came back:
+/// - no answer: 500 with the error JSON, the response body being the dispatch error;
+/// - not 2xx: the same status, the pass-through response headers and the error JSON
+///   (`errdestination`, `errresponsebody` in base64) the channel dispatcher reads for the
+///   dead-letter extensions;
+/// - 2xx with no body, or a body that is not an event: as received (empty), or 502;
+/// - 2xx with an event: the event (its TTL re-attached when `ttl` is given).
+async fn send(
+    state: &State,
+    trigger: &Trigger,
+    target: &StatusTarget,
+    ev: &CloudEvent,
+    headers: HeaderMap,
+    format: Format,
+    ttl: Option<String>,
+) -> Resp {
     let opts = SendOptions {
-        format: delivery.format,
-        timeout: delivery.timeout,
+        format,
+        timeout: trigger
+            .delivery
+            .as_ref()
+            .and_then(|d| d.compile(&trigger.namespace, "spec.delivery").ok())
+            .and_then(|d| d.timeout),
         namespace: trigger.namespace.clone(),
         prefer_reply: true,
-        extra_headers: pass,
-        ca_certs: trigger.spec.subscriber.ca_certs.clone(),
+        extra_headers: headers,
+        ca_certs: target.ca_certs.clone(),
     };
-    let attempt = state.http.post(url, &ev, &opts).await;
-    let Some(status) = attempt.status else {
-        return respond(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new());
+    let url = &target.uri;
+    let attempt = state.http.post(url, ev, &opts).await;
+    let (code, body) = match attempt.status {
+        None => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Bytes::from(format!(
+                "dispatch error: {}",
+                attempt.error.as_deref().unwrap_or("no response")
+            )),
+        ),
+        Some(status) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            attempt.body.clone(),
+        ),
     };
-    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let resp_pass = pass_through(&attempt.headers);
     if !code.is_success() {
-        let body = serde_json::json!({
+        let json = serde_json::json!({
             "errdestination": url,
-            "errresponsebody": B64.encode(&attempt.body),
+            "errresponsebody": B64.encode(&body),
         });
-        let mut r = with_headers(respond(code, body.to_string()), resp_pass);
+        let mut r = with_headers(respond(code, json.to_string()), resp_pass);
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
@@ -296,7 +380,9 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
     match attempt.reply() {
         Ok(None) => with_headers(respond(code, Bytes::new()), resp_pass),
         Ok(Some(mut reply)) => {
-            reply.set(TTL_EXT, ttl);
+            if let Some(ttl) = ttl {
+                reply.set(TTL_EXT, ttl);
+            }
             let mut r = respond(code, reply.data.clone().unwrap_or_default());
             for (k, v) in reply.binary_headers() {
                 if let Some(k) = k {
@@ -306,29 +392,6 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
             with_headers(r, resp_pass)
         }
         Err(e) => respond(StatusCode::BAD_GATEWAY, format!("{e}\n")),
-    }
-}
-
-async fn relay(
-    state: &State,
-    url: &str,
-    ev: &CloudEvent,
-    pass: HeaderMap,
-    format: Format,
-    ca_certs: Option<String>,
-) -> Resp {
-    let opts = SendOptions {
-        format,
-        timeout: None,
-        namespace: String::new(),
-        prefer_reply: false,
-        extra_headers: pass,
-        ca_certs,
-    };
-    let attempt = state.http.post(url, ev, &opts).await;
-    match attempt.status.and_then(|s| StatusCode::from_u16(s).ok()) {
-        Some(code) => respond(code, attempt.body),
-        None => respond(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
     }
 }
 

@@ -356,6 +356,45 @@ pub struct Broker {
     pub delivery: Option<DeliverySpec>,
     /// Status annotations (drop-in ingress reads `knative.dev/channelAddress`).
     pub status_annotations: BTreeMap<String, String>,
+    /// `status.address.url`, where the drop-in filter re-posts `/reply` events.
+    pub status_address: Option<String>,
+    /// `status.deadLetterSinkUri` and `deadLetterSinkCACerts`, the drop-in filter's `/dls`
+    /// target when the Trigger has none.
+    pub status_dead_letter_sink: Option<StatusTarget>,
+}
+
+/// A URL the stock controllers resolved into an object's status, with its CA certificates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusTarget {
+    pub uri: String,
+    pub ca_certs: Option<String>,
+}
+
+impl StatusTarget {
+    /// `status.<uri_field>` with `status.<ca_field>`, when the URI is set.
+    fn read(status: &serde_yaml::Value, uri_field: &str, ca_field: &str) -> Option<StatusTarget> {
+        let text = |f: &str| {
+            status
+                .get(f)
+                .and_then(serde_yaml::Value::as_str)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        Some(StatusTarget {
+            uri: text(uri_field)?,
+            ca_certs: text(ca_field),
+        })
+    }
+}
+
+/// What the stock Trigger reconciler writes into a Trigger's status: the drop-in filter
+/// delivers to these, as mt-broker-filter does, not to the spec.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TriggerStatus {
+    /// `status.subscriberUri` (+ `subscriberCACerts`).
+    pub subscriber: Option<StatusTarget>,
+    /// `status.deadLetterSinkUri` (+ `deadLetterSinkCACerts`).
+    pub dead_letter_sink: Option<StatusTarget>,
 }
 
 /// A Trigger accepted from a manifest.
@@ -369,6 +408,7 @@ pub struct Trigger {
     pub subscriber: Target,
     /// The trigger's own delivery (the broker's applies when absent).
     pub delivery: Option<DeliverySpec>,
+    pub status: TriggerStatus,
 }
 
 impl Trigger {
@@ -424,6 +464,14 @@ fn valid_dns_label(s: &str) -> bool {
 }
 
 impl Snapshot {
+    /// Logs every rejected object with its reason (a warning each), as the webhook would
+    /// have refused it.
+    pub fn log_rejected(&self) {
+        for r in &self.rejected {
+            tracing::warn!(source = %r.source, kind = %r.kind, name = %r.name, reason = %r.reason, "object rejected");
+        }
+    }
+
     /// Adds every object of one YAML stream (multi-document; `kind: List` supported).
     pub fn add_yaml(&mut self, source: &str, text: &str) {
         for doc in serde_yaml::Deserializer::from_str(text) {
@@ -489,7 +537,7 @@ impl Snapshot {
                 Ok(None) => {}
                 Err(e) => self.reject(source, &kind, &name, e),
             },
-            "Trigger" => match Self::trigger(meta, raw.spec) {
+            "Trigger" => match Self::trigger(meta, raw.spec, &raw.status) {
                 Ok(t) => self.triggers.push(t),
                 Err(e) => self.reject(source, &kind, &name, e),
             },
@@ -529,15 +577,39 @@ impl Snapshot {
             .get("annotations")
             .and_then(|a| serde_yaml::from_value(a.clone()).ok())
             .unwrap_or_default();
+        let status_address = status
+            .get("address")
+            .and_then(|a| a.get("url"))
+            .and_then(serde_yaml::Value::as_str)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string);
         Ok(Some(Broker {
             namespace: meta.namespace,
             name: meta.name,
             delivery: spec.delivery,
             status_annotations,
+            status_address,
+            status_dead_letter_sink: StatusTarget::read(
+                &status,
+                "deadLetterSinkUri",
+                "deadLetterSinkCACerts",
+            ),
         }))
     }
 
-    fn trigger(meta: ObjectMeta, spec: serde_yaml::Value) -> Result<Trigger, String> {
+    fn trigger(
+        meta: ObjectMeta,
+        spec: serde_yaml::Value,
+        status: &serde_yaml::Value,
+    ) -> Result<Trigger, String> {
+        let status = TriggerStatus {
+            subscriber: StatusTarget::read(status, "subscriberUri", "subscriberCACerts"),
+            dead_letter_sink: StatusTarget::read(
+                status,
+                "deadLetterSinkUri",
+                "deadLetterSinkCACerts",
+            ),
+        };
         let spec: TriggerSpec =
             serde_yaml::from_value(spec).map_err(|e| format!("invalid spec: {e}"))?;
         let mut errs: Vec<String> = Vec::new();
@@ -556,7 +628,14 @@ impl Snapshot {
                 .into_iter()
                 .map(|e| e.to_string()),
         );
-        let subscriber = spec.subscriber.resolve(&meta.namespace);
+        // A ref only a cluster can resolve is fine when the stock controller already did
+        // (status.subscriberUri, what the drop-in filter delivers to).
+        let subscriber = match (spec.subscriber.resolve(&meta.namespace), &status.subscriber) {
+            (Err(_), Some(resolved)) if spec.subscriber.reference.is_some() => {
+                Ok(Target::Http(resolved.uri.clone()))
+            }
+            (other, _) => other,
+        };
         if let Err(e) = &subscriber {
             errs.push(format!("{e}: spec.subscriber"));
         }
@@ -574,6 +653,7 @@ impl Snapshot {
                 delivery: spec.delivery.clone(),
                 subscriber,
                 spec,
+                status,
             }),
             _ => Err(errs.join("; ")),
         }
@@ -789,5 +869,67 @@ metadata: {name: ignored}
         assert!(s.rejected[0].reason.contains("multiple dialects found"));
         assert!(s.rejected[1].reason.contains("expected at least one"));
         assert!(s.rejected[1].reason.contains("backoffPolicy"));
+    }
+
+    #[test]
+    fn status_written_by_the_stock_controllers() {
+        let yaml = r#"
+apiVersion: eventing.knative.dev/v1
+kind: Broker
+metadata: {name: default, namespace: ns1, annotations: {eventing.knative.dev/broker.class: MTChannelBasedBroker}}
+status:
+  address: {url: "http://broker-ingress.knative-eventing.svc.cluster.local/ns1/default"}
+  annotations: {knative.dev/channelAddress: "http://ch/"}
+  deadLetterSinkUri: "http://dls.ns1.svc.cluster.local"
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {name: t1, namespace: ns1, uid: abc}
+spec:
+  broker: default
+  subscriber: {ref: {apiVersion: messaging.knative.dev/v1, kind: InMemoryChannel, name: c}}
+status:
+  subscriberUri: "http://c-kn-channel.ns1.svc.cluster.local"
+  subscriberCACerts: ""
+  deadLetterSinkUri: "http://t-dls/"
+---
+apiVersion: eventing.knative.dev/v1
+kind: Trigger
+metadata: {name: t2, namespace: ns1}
+spec:
+  broker: default
+  subscriber: {ref: {apiVersion: messaging.knative.dev/v1, kind: InMemoryChannel, name: c}}
+"#;
+        let mut s = Snapshot::default();
+        s.add_yaml("test", yaml);
+        let b = &s.brokers[0];
+        assert_eq!(
+            b.status_address.as_deref(),
+            Some("http://broker-ingress.knative-eventing.svc.cluster.local/ns1/default")
+        );
+        assert_eq!(
+            b.status_dead_letter_sink.as_ref().map(|t| t.uri.as_str()),
+            Some("http://dls.ns1.svc.cluster.local")
+        );
+        // A ref only a cluster resolves is accepted when the controller resolved it.
+        assert_eq!(s.triggers.len(), 1, "{:?}", s.rejected);
+        let t = &s.triggers[0];
+        let sub = t.status.subscriber.as_ref().unwrap();
+        assert_eq!(sub.uri, "http://c-kn-channel.ns1.svc.cluster.local");
+        assert_eq!(sub.ca_certs, None, "an empty CA bundle is none");
+        assert_eq!(
+            t.subscriber,
+            Target::Http("http://c-kn-channel.ns1.svc.cluster.local".into())
+        );
+        assert_eq!(
+            t.status.dead_letter_sink.as_ref().map(|d| d.uri.as_str()),
+            Some("http://t-dls/")
+        );
+        // Without the status it is still refused, with the reason.
+        assert!(
+            s.rejected[0]
+                .reason
+                .contains("cannot resolve ref of kind InMemoryChannel")
+        );
     }
 }

@@ -748,12 +748,10 @@ async fn filter_follows_manifests_case(imp: Impl) {
 
 differential!(filter_follows_manifests_case: filter_follows_manifests_broker_shm, filter_follows_manifests_knative);
 
-// Cases where broker-shm's drop-in modes do not (yet) behave as Knative's handlers do. Each
-// pins Knative's behaviour, read from its source (knative.dev/eventing v0.49.2) and checked
-// against the oracle here; the broker-shm differences were reported with file and line to the
-// integrator (2026-11-30), and each `_broker_shm` twin is to be added with the fix in
-// broker-shm/src (a twin added today would fail, so it is not here; rows that broker-shm
-// matches since its fixes moved to the differential tables above).
+// Cases found by running the tests above against Knative's handlers, each read from its
+// source (knative.dev/eventing v0.49.2). The first two now run on both implementations (fixed
+// in broker-shm/src/dropin.rs); the ones declared with a `_knative` test only still pin
+// Knative's behaviour where broker-shm differs, their `_broker_shm` twin to come with the fix.
 
 /// pkg/broker/ingress/ingress_handler.go `receive`: the dispatcher treats any non-2xx answer of
 /// the channel as a send error, so the ingress answers 500 (never the channel's 4xx or 503).
@@ -785,10 +783,7 @@ async fn ingress_channel_answers_case(imp: Impl) {
     b.assert_alive();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_channel_answers_knative() {
-    ingress_channel_answers_case(Impl::Knative).await;
-}
+differential!(ingress_channel_answers_case: ingress_channel_answers_broker_shm, ingress_channel_answers_knative);
 
 /// pkg/broker/filter/filter_handler.go: the filter sends where the controllers resolved to, the
 /// Trigger's `status.subscriberUri` (none: 404), `status.deadLetterSinkUri` for `/dls` (none
@@ -886,10 +881,7 @@ async fn filter_resolved_targets_case(imp: Impl) {
     b.assert_alive();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filter_resolved_targets_knative() {
-    filter_resolved_targets_case(Impl::Knative).await;
-}
+differential!(filter_resolved_targets_case: filter_resolved_targets_broker_shm, filter_resolved_targets_knative);
 
 /// Knative's CESQL (cloudevents/sdk-go sql/v2, behind pkg/eventfilter/subscriptionsapi) reads
 /// `time` in its canonical RFC 3339 form, so a `.000` fraction does not matter (broker-shm's
