@@ -443,6 +443,15 @@ fn trigger(name: &str, ty: &str, subscriber: &str) -> String {
     )
 }
 
+/// A Trigger as the stock Trigger reconciler leaves it: `status.subscriberUri` set to its
+/// subscriber, which is where mt-broker-filter (and the drop-in filter) delivers.
+fn resolved_trigger(name: &str, ty: &str, port: u16) -> String {
+    format!(
+        "{}status:\n  subscriberUri: http://127.0.0.1:{port}/\n",
+        trigger(name, ty, &uri(port))
+    )
+}
+
 fn uri(port: u16) -> String {
     format!("    uri: http://127.0.0.1:{port}/")
 }
@@ -663,10 +672,7 @@ async fn knative_topology(
         .into_iter()
         .zip(subs)
     {
-        yaml.push_str(&format!(
-            "---\n{}status:\n  subscriberUri: http://127.0.0.1:{port}/\n",
-            trigger(t, ty, &uri(port))
-        ));
+        yaml.push_str(&format!("---\n{}", resolved_trigger(t, ty, port)));
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("chain.yaml"), yaml)?;
@@ -1175,9 +1181,9 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
         let p3 = subscriber(None, &stats).await?;
         let triggers = format!(
             "{}---\n{}---\n{}",
-            trigger("t1", "chain.s1", &uri(p1)),
-            trigger("t2", "chain.s2", &uri(p2)),
-            trigger("t3", "chain.s3", &uri(p3)),
+            resolved_trigger("t1", "chain.s1", p1),
+            resolved_trigger("t2", "chain.s2", p2),
+            resolved_trigger("t3", "chain.s3", p3),
         );
         let url = stock_topology(&triggers).await?;
         rows.extend(
