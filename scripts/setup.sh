@@ -82,6 +82,15 @@ if [[ ! -x "$oracle_bin" || -n $(find "$oracle_src" -type f \( -name '*.go' -o -
   (cd "$oracle_src" && GOFLAGS=-mod=mod go build -o "$oracle_bin" .)
 fi
 
+# The activator oracle (oracle/knative-activator): Knative's own activator handler chain and
+# Throttler run without an API server, for activator-lite/tests/oracle.rs. Same rebuild rule.
+act_oracle_src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/oracle/knative-activator"
+act_oracle_bin="$GOBIN/knative-activator-oracle"
+if [[ ! -x "$act_oracle_bin" || -n $(find "$act_oracle_src" -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) -newer "$act_oracle_bin" -print -quit) ]]; then
+  log "go build knative-activator-oracle (oracle/knative-activator)"
+  (cd "$act_oracle_src" && GOFLAGS=-mod=mod go build -o "$act_oracle_bin" .)
+fi
+
 # The fuzz targets (fuzz/, run by scripts/fuzz.sh) need the nightly toolchain and cargo-fuzz.
 if ! cargo +nightly --version >/dev/null 2>&1; then
   log "rustup toolchain install nightly"
