@@ -38,6 +38,8 @@ import (
 	eventingfake "knative.dev/eventing/pkg/client/clientset/versioned/fake"
 	"knative.dev/eventing/pkg/client/informers/externalversions"
 	"knative.dev/eventing/pkg/kncloudevents"
+	"knative.dev/pkg/network"
+	"knative.dev/pkg/system"
 )
 
 const systemNamespace = "knative-eventing"
@@ -167,12 +169,20 @@ func main() {
 
 func run(cfg *config, logger *zap.Logger) error {
 	// Knative's handlers name the system namespace (e.g. the ingress's OIDC service account,
-	// unused with OIDC off); it comes from the downward API in a cluster.
-	if os.Getenv("SYSTEM_NAMESPACE") == "" {
+	// unused with OIDC off; the channel dispatcher recognises the filter by its Service host
+	// broker-filter.<system namespace>.svc.cluster.local); it comes from the downward API in a
+	// cluster. knative.dev/eventing/pkg/apis/messaging/v1 imports knative.dev/pkg/system/testing,
+	// whose init sets an unset SYSTEM_NAMESPACE to "knative-testing" before main runs: that
+	// value is taken as unset too.
+	if ns := os.Getenv("SYSTEM_NAMESPACE"); ns == "" || ns == "knative-testing" {
 		if err := os.Setenv("SYSTEM_NAMESPACE", systemNamespace); err != nil {
 			return err
 		}
 	}
+	// The stock Services' names reach this process's servers (see hosts.go).
+	routeServiceHosts(cfg.ingressPort, cfg.filterPort)
+	logger.Info("system namespace", zap.String("namespace", system.Namespace()),
+		zap.String("filterService", network.GetServiceHostname("broker-filter", system.Namespace())))
 	// Feature flags at Knative's defaults: OIDC authentication, transport encryption and EventType
 	// auto-creation off, so no token verifier or token provider is ever used.
 	flags := feature.FromContextOrDefaults(context.Background())
