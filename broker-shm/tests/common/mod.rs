@@ -514,54 +514,14 @@ impl OracleProc {
     /// Starts the oracle with one server, `port_flag` (`--ingress-port`, `--filter-port` or
     /// `--channel-port`), on `port`.
     pub async fn start_on(files: &[(&str, String)], port_flag: &str, port: u16) -> OracleProc {
-        let bin = oracle_bin();
-        assert!(
-            bin.is_file(),
-            "Knative's broker oracle is missing at {}: run scripts/setup.sh (it builds \
-             oracle/knative-broker into $GOBIN/knative-broker-oracle)",
-            bin.display()
-        );
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let manifests = tmp.path().join("manifests");
-        std::fs::create_dir_all(&manifests).expect("mkdir");
-        for (name, yaml) in files {
-            std::fs::write(manifests.join(name), yaml).expect("write manifest");
-        }
-        let log_path = tmp.path().join("oracle.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--manifests").arg(&manifests);
-        for flag in ["--ingress-port", "--filter-port", "--channel-port"] {
-            let p = if flag == port_flag { port } else { 0 };
-            cmd.arg(flag).arg(p.to_string());
-        }
-        let child = cmd
-            .env_remove("INGRESS_PORT")
-            .env_remove("FILTER_PORT")
-            .env_remove("MAX_TTL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let mut p = OracleProc {
-            child,
-            port,
-            manifests,
-            log_path,
-            _tmp: tmp,
-        };
-        // Knative's receiver answers kubelet probes on any path once it listens.
-        let url = p.url("/healthz");
-        let probe = [("user-agent", "kube-probe/1.30")];
-        wait_ready(
-            &mut p.child,
-            "knative-broker-oracle",
-            &url,
-            &probe,
-            &p.log_path,
+        let on = |flag: &str| if flag == port_flag { port } else { 0 };
+        Self::start_ports(
+            files,
+            on("--ingress-port"),
+            on("--filter-port"),
+            on("--channel-port"),
         )
-        .await;
-        p
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -635,6 +595,317 @@ impl DropIn {
         let (name, child) = match self {
             DropIn::Shm(p) => ("broker-shm", &mut p.child),
             DropIn::Knative(p) => ("knative-broker-oracle", &mut p.child),
+        };
+        let exited = child.try_wait().expect("try_wait");
+        assert!(exited.is_none(), "{name} died: {}", self.logs());
+    }
+}
+
+/// `spec.delivery` of a Broker or Trigger as a user writes it (C.6).
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryDesc {
+    pub retry: Option<u32>,
+    /// `linear` or `exponential`.
+    pub backoff_policy: Option<&'static str>,
+    /// ISO-8601, e.g. `PT0.05S`.
+    pub backoff_delay: Option<&'static str>,
+    /// URI of the dead-letter sink.
+    pub dead_letter_sink: Option<String>,
+}
+
+impl DeliveryDesc {
+    /// `delivery:` and its fields, `indent` spaces in.
+    fn yaml(&self, indent: usize) -> String {
+        let pad = " ".repeat(indent);
+        let mut out = format!("{pad}delivery:\n");
+        if let Some(r) = self.retry {
+            out += &format!("{pad}  retry: {r}\n");
+        }
+        if let Some(p) = self.backoff_policy {
+            out += &format!("{pad}  backoffPolicy: {p}\n");
+        }
+        if let Some(d) = self.backoff_delay {
+            out += &format!("{pad}  backoffDelay: {d}\n");
+        }
+        if let Some(s) = &self.dead_letter_sink {
+            out += &format!("{pad}  deadLetterSink:\n{pad}    uri: {s}\n");
+        }
+        out
+    }
+}
+
+/// A Trigger as a user writes it: `spec.filters` elements in YAML flow style (e.g.
+/// `exact: {type: start}`), an HTTP subscriber URI and an optional delivery. Its uid is
+/// `uid-<name>`.
+#[derive(Debug, Clone)]
+pub struct TriggerDesc {
+    pub name: String,
+    pub filters: Vec<String>,
+    pub subscriber: String,
+    pub delivery: Option<DeliveryDesc>,
+}
+
+/// A Broker and its Triggers as a user writes them, turned into the manifests each
+/// implementation serves: broker-shm's own class (`spright_manifests`) or the objects Knative's
+/// MT broker controllers leave in a cluster (`stock_manifests`, for one knative-broker-oracle
+/// process running ingress, in-memory channel and filter).
+#[derive(Debug, Clone)]
+pub struct BrokerDesc {
+    pub ns: String,
+    pub name: String,
+    pub delivery: Option<DeliveryDesc>,
+    pub triggers: Vec<TriggerDesc>,
+}
+
+/// Knative's stock Services (contract C.1, C.2); the oracle dials them on its own ports.
+pub const STOCK_INGRESS_HOST: &str = "broker-ingress.knative-eventing.svc.cluster.local";
+pub const STOCK_FILTER_HOST: &str = "broker-filter.knative-eventing.svc.cluster.local";
+
+impl BrokerDesc {
+    fn trigger_yaml(&self, t: &TriggerDesc, status: &str) -> String {
+        let mut spec = String::new();
+        if !t.filters.is_empty() {
+            spec += "  filters:\n";
+            for f in &t.filters {
+                spec += &format!("    - {f}\n");
+            }
+        }
+        if let Some(d) = &t.delivery {
+            spec += &d.yaml(2);
+        }
+        format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: {name}\n  namespace: {ns}\n  uid: uid-{name}\nspec:\n  broker: {broker}\n  subscriber:\n    uri: {sub}\n{spec}{status}",
+            name = t.name,
+            ns = self.ns,
+            broker = self.name,
+            sub = t.subscriber,
+        )
+    }
+
+    fn broker_yaml(&self, class: &str, status: &str) -> String {
+        let delivery = self
+            .delivery
+            .as_ref()
+            .map(|d| d.yaml(2))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations:\n    eventing.knative.dev/broker.class: {class}\nspec:\n{delivery}{status}",
+            name = self.name,
+            ns = self.ns,
+        )
+    }
+
+    /// broker-shm's native mode: a Broker of class SprightBroker and the Triggers as written.
+    pub fn spright_manifests(&self) -> Vec<(String, String)> {
+        let mut files = vec![(
+            "broker.yaml".to_string(),
+            self.broker_yaml("SprightBroker", ""),
+        )];
+        for t in &self.triggers {
+            files.push((format!("trigger-{}.yaml", t.name), self.trigger_yaml(t, "")));
+        }
+        files
+    }
+
+    /// The in-memory channel's address as the oracle serves it (path-keyed: the oracle has no
+    /// cluster DNS for `<broker>-kne-trigger-kn-channel.<ns>.svc.cluster.local`; Knative's IMC
+    /// dispatcher serves the same `/<ns>/<name>` path form too).
+    pub fn stock_channel_url(&self, channel_port: u16) -> String {
+        format!(
+            "http://127.0.0.1:{channel_port}/{}/{}-kne-trigger",
+            self.ns, self.name
+        )
+    }
+
+    /// What Knative's controllers leave for this Broker (class MTChannelBasedBroker, OIDC and
+    /// transport encryption off): the Broker with `status.address` on the stock ingress Service
+    /// and the channel address in `status.annotations`; each Trigger with
+    /// `status.subscriberUri` (and `status.deadLetterSinkUri`); the Broker's InMemoryChannel
+    /// `<broker>-kne-trigger` with one `spec.subscribers` entry per Trigger as the Subscription
+    /// reconciler writes it (pkg/reconciler/broker/trigger/trigger.go
+    /// subscribeToBrokerChannel): subscriberUri = the filter's `/triggers/<ns>/<name>/<uid>`,
+    /// replyUri = the Broker's address, delivery = the Trigger's, else the Broker's (which
+    /// Knative's webhook defaults from config-br-defaults: retry 10, exponential, PT0.2S).
+    pub fn stock_manifests(&self, channel_port: u16) -> Vec<(String, String)> {
+        let broker_url = format!("http://{STOCK_INGRESS_HOST}/{}/{}", self.ns, self.name);
+        let broker_dls = self
+            .delivery
+            .as_ref()
+            .and_then(|d| d.dead_letter_sink.clone());
+        let mut status = format!(
+            "status:\n  address:\n    url: {broker_url}\n  annotations:\n    knative.dev/channelAddress: {}\n",
+            self.stock_channel_url(channel_port)
+        );
+        if let Some(dls) = &broker_dls {
+            status += &format!("  deadLetterSinkUri: {dls}\n");
+        }
+        let mut files = vec![(
+            "broker.yaml".to_string(),
+            self.broker_yaml("MTChannelBasedBroker", &status),
+        )];
+        let stock_default = DeliveryDesc {
+            retry: Some(10),
+            backoff_policy: Some("exponential"),
+            backoff_delay: Some("PT0.2S"),
+            dead_letter_sink: None,
+        };
+        let mut subscribers = String::new();
+        for t in &self.triggers {
+            let dls = t
+                .delivery
+                .as_ref()
+                .and_then(|d| d.dead_letter_sink.clone())
+                .or_else(|| broker_dls.clone());
+            let mut status = format!("status:\n  subscriberUri: {}\n", t.subscriber);
+            if let Some(dls) = &dls {
+                status += &format!("  deadLetterSinkUri: {dls}\n");
+            }
+            files.push((
+                format!("trigger-{}.yaml", t.name),
+                self.trigger_yaml(t, &status),
+            ));
+            let delivery = t
+                .delivery
+                .as_ref()
+                .or(self.delivery.as_ref())
+                .unwrap_or(&stock_default);
+            subscribers += &format!(
+                "    - uid: sub-{name}\n      generation: 1\n      subscriberUri: http://{STOCK_FILTER_HOST}/triggers/{ns}/{name}/uid-{name}\n      replyUri: {broker_url}\n{delivery}",
+                name = t.name,
+                ns = self.ns,
+                delivery = delivery.yaml(6),
+            );
+        }
+        if subscribers.is_empty() {
+            subscribers = "    []\n".to_string();
+        }
+        files.push((
+            "channel.yaml".to_string(),
+            format!(
+                "apiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: {}-kne-trigger\n  namespace: {}\n  uid: imc-{}\nspec:\n  subscribers:\n{subscribers}",
+                self.name, self.ns, self.name
+            ),
+        ));
+        files
+    }
+}
+
+impl OracleProc {
+    /// Starts the oracle with the ingress, filter and channel servers on the given ports (0
+    /// disables one) and waits until every enabled one answers; `port` is the first enabled
+    /// of ingress, filter, channel. Fails (never skips) when the binary is missing. With all
+    /// three it is Knative's whole MT broker topology in one process; it dials the stock
+    /// Service names (`STOCK_INGRESS_HOST`, `STOCK_FILTER_HOST`, port 80) on its own ingress
+    /// and filter ports.
+    pub async fn start_ports(
+        files: &[(&str, String)],
+        ingress: u16,
+        filter: u16,
+        channel: u16,
+    ) -> OracleProc {
+        let bin = oracle_bin();
+        assert!(
+            bin.is_file(),
+            "Knative's broker oracle is missing at {}: run scripts/setup.sh (it builds \
+             oracle/knative-broker into $GOBIN/knative-broker-oracle)",
+            bin.display()
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let manifests = tmp.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        for (name, yaml) in files {
+            std::fs::write(manifests.join(name), yaml).expect("write manifest");
+        }
+        let log_path = tmp.path().join("oracle.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let ports = [ingress, filter, channel];
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--manifests").arg(&manifests);
+        for (flag, p) in ["--ingress-port", "--filter-port", "--channel-port"]
+            .iter()
+            .zip(ports)
+        {
+            cmd.arg(flag).arg(p.to_string());
+        }
+        let child = cmd
+            .env_remove("INGRESS_PORT")
+            .env_remove("FILTER_PORT")
+            .env_remove("MAX_TTL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let mut p = OracleProc {
+            child,
+            port: ports.into_iter().find(|p| *p != 0).unwrap_or(0),
+            manifests,
+            log_path,
+            _tmp: tmp,
+        };
+        // Knative's receiver answers kubelet probes on any path once it listens.
+        let probe = [("user-agent", "kube-probe/1.30")];
+        for port in ports.into_iter().filter(|p| *p != 0) {
+            let url = format!("http://127.0.0.1:{port}/healthz");
+            wait_ready(
+                &mut p.child,
+                "knative-broker-oracle",
+                &url,
+                &probe,
+                &p.log_path,
+            )
+            .await;
+        }
+        p
+    }
+}
+
+/// A whole broker as a user sees it, from the Broker's address to the subscribers: broker-shm
+/// in native mode (class SprightBroker) or Knative's MT broker topology (ingress -> in-memory
+/// channel -> filter -> subscriber) in one oracle process.
+pub enum EndToEnd {
+    Shm(BrokerProc),
+    Knative(OracleProc),
+}
+
+impl EndToEnd {
+    pub async fn start(imp: Impl, desc: &BrokerDesc) -> EndToEnd {
+        match imp {
+            Impl::BrokerShm => {
+                let owned = desc.spright_manifests();
+                let files: Vec<(&str, String)> =
+                    owned.iter().map(|(n, y)| (n.as_str(), y.clone())).collect();
+                EndToEnd::Shm(BrokerProc::start(&files, &[], &[]).await)
+            }
+            Impl::Knative => {
+                let (ingress, filter, channel) = (free_port(), free_port(), free_port());
+                let owned = desc.stock_manifests(channel);
+                let files: Vec<(&str, String)> =
+                    owned.iter().map(|(n, y)| (n.as_str(), y.clone())).collect();
+                EndToEnd::Knative(OracleProc::start_ports(&files, ingress, filter, channel).await)
+            }
+        }
+    }
+
+    /// The Broker's address as a client outside the cluster reaches it.
+    pub fn broker_url(&self, desc: &BrokerDesc) -> String {
+        let path = format!("/{}/{}", desc.ns, desc.name);
+        match self {
+            EndToEnd::Shm(p) => p.url(&path),
+            EndToEnd::Knative(p) => p.url(&path),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        match self {
+            EndToEnd::Shm(p) => p.logs(),
+            EndToEnd::Knative(p) => p.logs(),
+        }
+    }
+
+    pub fn assert_alive(&mut self) {
+        let (name, child) = match self {
+            EndToEnd::Shm(p) => ("broker-shm", &mut p.child),
+            EndToEnd::Knative(p) => ("knative-broker-oracle", &mut p.child),
         };
         let exited = child.try_wait().expect("try_wait");
         assert!(exited.is_none(), "{name} died: {}", self.logs());
