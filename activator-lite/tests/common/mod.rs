@@ -129,6 +129,16 @@ pub fn endpoints_yaml_port(
     s
 }
 
+/// The environment the stock `activator` Deployment sets (contract B.1).
+pub const STOCK_ENV: [(&str, &str); 6] = [
+    ("POD_NAME", POD_NAME),
+    ("POD_IP", "127.0.0.1"),
+    ("SYSTEM_NAMESPACE", "knative-serving"),
+    ("CONFIG_LOGGING_NAME", "config-logging"),
+    ("CONFIG_OBSERVABILITY_NAME", "config-observability"),
+    ("GOGC", "500"),
+];
+
 /// The activator-lite process, killed on drop.
 pub struct Activator {
     pub child: Child,
@@ -153,12 +163,7 @@ impl Activator {
         let profiling_port = free_port();
         let child = Command::new(BIN)
             .env_clear()
-            .env("POD_NAME", POD_NAME)
-            .env("POD_IP", "127.0.0.1")
-            .env("SYSTEM_NAMESPACE", "knative-serving")
-            .env("CONFIG_LOGGING_NAME", "config-logging")
-            .env("CONFIG_OBSERVABILITY_NAME", "config-observability")
-            .env("GOGC", "500")
+            .envs(STOCK_ENV)
             .env("RUST_LOG", "warn")
             .arg("--manifests")
             .arg(manifests)
@@ -197,12 +202,7 @@ impl Activator {
 
     /// Kubelet-style health status.
     pub async fn health(&self) -> Option<StatusCode> {
-        let req = Request::get(format!("http://127.0.0.1:{}/", self.port))
-            .header("user-agent", "kube-probe/1.31")
-            .body(Full::new(Bytes::new()))
-            .ok()?;
-        let r = tokio::time::timeout(Duration::from_secs(2), client().request(req)).await;
-        r.ok()?.ok().map(|r| r.status())
+        kubelet_health(self.port).await
     }
 
     /// Waits until the health check answers `want` (10 s at most).
@@ -230,6 +230,17 @@ impl Activator {
     pub async fn get(&self, rev: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
         get(self.port, rev, path, headers).await
     }
+}
+
+/// The status a kubelet probe (`User-Agent: kube-probe/...`) gets from the activator on
+/// `port`; None when it does not answer within 2 s.
+pub async fn kubelet_health(port: u16) -> Option<StatusCode> {
+    let req = Request::get(format!("http://127.0.0.1:{port}/"))
+        .header("user-agent", "kube-probe/1.31")
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let r = tokio::time::timeout(Duration::from_secs(2), client().request(req)).await;
+    r.ok()?.ok().map(|r| r.status())
 }
 
 /// A request for revision `rev` through the activator on `port`.
@@ -500,4 +511,143 @@ pub fn tally(replies: &[Reply]) -> HashMap<String, usize> {
         *m.entry(r.body.clone()).or_insert(0) += 1;
     }
     m
+}
+
+/// Where `scripts/setup.sh` puts Knative's activator oracle: `$GOBIN`, else `$HOME/go/bin`.
+pub fn oracle_bin() -> PathBuf {
+    let dir = match std::env::var_os("GOBIN") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join("go")
+            .join("bin"),
+    };
+    dir.join("knative-activator-oracle")
+}
+
+/// knative-activator-oracle (oracle/knative-activator): Knative's own activator handler
+/// chain and Throttler serving the manifest directory, killed on drop. Its JSON log goes to
+/// a file beside the manifest directory, shown when a test fails.
+pub struct Oracle {
+    pub child: Child,
+    pub port: u16,
+    pub log_path: PathBuf,
+}
+
+impl Drop for Oracle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+impl Oracle {
+    /// Starts the oracle with the environment the stock Deployment sets (as
+    /// [`Activator::spawn`] does). Fails, never skips, when the binary is missing.
+    pub fn spawn(manifests: &Path, autoscaler_port: u16) -> Self {
+        let bin = oracle_bin();
+        assert!(
+            bin.is_file(),
+            "Knative's activator oracle is missing at {}: run scripts/setup.sh (it builds \
+             oracle/knative-activator into $GOBIN/knative-activator-oracle)",
+            bin.display()
+        );
+        let port = free_port();
+        let log_path = manifests.with_extension("oracle.log");
+        let log = std::fs::File::create(&log_path).expect("oracle log file");
+        let child = Command::new(&bin)
+            .env_clear()
+            .envs(STOCK_ENV)
+            .arg("--manifests")
+            .arg(manifests)
+            .args([
+                "--autoscaler",
+                &format!("ws://127.0.0.1:{autoscaler_port}/"),
+            ])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--http1-port", &port.to_string()])
+            .args(["--h2c-port", "0"])
+            .args(["--drain-timeout", "0s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        Self {
+            child,
+            port,
+            log_path,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+/// Which activator a differential test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Impl {
+    Lite,
+    Knative,
+}
+
+/// An activator under test: activator-lite or Knative's (the oracle), one port each.
+pub enum Subject {
+    Lite(Activator),
+    Knative(Oracle),
+}
+
+impl Subject {
+    /// Starts `imp` on the manifest directory and waits until its kubelet health check
+    /// answers 200 (both need the autoscaler websocket up first).
+    pub async fn ready(imp: Impl, manifests: &Path, autoscaler_port: u16) -> Self {
+        let mut s = match imp {
+            Impl::Lite => Subject::Lite(Activator::spawn(manifests, autoscaler_port, &[])),
+            Impl::Knative => Subject::Knative(Oracle::spawn(manifests, autoscaler_port)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if s.health().await == Some(StatusCode::OK) {
+                return s;
+            }
+            if let Subject::Knative(o) = &mut s
+                && let Ok(Some(status)) = o.child.try_wait()
+            {
+                // The oracle exits on refused manifests or flags: say why at once.
+                panic!("knative-activator-oracle exited ({status}):\n{}", o.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{imp:?} never became healthy:\n{}",
+                s.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Subject::Lite(a) => a.port,
+            Subject::Knative(o) => o.port,
+        }
+    }
+
+    /// The oracle's log (empty for activator-lite, whose log goes to the test's stderr).
+    pub fn logs(&self) -> String {
+        match self {
+            Subject::Lite(_) => String::new(),
+            Subject::Knative(o) => o.logs(),
+        }
+    }
+
+    /// Kubelet-style health status.
+    pub async fn health(&self) -> Option<StatusCode> {
+        kubelet_health(self.port()).await
+    }
+
+    /// A request for revision `rev` through this activator.
+    pub async fn get(&self, rev: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        get(self.port(), rev, path, headers).await
+    }
 }
