@@ -177,6 +177,7 @@ fn quick_retries(retry: u32, dls: Option<String>) -> Option<DeliveryDesc> {
         backoff_policy: Some("linear"),
         backoff_delay: Some("PT0.05S"),
         dead_letter_sink: dls,
+        format: None,
     })
 }
 
@@ -259,6 +260,12 @@ async fn attributes_case(imp: Impl) {
             .collect();
         assert_eq!(hits.len(), 1, "deliveries of {}", sent.id());
         assert_intact(sent, &hits[0]);
+    }
+    for r in &got {
+        // Binary mode by default, a sender that takes replies, the Trigger's namespace (C.3).
+        assert!(r.headers.contains_key("ce-id"), "{:?}", r.headers);
+        assert_eq!(r.headers["prefer"], "reply");
+        assert_eq!(r.headers["kn-namespace"], "ceattrs");
     }
     assert!(
         sub.on("/other").is_empty(),
@@ -414,8 +421,9 @@ both!(retry_case: retry_then_success_broker_shm, retry_then_success_knative);
 
 /// A subscriber that always fails gets 1 + retry attempts, then the event goes to the
 /// dead-letter sink with knativeerrordest (the subscriber), knativeerrorcode and
-/// knativeerrordata (base64 of the subscriber's body).
-async fn dead_letter_case(imp: Impl) {
+/// knativeerrordata (base64 of the subscriber's body). `on_broker`: the delivery (retries and
+/// sink) is the Broker's, which a Trigger without one inherits.
+async fn dead_letter_case(imp: Impl, on_broker: bool) {
     let sub = Recorder::scripted(|r, _| match r.path.as_str() {
         "/down" => Reply {
             body: bytes::Bytes::from_static(b"subscriber exploded"),
@@ -424,15 +432,20 @@ async fn dead_letter_case(imp: Impl) {
         _ => Reply::status(200),
     })
     .await;
-    let desc = broker(
-        "cedls",
-        vec![trigger(
-            "down",
-            "client.down",
-            sub.url("/down"),
-            quick_retries(2, Some(sub.url("/dls"))),
-        )],
-    );
+    let delivery = quick_retries(2, Some(sub.url("/dls")));
+    let desc = match on_broker {
+        false => broker(
+            "cedls",
+            vec![trigger("down", "client.down", sub.url("/down"), delivery)],
+        ),
+        true => BrokerDesc {
+            delivery,
+            ..broker(
+                "cedlsb",
+                vec![trigger("down", "client.down", sub.url("/down"), None)],
+            )
+        },
+    };
     let mut bk = EndToEnd::start(imp, &desc).await;
     let sent = EventBuilderV10::new()
         .id("down-1")
@@ -468,7 +481,17 @@ async fn dead_letter_case(imp: Impl) {
     bk.assert_alive();
 }
 
-both!(dead_letter_case: dead_letter_extensions_broker_shm, dead_letter_extensions_knative);
+async fn trigger_dead_letter_case(imp: Impl) {
+    dead_letter_case(imp, false).await;
+}
+
+both!(trigger_dead_letter_case: dead_letter_extensions_broker_shm, dead_letter_extensions_knative);
+
+async fn broker_dead_letter_case(imp: Impl) {
+    dead_letter_case(imp, true).await;
+}
+
+both!(broker_dead_letter_case: broker_delivery_dead_letter_broker_shm, broker_delivery_dead_letter_knative);
 
 /// A subscriber that replies with the type it subscribed to makes a loop; the TTL the client
 /// sends (3) allows 2 deliveries: the ingress decrements it to 2, the reply re-enters with 2
@@ -532,3 +555,52 @@ async fn ttl_loop_case(imp: Impl) {
 }
 
 both!(ttl_loop_case: ttl_exhausted_loop_stops_broker_shm, ttl_exhausted_loop_stops_knative);
+
+/// `delivery.format` chooses the mode of delivery: `json` structured, `binary` binary, for an
+/// event the client sent in the other mode; the event arrives intact either way.
+async fn format_case(imp: Impl) {
+    let sub = Recorder::start().await;
+    let format = |f: &'static str| {
+        Some(DeliveryDesc {
+            retry: Some(0),
+            format: Some(f),
+            ..DeliveryDesc::default()
+        })
+    };
+    let desc = broker(
+        "ceformat",
+        vec![
+            trigger("json", "client.format", sub.url("/json"), format("json")),
+            trigger("bin", "client.format", sub.url("/bin"), format("binary")),
+        ],
+    );
+    let mut bk = EndToEnd::start(imp, &desc).await;
+    let url = bk.broker_url(&desc);
+    let sent: Vec<(Event, Mode)> = event_matrix("client.format")
+        .into_iter()
+        .filter(|(e, _)| e.id().starts_with("1.0-") && e.id().ends_with("-json"))
+        .collect();
+    assert_eq!(sent.len(), 2);
+    for (ev, mode) in &sent {
+        assert_eq!(send(&url, ev.clone(), *mode).await, 202, "{}", bk.logs());
+    }
+    for (path, structured) in [("/json", true), ("/bin", false)] {
+        let got = sub.wait_n(path, 2, WAIT).await;
+        assert_eq!(got.len(), 2, "{path}: {}", bk.logs());
+        for r in &got {
+            let ct = r
+                .headers
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or(""));
+            let is_structured = ct.is_some_and(|c| c.starts_with("application/cloudevents+json"));
+            assert_eq!(is_structured, structured, "{path}: {:?}", r.headers);
+            assert_eq!(r.headers.contains_key("ce-id"), !structured, "{path}");
+            let ev = decode(r);
+            let (orig, _) = sent.iter().find(|(e, _)| e.id() == ev.id()).expect("sent");
+            assert_intact(orig, &ev);
+        }
+    }
+    bk.assert_alive();
+}
+
+both!(format_case: delivery_format_broker_shm, delivery_format_knative);

@@ -611,6 +611,8 @@ pub struct DeliveryDesc {
     pub backoff_delay: Option<&'static str>,
     /// URI of the dead-letter sink.
     pub dead_letter_sink: Option<String>,
+    /// `json` (structured) or `binary`.
+    pub format: Option<&'static str>,
 }
 
 impl DeliveryDesc {
@@ -629,6 +631,9 @@ impl DeliveryDesc {
         }
         if let Some(s) = &self.dead_letter_sink {
             out += &format!("{pad}  deadLetterSink:\n{pad}    uri: {s}\n");
+        }
+        if let Some(f) = self.format {
+            out += &format!("{pad}  format: {f}\n");
         }
         out
     }
@@ -747,7 +752,7 @@ impl BrokerDesc {
             retry: Some(10),
             backoff_policy: Some("exponential"),
             backoff_delay: Some("PT0.2S"),
-            dead_letter_sink: None,
+            ..DeliveryDesc::default()
         };
         let mut subscribers = String::new();
         for t in &self.triggers {
