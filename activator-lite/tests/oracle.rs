@@ -177,3 +177,178 @@ async fn container_concurrency_1_serializes(imp: Impl) {
     assert_eq!(pod.state.max_in_flight.load(Ordering::SeqCst), 1);
 }
 differential!(container_concurrency_1_serializes: container_concurrency_1_serializes_lite, container_concurrency_1_serializes_knative);
+
+/// Go's reverse proxy (Knative's `pkg/http/proxy.go` NewHeaderPruningReverseProxy wraps
+/// `net/http/httputil.ReverseProxy`): hop-by-hop headers and those the Connection header
+/// names are dropped, the client address is appended to X-Forwarded-For, other end-to-end
+/// headers (traceparent) pass.
+async fn hop_by_hop_dropped_and_forwarded_for_appended(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = s
+        .get(
+            REV,
+            "/",
+            &[
+                ("connection", "x-hop"),
+                ("x-hop", "1"),
+                ("proxy-authorization", "Basic eDp5"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("traceparent", trace),
+            ],
+        )
+        .await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    let h = &pod.served()[0].headers;
+    assert!(h.get("x-hop").is_none(), "{h:?}");
+    assert!(h.get("proxy-authorization").is_none(), "{h:?}");
+    assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    assert_eq!(h.get("traceparent").unwrap(), trace);
+}
+differential!(hop_by_hop_dropped_and_forwarded_for_appended: hop_by_hop_dropped_and_forwarded_for_appended_lite, hop_by_hop_dropped_and_forwarded_for_appended_knative);
+
+/// Contract B.2 (2): outside a network probe, `K-Network-Hash` is stripped before the request
+/// goes on (knative/networking `pkg/http/probe/handler.go`: `r.Header.Del(header.HashKey)`
+/// when `K-Network-Probe` is not `probe`).
+///
+/// Knative only: activator-lite forwards the header to the pod. A request carrying
+/// `K-Network-Hash` leaves its fast path (`activator-lite/src/fast.rs` marks it slow), is
+/// admitted early as a revision request by `src/server.rs` (`Parsed::Slow(Head::Revision)`
+/// on a fresh connection), and `App::handle` then returns `self.respond(..)` at once
+/// (`src/handler.rs`, `if admission.is_some()`), skipping the strip further down.
+async fn network_hash_stripped_from_proxied_requests(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let r = s.get(REV, "/", &[("k-network-hash", "h-123")]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    let h = &pod.served()[0].headers;
+    assert!(h.get("k-network-hash").is_none(), "{h:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_hash_stripped_from_proxied_requests_knative() {
+    network_hash_stripped_from_proxied_requests(Impl::Knative).await;
+}
+
+/// `TE: trailers` from the client reaches the pod (Go's `httputil.ReverseProxy`: "Issue 21096:
+/// tell backend applications that care about trailer support that we support trailers",
+/// net/http/httputil/reverseproxy.go); gRPC servers require it.
+///
+/// Knative only: activator-lite drops `TE` as hop-by-hop whatever its value
+/// (`activator-lite/src/handler.rs` `HOP_BY_HOP` contains "te"; the fast path skips the same
+/// list in `src/fast.rs`).
+async fn te_trailers_reaches_the_pod(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let r = s.get(REV, "/", &[("te", "trailers")]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    let h = &pod.served()[0].headers;
+    assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_trailers_reaches_the_pod_knative() {
+    te_trailers_reaches_the_pod(Impl::Knative).await;
+}
+
+/// Contract B.2 (11, 12): the revision's timeoutSeconds gives 504 "activator request
+/// timeout"; a pod that refuses the connection gives 502.
+async fn timeout_504_and_unreachable_pod_502(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let m = Manifests::new();
+    m.revision(REV, 0, "  timeoutSeconds: 1\n");
+    m.endpoints(REV, &[pod.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let s = Subject::ready(imp, &m.dir, asc.port).await;
+    let r = s.get(REV, "/sleep/2500", &[]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "activator request timeout")
+    );
+    // The pod goes away after it passed its probe: the proxy's dial fails.
+    drop(pod);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = s.get(REV, "/", &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
+}
+differential!(timeout_504_and_unreachable_pod_502: timeout_504_and_unreachable_pod_502_lite, timeout_504_and_unreachable_pod_502_knative);
+
+/// Contract B.5: the first request for a revision pokes the autoscaler at once with
+/// concurrency 1 and count 1 from the activator's POD_NAME; kubelet health fails (500) once
+/// the autoscaler connection is gone.
+async fn poke_then_health_follows_the_autoscaler_link(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, mut asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let r = s.get(REV, "/", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let poke = asc.next(Duration::from_secs(5)).await.expect("no poke");
+    let msg = &poke.messages[0];
+    assert_eq!((msg.namespace.as_str(), msg.name.as_str()), (NS, REV));
+    let stat = msg.stat.clone().expect("stat");
+    assert_eq!(stat.pod_name, POD_NAME);
+    assert_eq!(
+        (stat.average_concurrent_requests, stat.request_count),
+        (1.0, 1.0)
+    );
+    assert_eq!(
+        (
+            stat.average_proxied_concurrent_requests,
+            stat.proxied_request_count
+        ),
+        (0.0, 0.0)
+    );
+    drop(asc);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.health().await != Some(StatusCode::INTERNAL_SERVER_ERROR) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never failed:\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+differential!(poke_then_health_follows_the_autoscaler_link: poke_then_health_follows_the_autoscaler_link_lite, poke_then_health_follows_the_autoscaler_link_knative);
+
+/// The bodies of the activator's own error answers are Go's `http.Error`: the message and a
+/// newline, `X-Content-Type-Options: nosniff`. The 404 names the revision as the informer's
+/// lister does (`pkg/activator/handler/context_handler.go` sendError: "Error getting active
+/// endpoint: " + the NotFound error); the probe 400s are `probe_handler.go`'s and
+/// knative/networking `pkg/http/probe/handler.go`'s texts.
+///
+/// Knative only: activator-lite answers "revision not found", "no K-Network-Hash header",
+/// "unexpected probe header value: \"queue\"" without the newline, all without nosniff
+/// (`activator-lite/src/handler.rs` `text(..)` callers). Statuses match (see the
+/// differential cases above); only the texts differ.
+async fn error_bodies_as_go_http_error(imp: Impl) {
+    let (_m, _asc, s) = setup(imp, 0, &[]).await;
+    let r = s.get("nope", "/", &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        r.body,
+        "Error getting active endpoint: revision.serving.knative.dev \"nope\" not found\n"
+    );
+    assert_eq!(r.headers.get("x-content-type-options").unwrap(), "nosniff");
+    let r = get(s.port(), "nope", "/", &[("k-network-probe", "queue")]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            "unexpected probe header value: \"queue\"\n"
+        )
+    );
+    let r = get(s.port(), "nope", "/", &[("k-network-probe", "probe")]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            "a probe request must contain a non-empty \"K-Network-Hash\" header\n"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_as_go_http_error_knative() {
+    error_bodies_as_go_http_error(Impl::Knative).await;
+}
