@@ -352,3 +352,123 @@ async fn error_bodies_as_go_http_error(imp: Impl) {
 async fn error_bodies_as_go_http_error_knative() {
     error_bodies_as_go_http_error(Impl::Knative).await;
 }
+
+/// Sequential requests to `rev` until `want` answers (both pods' probes may still be in
+/// flight when the activator turns healthy); then the next `n` replies.
+async fn after_first(s: &Subject, rev: &str, want: &str, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get(rev, "/", &[]).await.body != want {
+        assert!(std::time::Instant::now() < deadline, "{want} never served");
+    }
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(s.get(rev, "/", &[]).await.body);
+    }
+    out
+}
+
+/// Contract B.4: containerConcurrency 1-3 picks the first pod with capacity in address order
+/// (pod trackers sorted by `IP:port` string), above 3 round robin over them.
+async fn lb_policy_first_available_then_round_robin(imp: Impl) {
+    let a = Pod::start("pod-a", true).await;
+    let b = Pod::start("pod-b", true).await;
+    let first = if a.addr.to_string() < b.addr.to_string() {
+        "pod-a"
+    } else {
+        "pod-b"
+    };
+    let m = Manifests::new();
+    m.revision("cc2", 2, "");
+    m.revision("cc5", 5, "");
+    m.endpoints("cc2", &[a.addr, b.addr], &[]);
+    m.endpoints("cc5", &[a.addr, b.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let s = Subject::ready(imp, &m.dir, asc.port).await;
+    assert_eq!(after_first(&s, "cc2", first, 4).await, [first; 4]);
+    // Round robin: once both pods have served (both trackers exist), they alternate.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "one pod never served");
+        seen.insert(s.get("cc5", "/", &[]).await.body);
+    }
+    let mut seq = Vec::new();
+    for _ in 0..4 {
+        seq.push(s.get("cc5", "/", &[]).await.body);
+    }
+    assert!(seq.windows(2).all(|w| w[0] != w[1]), "{seq:?}");
+}
+differential!(lb_policy_first_available_then_round_robin: lb_policy_first_available_then_round_robin_lite, lb_policy_first_available_then_round_robin_knative);
+
+/// Contract B.3: the queue-proxy probe decides, not Kubernetes readiness: a not-ready address
+/// that answers the probe gets traffic ("probe optimisation"); a ready address whose probe
+/// fails gets none (mesh-compatibility-mode auto), the request waits until the probe passes.
+async fn probe_decides_over_readiness(imp: Impl) {
+    let nr = Pod::start("pod-nr", true).await;
+    let sick = Pod::start("pod-sick", false).await;
+    let m = Manifests::new();
+    m.revision("nr", 0, "");
+    m.endpoints("nr", &[], &[nr.addr]);
+    m.revision("sick", 0, "");
+    m.endpoints("sick", &[sick.addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let s = Subject::ready(imp, &m.dir, asc.port).await;
+    let r = s.get("nr", "/", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-nr"));
+
+    let port = s.port();
+    let held = tokio::spawn(async move { get(port, "sick", "/", &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !held.is_finished(),
+        "a pod failing its probe must get no traffic"
+    );
+    assert!(sick.served().is_empty());
+    sick.state.healthy.store(true, Ordering::SeqCst);
+    let r = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("held request completes once the probe passes")
+        .expect("join");
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-sick"));
+}
+differential!(probe_decides_over_readiness: probe_decides_over_readiness_lite, probe_decides_over_readiness_knative);
+
+/// A Revision deleted from the cluster (its manifest removed) is unknown again: 404.
+async fn deleted_revision_is_404(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    assert_eq!(s.get(REV, "/", &[]).await.status, StatusCode::OK);
+    m.remove(&format!("rev-{REV}.yaml"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get(REV, "/", &[]).await.status != StatusCode::NOT_FOUND {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still served after the Revision was deleted:\n{}",
+            s.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+differential!(deleted_revision_is_404: deleted_revision_is_404_lite, deleted_revision_is_404_knative);
+
+/// A pod answer without Content-Type reaches the client with the one Go's server sniffs from
+/// the body (net/http `DetectContentType`: Knative's activator is a `httputil.ReverseProxy`
+/// inside a Go `http.Server`, which sets it on the first write when the header is absent).
+///
+/// Knative only: activator-lite passes the pod's response head as it is, so the client gets no
+/// Content-Type (`activator-lite/src/fast.rs` response rewrite and the hyper path alike).
+async fn missing_content_type_is_sniffed(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let r = s.get(REV, "/", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    assert_eq!(
+        r.headers.get("content-type").unwrap(),
+        "text/plain; charset=utf-8"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_content_type_is_sniffed_knative() {
+    missing_content_type_is_sniffed(Impl::Knative).await;
+}
