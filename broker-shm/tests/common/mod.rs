@@ -613,6 +613,8 @@ pub struct DeliveryDesc {
     pub dead_letter_sink: Option<String>,
     /// `json` (structured) or `binary`.
     pub format: Option<&'static str>,
+    /// ISO-8601 per-request timeout.
+    pub timeout: Option<&'static str>,
 }
 
 impl DeliveryDesc {
@@ -631,6 +633,9 @@ impl DeliveryDesc {
         }
         if let Some(s) = &self.dead_letter_sink {
             out += &format!("{pad}  deadLetterSink:\n{pad}    uri: {s}\n");
+        }
+        if let Some(t) = self.timeout {
+            out += &format!("{pad}  timeout: {t}\n");
         }
         if let Some(f) = self.format {
             out += &format!("{pad}  format: {f}\n");
