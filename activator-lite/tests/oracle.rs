@@ -472,3 +472,131 @@ async fn missing_content_type_is_sniffed(imp: Impl) {
 async fn missing_content_type_is_sniffed_knative() {
     missing_content_type_is_sniffed(Impl::Knative).await;
 }
+
+/// An HTTP/2 (h2c, prior knowledge) client request for `rev` to the activator's http1 port;
+/// the status and protocol of the answer.
+async fn h2c_get(s: &Subject, rev: &str) -> (http::Version, StatusCode) {
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/", s.port()))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", rev)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = h2.request(req).await.expect("h2c request");
+    (resp.version(), resp.status())
+}
+
+/// Manifests with an h2c revision `grpc` (container port named `h2c`, endpoints port
+/// `http2`) served by `h2pod`, and the plain revision REV served by `pod`.
+fn h2c_and_http_revisions(h2pod: &Pod, pod: &Pod) -> Manifests {
+    let m = Manifests::new();
+    m.write(
+        "rev-grpc.yaml",
+        &revision_yaml("grpc", 0, "").replace(
+            "- containerPort: 8080",
+            "- containerPort: 8080\n      name: h2c",
+        ),
+    );
+    m.write(
+        "ep-grpc.yaml",
+        &endpoints_yaml_port("grpc", &[h2pod.addr], &[], "http2"),
+    );
+    m.revision(REV, 0, "");
+    m.endpoints(REV, &[pod.addr], &[]);
+    m
+}
+
+/// Contract B.2 servers: clients may speak h2c (prior knowledge) to the http1 port; an h2c
+/// client's request for an h2c revision reaches the pod over HTTP/2 on its `http2` endpoints
+/// port; websocket upgrades and streamed answers pass through.
+async fn h2c_websocket_and_streaming(imp: Impl) {
+    use futures::{SinkExt, StreamExt};
+    use http_body_util::BodyExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let h2pod = Pod::start("pod-h2", true).await;
+    let pod = Pod::start("pod-a", true).await;
+    let m = h2c_and_http_revisions(&h2pod, &pod);
+    let asc = FakeAutoscaler::start(0).await;
+    let s = Subject::ready(imp, &m.dir, asc.port).await;
+
+    assert_eq!(
+        h2c_get(&s, "grpc").await,
+        (http::Version::HTTP_2, StatusCode::OK)
+    );
+    assert_eq!(h2pod.served()[0].version, http::Version::HTTP_2);
+
+    let mut wreq = format!("ws://127.0.0.1:{}/ws", s.port())
+        .into_client_request()
+        .expect("ws request");
+    wreq.headers_mut()
+        .insert("knative-serving-namespace", NS.parse().expect("value"));
+    wreq.headers_mut()
+        .insert("knative-serving-revision", REV.parse().expect("value"));
+    let (mut ws, resp) = tokio_tungstenite::connect_async(wreq)
+        .await
+        .expect("websocket through the activator");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("hello")).await.expect("send");
+    let echo = ws.next().await.expect("echo").expect("frame");
+    assert_eq!(echo.into_text().expect("text").as_str(), "hello");
+    drop(ws);
+
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/stream", s.port()))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", REV)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let mut body = client().request(req).await.expect("stream").into_body();
+    let first = body
+        .frame()
+        .await
+        .expect("frame")
+        .expect("frame")
+        .into_data()
+        .expect("data");
+    assert_eq!(
+        first, "first\n",
+        "the first chunk is flushed before the rest"
+    );
+    pod.state.release.notify_one();
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, "second\n");
+}
+differential!(h2c_websocket_and_streaming: h2c_websocket_and_streaming_lite, h2c_websocket_and_streaming_knative);
+
+/// The protocol to the pod follows the client's request, not the revision: Knative's proxy
+/// transport is knative/pkg `network.NewProxyAutoTransport`, whose `newAutoTransport` picks
+/// the h2c transport only when `r.ProtoMajor == 2` (network/transports.go). So an HTTP/1.1
+/// request for an h2c revision goes to the pod's `http2` port as HTTP/1.1 (queue-proxy serves
+/// both there), and an h2c request for a plain revision goes to the pod as HTTP/2.
+///
+/// Knative only: activator-lite chooses by the revision (`activator-lite/src/handler.rs`
+/// `proxy`: `if spec.h2c` sets HTTP/2 and the h2-only client, otherwise HTTP/1.1), so it sends
+/// HTTP/2 for the first and HTTP/1.1 for the second.
+async fn protocol_to_the_pod_follows_the_client(imp: Impl) {
+    let h2pod = Pod::start("pod-h2", true).await;
+    let pod = Pod::start("pod-a", true).await;
+    let m = h2c_and_http_revisions(&h2pod, &pod);
+    let asc = FakeAutoscaler::start(0).await;
+    let s = Subject::ready(imp, &m.dir, asc.port).await;
+
+    let r = s.get("grpc", "/", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-h2"));
+    assert_eq!(h2pod.served()[0].version, http::Version::HTTP_11);
+
+    assert_eq!(
+        h2c_get(&s, REV).await,
+        (http::Version::HTTP_2, StatusCode::OK)
+    );
+    assert_eq!(pod.served()[0].version, http::Version::HTTP_2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_to_the_pod_follows_the_client_knative() {
+    protocol_to_the_pod_follows_the_client(Impl::Knative).await;
+}
