@@ -93,6 +93,15 @@ fn reply_with(ev: Event) -> Reply {
         .expect("SDK serialises the reply")
 }
 
+/// The same in structured mode.
+fn structured_reply_with(ev: Event) -> Reply {
+    StructuredDeserializer::deserialize_structured(
+        ev,
+        Serializer::new(ReplyBuilder(Reply::status(200))),
+    )
+    .expect("SDK serialises the reply")
+}
+
 /// Context attributes and extensions of `ev` as text, minus `skip`.
 fn attributes(ev: &Event, skip: &[&str]) -> BTreeMap<String, String> {
     let mut m: BTreeMap<String, String> = ev
@@ -172,6 +181,7 @@ fn broker(ns: &str, triggers: Vec<TriggerDesc>) -> BrokerDesc {
             ..DeliveryDesc::default()
         }),
         triggers,
+        async_channel: false,
     }
 }
 
@@ -319,7 +329,7 @@ async fn v03_structured_base64_data_knative() {
 }
 
 /// A subscriber's reply event re-enters the broker and reaches the next Trigger's subscriber
-/// intact (1.0 and 0.3 replies).
+/// intact (a 1.0 reply in binary mode, a 0.3 reply in structured mode).
 async fn reply_chain_case(imp: Impl) {
     macro_rules! reply {
         ($b:expr, $id:expr) => {
@@ -340,7 +350,7 @@ async fn reply_chain_case(imp: Impl) {
     let (a, b) = (r10.clone(), r03.clone());
     let sub = Recorder::scripted(move |r, _| match r.path.as_str() {
         "/step" => match to_event(&r.headers, r.body.to_vec()).map(|e| e.id().to_string()) {
-            Ok(id) if id == "start-0.3" => reply_with(b.clone()),
+            Ok(id) if id == "start-0.3" => structured_reply_with(b.clone()),
             Ok(_) => reply_with(a.clone()),
             Err(_) => Reply::status(400),
         },
@@ -502,7 +512,7 @@ both!(broker_dead_letter_case: broker_delivery_dead_letter_broker_shm, broker_de
 /// A subscriber that replies with the type it subscribed to makes a loop; the TTL the client
 /// sends (3) allows 2 deliveries: the ingress decrements it to 2, the reply re-enters with 2
 /// and gets 1, the next reply would get 0 and is refused.
-async fn ttl_loop_case(imp: Impl) {
+async fn ttl_loop(imp: Impl, async_channel: bool) {
     let sub = Recorder::scripted(|r, n| match r.path.as_str() {
         "/loop" => reply_with(
             EventBuilderV10::new()
@@ -515,10 +525,13 @@ async fn ttl_loop_case(imp: Impl) {
         _ => Reply::status(200),
     })
     .await;
-    let desc = broker(
-        "cettl",
-        vec![trigger("loop", "client.loop", sub.url("/loop"), None)],
-    );
+    let desc = BrokerDesc {
+        async_channel,
+        ..broker(
+            "cettl",
+            vec![trigger("loop", "client.loop", sub.url("/loop"), None)],
+        )
+    };
     let mut bk = EndToEnd::start(imp, &desc).await;
     let ev = EventBuilderV10::new()
         .id("loop-0")
@@ -537,9 +550,10 @@ async fn ttl_loop_case(imp: Impl) {
     // (pkg/kncloudevents/event_dispatcher.go), the fan-out answers 500, each ingress up the
     // chain answers 500 for a non-2xx channel answer, and the client gets 500 although both
     // deliveries happened.
-    let expected = match imp {
-        Impl::BrokerShm => 202,
-        Impl::Knative => 500,
+    // With the channel's async-handler annotation Knative answers 202 too.
+    let expected = match (imp, async_channel) {
+        (Impl::Knative, false) => 500,
+        _ => 202,
     };
     assert_eq!(
         send(&bk.broker_url(&desc), ev, Mode::Binary).await,
@@ -560,7 +574,18 @@ async fn ttl_loop_case(imp: Impl) {
     bk.assert_alive();
 }
 
+async fn ttl_loop_case(imp: Impl) {
+    ttl_loop(imp, false).await;
+}
+
 both!(ttl_loop_case: ttl_exhausted_loop_stops_broker_shm, ttl_exhausted_loop_stops_knative);
+
+/// Knative's in-memory channel with `messaging.knative.dev/async-handler: "true"` answers
+/// before delivery: the client of the same loop hears 202, as from broker-shm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_exhausted_loop_stops_async_channel_knative() {
+    ttl_loop(Impl::Knative, true).await;
+}
 
 /// `delivery.format` chooses the mode of delivery: `json` structured, `binary` binary, for an
 /// event the client sent in the other mode; the event arrives intact either way.

@@ -665,6 +665,9 @@ pub struct BrokerDesc {
     pub name: String,
     pub delivery: Option<DeliveryDesc>,
     pub triggers: Vec<TriggerDesc>,
+    /// Knative only: the InMemoryChannel fans out asynchronously (annotation
+    /// `messaging.knative.dev/async-handler: "true"`); by default it answers after delivery.
+    pub async_channel: bool,
 }
 
 /// Knative's stock Services (contract C.1, C.2); the oracle dials them on its own ports.
@@ -789,10 +792,14 @@ impl BrokerDesc {
         if subscribers.is_empty() {
             subscribers = "    []\n".to_string();
         }
+        let async_annotation = match self.async_channel {
+            true => "  annotations:\n    messaging.knative.dev/async-handler: \"true\"\n",
+            false => "",
+        };
         files.push((
             "channel.yaml".to_string(),
             format!(
-                "apiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: {}-kne-trigger\n  namespace: {}\n  uid: imc-{}\nspec:\n  subscribers:\n{subscribers}",
+                "apiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: {}-kne-trigger\n  namespace: {}\n  uid: imc-{}\n{async_annotation}spec:\n  subscribers:\n{subscribers}",
                 self.name, self.ns, self.name
             ),
         ));
