@@ -600,3 +600,66 @@ async fn protocol_to_the_pod_follows_the_client(imp: Impl) {
 async fn protocol_to_the_pod_follows_the_client_knative() {
     protocol_to_the_pod_follows_the_client(Impl::Knative).await;
 }
+
+/// A request for the revision by Host alone, without the Knative-Serving-* headers.
+async fn by_host(s: &Subject, host: &str) -> Reply {
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/", s.port()))
+        .header("host", host)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    send(req).await
+}
+
+/// Contract B.2 (5): without the Knative-Serving-* headers, only a Host of the form
+/// `<name>.<namespace>.svc.<cluster-domain>[:port]` names a revision
+/// (`pkg/activator/handler/context_handler.go`: `strings.SplitN(r.Host, ".", 4)`, 4 parts,
+/// `parts[2] == "svc"`, `parts[3]` without port == `network.GetClusterDomainName()`); any
+/// other Host looks up the empty name: 404.
+///
+/// Knative only: activator-lite takes the first two labels of any Host as name and namespace
+/// (`activator-lite/src/fast.rs` `revision_key`), so `hello-00001.default.example.com` and
+/// `hello-00001.default.svc` are proxied to the revision.
+async fn host_names_a_revision_only_as_a_cluster_service(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let r = by_host(&s, &format!("{REV}.{NS}.svc.cluster.local:80")).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    for host in [
+        format!("{REV}.{NS}.example.com"),
+        format!("{REV}.{NS}.svc"),
+        format!("{REV}.{NS}.svc.other.domain"),
+    ] {
+        let r = by_host(&s, &host).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "Host {host}: {}", r.body);
+    }
+    assert_eq!(pod.served().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_names_a_revision_only_as_a_cluster_service_knative() {
+    host_names_a_revision_only_as_a_cluster_service(Impl::Knative).await;
+}
+
+/// Contract B.2 (12) RewriteHostIn: the Host moves into `K-Original-Host` only when the request
+/// has none; an existing `K-Original-Host` (set by a proxy in front) is kept
+/// (knative/networking `pkg/http/header/header.go` RewriteHostIn: "Don't overwrite an existing
+/// OriginalHostHeader").
+///
+/// Knative only: activator-lite always replaces it with the Host (`activator-lite/src/fast.rs`
+/// drops `k-original-host` (`REQ_DROP`) and writes its own; `src/handler.rs`
+/// `rewrite_request_headers` inserts over it).
+async fn existing_original_host_is_kept(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let r = s
+        .get(REV, "/", &[("k-original-host", "app.example.com")])
+        .await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
+    let h = &pod.served()[0].headers;
+    assert_eq!(h.get("k-original-host").unwrap(), "app.example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_original_host_is_kept_knative() {
+    existing_original_host_is_kept(Impl::Knative).await;
+}

@@ -558,6 +558,9 @@ impl Oracle {
         let child = Command::new(&bin)
             .env_clear()
             .envs(STOCK_ENV)
+            // Knative reads the cluster domain from /etc/resolv.conf's `search svc.<domain>`
+            // unless CLUSTER_DOMAIN is set: pin it to the default whatever the host says.
+            .env("CLUSTER_DOMAIN", "cluster.local")
             .arg("--manifests")
             .arg(manifests)
             .args([
