@@ -342,13 +342,10 @@ impl CloudEvent {
                 return ("data", Data::Base64(d));
             }
             let json = self.get("datacontenttype").is_none_or(is_json_media_type);
-            if json && serde_json::from_slice::<serde::de::IgnoredAny>(d).is_ok() {
-                ("data", Data::Raw(d))
-            } else {
-                match std::str::from_utf8(d) {
-                    Ok(s) if !json => ("data", Data::Text(s)),
-                    _ => ("data_base64", Data::Base64(d)),
-                }
+            match std::str::from_utf8(d) {
+                Ok(s) if json && embeddable_json(s) => ("data", Data::Raw(d)),
+                Ok(s) if !json => ("data", Data::Text(s)),
+                _ => ("data_base64", Data::Base64(d)),
             }
         });
         out.push(b'{');
@@ -432,6 +429,74 @@ fn decode_base64(s: &str) -> Result<Bytes, EventError> {
     B64.decode(s.as_bytes())
         .map(Bytes::from)
         .map_err(|e| EventError::Base64(e.to_string()))
+}
+
+/// Is `s` JSON that [`CloudEvent::from_structured`] reads back as the `data` member? Checked
+/// without building a value tree: numbers must fit an f64, strings must decode, nesting
+/// must stay below serde_json's limit one level down. (Skipping the value would accept
+/// `1e999` and bad escapes.)
+fn embeddable_json(s: &str) -> bool {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_str(s);
+    JsonCheck(0).deserialize(&mut de).is_ok() && de.end().is_ok()
+}
+
+/// Visits a JSON value at a nesting depth, keeping nothing.
+#[derive(Clone, Copy)]
+struct JsonCheck(u32);
+
+/// Below serde_json's recursion limit (128) with room for the event object around the data.
+const MAX_DATA_DEPTH: u32 = 100;
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonCheck {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonCheck {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let inner = self.nested::<A::Error>()?;
+        while a.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let inner = self.nested::<A::Error>()?;
+        while a.next_entry_seed(inner, inner)?.is_some() {}
+        Ok(())
+    }
+}
+
+impl JsonCheck {
+    fn nested<E: serde::de::Error>(self) -> Result<JsonCheck, E> {
+        if self.0 >= MAX_DATA_DEPTH {
+            return Err(E::custom("data nested too deeply"));
+        }
+        Ok(JsonCheck(self.0 + 1))
+    }
 }
 
 /// The data member of the JSON format.
@@ -590,11 +655,19 @@ mod tests {
 
     #[test]
     fn structured_writer_matches_the_value_tree() {
-        let cases: [(Option<&str>, &[u8]); 7] = [
+        let cases: [(Option<&str>, &[u8]); 11] = [
             (
                 Some("application/json"),
                 b" {\"a\": [1, 2.50, \"\\u00e9\"]} ",
             ),
+            // Fuzz findings (mqtt_cloudevent, mqtt_mapping): JSON whose strings are not UTF-8
+            // was embedded as is, and the output did not parse.
+            (None, b"{\"x\xfe\xff\xff\xff\":0}"),
+            (Some("application/json"), b"[\"\xc3\"]"),
+            // Fuzz finding (mqtt_cloudevent): a number beyond f64 skipped as valid JSON, and
+            // the output did not parse; likewise a lone surrogate escape.
+            (None, b"555e555555555"),
+            (None, b"[\"\\ud800\"]"),
             (None, b"null"),
             (Some("application/json"), b"{not json"),
             (Some("text/plain"), "caf\u{e9} \"q\"\n".as_bytes()),
@@ -641,6 +714,30 @@ mod tests {
             let json = ev.to_structured();
             assert!(std::str::from_utf8(&json).unwrap().contains(member), "{ct}");
             assert_eq!(CloudEvent::from_structured(&json).unwrap(), ev, "{ct}");
+        }
+    }
+
+    /// JSON data nested as deep as serde_json allows on its own would be one level too deep
+    /// inside the event: it goes as data_base64.
+    #[test]
+    fn deeply_nested_json_data_still_reads_back() {
+        for depth in [99, 100, 101, 127, 128, 200] {
+            let mut ev = sample();
+            ev.data = Some(Bytes::from(format!(
+                "{}{}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )));
+            let back = CloudEvent::from_structured(&ev.to_structured()).unwrap();
+            let same = |a: &Bytes, b: &Bytes| {
+                a == b
+                    || serde_json::from_slice::<Json>(a).ok()
+                        == serde_json::from_slice::<Json>(b).ok()
+            };
+            assert!(
+                same(back.data.as_ref().unwrap(), ev.data.as_ref().unwrap()),
+                "{depth}"
+            );
         }
     }
 

@@ -199,9 +199,10 @@ pub fn wrap(msg: &InboundMessage, s: &WrapSettings) -> CloudEvent {
     let ct = msg
         .content_type
         .clone()
-        .filter(|c| !c.is_empty())
+        .filter(|c| !c.trim().is_empty())
         .unwrap_or_else(|| s.data_content_type.clone());
-    if !ct.is_empty() {
+    // A blank datacontenttype is invalid: leave it out.
+    if !ct.trim().is_empty() {
         ev.set("datacontenttype", ct);
     }
     if !msg.payload.is_empty() {
@@ -433,6 +434,20 @@ mod tests {
         assert_eq!(ev.get("datacontenttype"), Some("application/octet-stream"));
         assert_eq!(ev.data.as_deref(), Some(&b"hello"[..]));
         assert!(ev.id().starts_with("mqtt-") && ev.id().len() == 37);
+        ev.validate().unwrap();
+    }
+
+    /// Fuzz findings (mqtt_mapping): a topic or v5 content type of blanks made the wrapped
+    /// event invalid (blank subject / datacontenttype).
+    #[test]
+    fn blank_topic_and_content_type_are_left_out() {
+        let mut m = msg(" ", b"hello");
+        m.content_type = Some("\r".into());
+        let Mapped::Event(ev) = to_cloudevent(&m, &settings()) else {
+            panic!("not an event")
+        };
+        assert_eq!(ev.get("subject"), None);
+        assert_eq!(ev.get("datacontenttype"), Some("application/octet-stream"));
         ev.validate().unwrap();
     }
 
