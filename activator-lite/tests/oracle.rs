@@ -139,22 +139,12 @@ async fn unknown_revision_is_404(imp: Impl) {
     let r = s.get("nope", "/", &[]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
 
-    let by_host = |host: &'static str| {
-        let port = s.port();
-        async move {
-            let req = hyper::Request::get(format!("http://127.0.0.1:{port}/"))
-                .header("host", host)
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .expect("request");
-            send(req).await
-        }
-    };
-    let r = by_host("nope.default.svc.cluster.local").await;
+    let r = by_host(&s, "nope.default.svc.cluster.local").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
-    let r = by_host("example.com").await;
+    let r = by_host(&s, "example.com").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
     // The known revision by Host alone is proxied.
-    let r = by_host("hello-00001.default.svc.cluster.local").await;
+    let r = by_host(&s, "hello-00001.default.svc.cluster.local").await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-a"));
     assert!(pod.served().len() == 1);
 }
