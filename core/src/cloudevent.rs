@@ -230,6 +230,16 @@ impl CloudEvent {
         self.get("datacontentencoding") == Some("base64") && self.specversion() == "0.3"
     }
 
+    /// A 0.3 `datacontentencoding: base64` says how the JSON format wrote the data; once the
+    /// data is bytes (decoded, or a binary-mode body) it no longer applies and is dropped, as
+    /// Knative's receiver does (sdk-go decodes it into the 0.3 context, and its binary writer
+    /// never sends it). Binary-mode decoders call this.
+    pub fn drop_binary_datacontentencoding(&mut self) {
+        if self.base64_03() {
+            self.attrs.remove("datacontentencoding");
+        }
+    }
+
     /// Decodes an HTTP request or response (binary or structured mode) and validates it.
     pub fn from_http(headers: &HeaderMap, body: Bytes) -> Result<Self, EventError> {
         let ct = match headers.get(http::header::CONTENT_TYPE) {
@@ -271,6 +281,7 @@ impl CloudEvent {
             ev.attrs.insert("datacontenttype".into(), ct.to_owned());
         }
         ev.data = (!body.is_empty()).then_some(body);
+        ev.drop_binary_datacontentencoding();
         Ok(ev)
     }
 
@@ -311,7 +322,10 @@ impl CloudEvent {
                 return Err(EventError::Base64("data_base64 must be a string".into()));
             }
             (Some(d), None) if ev.base64_03() => match d {
-                Json::String(s) => ev.data = Some(decode_base64(&s)?),
+                Json::String(s) => {
+                    ev.data = Some(decode_base64(&s)?);
+                    ev.drop_binary_datacontentencoding();
+                }
                 _ => {
                     return Err(EventError::Base64(
                         "data must be a string when datacontentencoding is base64".into(),
@@ -1029,14 +1043,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ev.data.as_deref(), Some(&[0u8, 159][..]));
-        assert_eq!(ev.get("datacontentencoding"), Some("base64"));
-        let json = ev.to_structured();
+        // Decoded: the encoding no longer applies (Knative delivers it without).
+        assert_eq!(ev.get("datacontentencoding"), None);
+        assert_eq!(
+            CloudEvent::from_structured(&ev.to_structured()).unwrap(),
+            ev
+        );
+        // An event built with the attribute is written with base64 data and reads back as
+        // the same bytes.
+        let mut built = ev.clone();
+        built.set("datacontentencoding", "base64");
+        let json = built.to_structured();
         assert!(
             std::str::from_utf8(&json)
                 .unwrap()
                 .contains(r#""data":"AJ8=""#)
         );
         assert_eq!(CloudEvent::from_structured(&json).unwrap(), ev);
+        // In binary mode the body is the data: a base64 encoding header is dropped, another
+        // value refused.
+        let mut h = ev.binary_headers();
+        assert!(h.get("ce-datacontentencoding").is_none());
+        h.insert("ce-datacontentencoding", HeaderValue::from_static("base64"));
+        let back = CloudEvent::from_http(&h, Bytes::from_static(&[0, 159])).unwrap();
+        assert_eq!(back.get("datacontentencoding"), None);
+        h.insert("ce-datacontentencoding", HeaderValue::from_static("gzip"));
+        assert!(matches!(
+            CloudEvent::from_http(&h, Bytes::from_static(&[0, 159])),
+            Err(EventError::Invalid(..))
+        ));
         assert!(matches!(
             structured(
                 r#"{"specversion":"0.3","id":"1","source":"/s","type":"t","datacontentencoding":"base64","data":{}}"#

@@ -135,6 +135,7 @@ fn from_v5_binary(msg: &InboundMessage) -> Result<CloudEvent, EventError> {
     if !msg.payload.is_empty() {
         ev.data = Some(msg.payload.clone());
     }
+    ev.drop_binary_datacontentencoding();
     ev.validate()?;
     Ok(ev)
 }
