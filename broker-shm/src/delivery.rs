@@ -21,7 +21,8 @@ use std::time::Duration;
 
 /// Largest subscriber response body read (bigger replies fail the attempt).
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
-/// `knativeerrordata` keeps at most this many bytes of the response body.
+/// `knativeerrordata` is at most this many characters of base64 (Knative's
+/// `KnativeErrorDataExtensionMaxLength`): the first 768 bytes of the response body.
 pub const ERROR_DATA_MAX: usize = 1024;
 
 /// How one attempt should be sent.
@@ -414,13 +415,21 @@ impl Sinks {
 pub fn with_error_extensions(event: &CloudEvent, dest: &Target, failure: &Attempt) -> CloudEvent {
     let mut ev = event.clone();
     ev.set("knativeerrordest", dest.display());
-    if let Some(code) = failure.status {
-        ev.set("knativeerrorcode", code.to_string());
-    }
-    if !failure.body.is_empty() {
-        let n = failure.body.len().min(ERROR_DATA_MAX);
-        ev.set("knativeerrordata", B64.encode(&failure.body[..n]));
-    }
+    // As kncloudevents' dispatcher: no response at all counts as 500 with the dispatch error
+    // as the body; the data is always there (empty when the body was).
+    let (code, body) = match failure.status {
+        Some(code) => (code, failure.body.clone()),
+        None => (
+            500,
+            Bytes::from(format!(
+                "dispatch error: {}",
+                failure.error.as_deref().unwrap_or("no response")
+            )),
+        ),
+    };
+    ev.set("knativeerrorcode", code.to_string());
+    let n = body.len().min(ERROR_DATA_MAX / 4 * 3);
+    ev.set("knativeerrordata", B64.encode(&body[..n]));
     ev
 }
 
@@ -455,8 +464,24 @@ mod tests {
         let out = with_error_extensions(&ev, &Target::Http("http://x/y".into()), &fail);
         assert_eq!(out.get("knativeerrordest"), Some("http://x/y"));
         assert_eq!(out.get("knativeerrorcode"), Some("500"));
+        assert_eq!(out.get("knativeerrordata").map(str::len), Some(ERROR_DATA_MAX));
         let data = B64.decode(out.get("knativeerrordata").unwrap()).unwrap();
-        assert_eq!(data.len(), ERROR_DATA_MAX);
+        assert_eq!(data.len(), 768);
+        // An empty body still gives the extension; no response is 500 with the error.
+        let empty = Attempt {
+            status: Some(503),
+            ..Attempt::default()
+        };
+        let out = with_error_extensions(&ev, &Target::Http("http://x/y".into()), &empty);
+        assert_eq!(out.get("knativeerrordata"), Some(""));
+        let out = with_error_extensions(
+            &ev,
+            &Target::Http("http://x/y".into()),
+            &Attempt::failed("connection refused"),
+        );
+        assert_eq!(out.get("knativeerrorcode"), Some("500"));
+        let data = B64.decode(out.get("knativeerrordata").unwrap()).unwrap();
+        assert_eq!(data, b"dispatch error: connection refused");
     }
 
     #[test]

@@ -749,9 +749,12 @@ async fn status_rows(imp: Impl, ns: &str, rows: &'static [StatusRow]) {
 /// KnativeErrorDataExtensionMaxLength; contract C.6), but v0.49.2 panics building it
 /// (pkg/kncloudevents/event_dispatcher.go dispatchExecutionInfoTransformers caps the buffer at
 /// 1024 bytes and base64-encodes the whole body into it: "index out of range [1024]"), which
-/// takes the whole channel dispatcher down. broker-shm truncates the raw body to 1024 bytes
-/// (broker-shm/src/delivery.rs with_error_extensions, ERROR_DATA_MAX), i.e. 1368 characters.
+/// takes the whole channel dispatcher down. broker-shm keeps what Knative means: the first
+/// 768 bytes of the body, 1024 characters of base64 (broker-shm/src/delivery.rs
+/// with_error_extensions, ERROR_DATA_MAX).
 const STATUS_ROWS: &[StatusRow] = &[
+    // A failure with an empty body: all three extensions, knativeerrordata "".
+    row("empty", 500, "", 2, Some("500"), Some("")),
     row("s400", 400, "bad", 1, Some("400"), Some("YmFk")),
     row("s404", 404, "nf", 2, Some("404"), Some("bmY=")),
     row("s408", 408, "late", 2, Some("408"), Some("bGF0ZQ==")),
@@ -781,10 +784,6 @@ async fn status_table_case(imp: Impl) {
 both!(status_table_case: retried_statuses_broker_shm, retried_statuses_knative);
 
 /// Where broker-shm differs from Knative's MT broker (Knative only until it changes):
-/// - `empty`: a failure with an empty body. Knative always adds all three extensions, so
-///   knativeerrordata is "" (attributes.KnativeErrorTransformers); broker-shm leaves
-///   knativeerrordata out (broker-shm/src/delivery.rs with_error_extensions: `if
-///   !failure.body.is_empty()`).
 /// - `junk`: 200 with a body that is no CloudEvent. Knative's filter answers 502 with an empty
 ///   body (pkg/broker/filter/filter_handler.go writeResponse), the channel dispatcher retries
 ///   it, then cannot read the filter's error JSON and adds no error extension at all
@@ -793,9 +792,9 @@ both!(status_table_case: retried_statuses_broker_shm, retried_statuses_knative);
 ///   body as knativeerrordata.
 /// - `slow`: the subscriber answers after the delivery timeout. The channel's request to the
 ///   filter times out, there is no filter body, and Knative adds no extension either;
-///   broker-shm adds knativeerrordest (no code, no data).
+///   broker-shm adds what Knative's dispatcher adds when it reaches a subscriber directly:
+///   knativeerrordest, knativeerrorcode 500 and base64 of "dispatch error: ...".
 const KNATIVE_ONLY_STATUS_ROWS: &[StatusRow] = &[
-    row("empty", 500, "", 2, Some("500"), Some("")),
     StatusRow {
         dest: false,
         ..row("junk", 200, "<html>not an event</html>", 2, None, None)

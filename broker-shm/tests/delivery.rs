@@ -223,7 +223,12 @@ async fn timeout_and_unreachable_subscriber_go_to_dls() {
     assert_eq!(dead.len(), 2, "{}", b.logs());
     for r in &dead {
         assert!(r.ce("knativeerrordest").is_some());
-        assert!(r.ce("knativeerrorcode").is_none(), "no response, no code");
+        // No response: 500 and the dispatch error as the data, as Knative's dispatcher.
+        assert_eq!(r.ce("knativeerrorcode").as_deref(), Some("500"));
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(r.ce("knativeerrordata").unwrap_or_default())
+            .unwrap_or_default();
+        assert!(data.starts_with(b"dispatch error: "), "{data:?}");
     }
     b.assert_alive();
 }
