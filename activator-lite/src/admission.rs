@@ -96,11 +96,15 @@ mod tests {
         assert_eq!(r("GET / HTTP/1.1\r\nHost: rev.ns"), Head::Partial);
         assert_eq!(r("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"), Head::Other);
         assert_eq!(
-            r("GET / HTTP/1.1\r\nHost: rev.ns\r\nK-Network-Probe: activator\r\n\r\n"),
+            r(
+                "GET / HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\nK-Network-Probe: activator\r\n\r\n"
+            ),
             Head::Other
         );
         assert_eq!(
-            r("GET / HTTP/1.1\r\nHost: rev.ns\r\nUser-Agent: kube-probe/1.31\r\n\r\n"),
+            r(
+                "GET / HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\nUser-Agent: kube-probe/1.31\r\n\r\n"
+            ),
             Head::Other
         );
         assert_eq!(r("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Head::Other);

@@ -79,6 +79,9 @@ pub struct Config {
     pub probe_timeout: Duration,
     pub probe_frequency: Duration,
     pub autoscaler_url: String,
+    /// The cluster domain (`CLUSTER_DOMAIN`, resolv.conf, or cluster.local): a Host names a
+    /// revision only as `<name>.<namespace>.svc.<cluster_domain>`.
+    pub cluster_domain: String,
     pub manifests: PathBuf,
     pub bind: std::net::IpAddr,
     pub http1_port: u16,
@@ -105,6 +108,11 @@ impl Config {
         let pod_name = get("POD_NAME").ok_or(ConfigError::Missing("POD_NAME"))?;
         let pod_ip = get("POD_IP").ok_or(ConfigError::Missing("POD_IP"))?;
         let system_namespace = get("SYSTEM_NAMESPACE");
+        // knative/pkg network.GetClusterDomainName: CLUSTER_DOMAIN, else the `svc.`
+        // search domain of resolv.conf, else cluster.local.
+        let cluster_domain = get("CLUSTER_DOMAIN")
+            .or_else(|| resolv_conf.and_then(cluster_domain_from_resolv))
+            .unwrap_or_else(|| "cluster.local".to_owned());
         let autoscaler_url = match flags.autoscaler {
             Some(url) => {
                 if !valid_ws_url(&url) {
@@ -116,10 +124,7 @@ impl Config {
                 let ns = system_namespace
                     .clone()
                     .ok_or(ConfigError::Missing("SYSTEM_NAMESPACE"))?;
-                let domain = get("CLUSTER_DOMAIN")
-                    .or_else(|| resolv_conf.and_then(cluster_domain_from_resolv))
-                    .unwrap_or_else(|| "cluster.local".to_owned());
-                format!("ws://autoscaler.{ns}.svc.{domain}:8080")
+                format!("ws://autoscaler.{ns}.svc.{cluster_domain}:8080")
             }
         };
         let int = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
@@ -162,6 +167,7 @@ impl Config {
             probe_timeout: dur("PROBE_TIMEOUT", Duration::from_millis(300))?,
             probe_frequency: dur("PROBE_FREQUENCY", Duration::from_millis(200))?,
             autoscaler_url,
+            cluster_domain,
             manifests: flags.manifests,
             bind: flags.bind,
             http1_port: flags.http1_port,

@@ -1,4 +1,4 @@
-//! The plain HTTP/1.1 fast path: the common request (HTTP/1.1, a known non-h2c revision,
+//! The plain HTTP/1.1 fast path: the common request (HTTP/1.1, a known revision,
 //! no upgrade, no `Expect`, a body of known length up to [`MAX_FAST_BODY`]) is proxied
 //! as bytes, the way nginx does it: the request head is parsed once with `httparse` and
 //! rewritten straight into the outgoing buffer (Knative's header rules, the same as
@@ -8,7 +8,7 @@
 //! No header map, no per-connection client task, no channel between tasks.
 //!
 //! Anything else (probes, health checks, HTTP/2, upgrades, chunked or large request
-//! bodies, h2c revisions) goes to the hyper path in [`crate::handler`], which then owns
+//! bodies) goes to the hyper path in [`crate::handler`], which then owns
 //! the connection for the rest of its life.
 
 use std::collections::HashMap;
@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -40,14 +39,16 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Largest request-head buffer a connection keeps for its next request.
 const MAX_SPARE: usize = 4 * 1024;
 
-/// Request headers the activator drops or sets itself, besides the hop-by-hop ones.
+/// Request headers the activator drops or sets itself, besides the hop-by-hop ones
+/// (`K-Network-Hash`: knative/networking `pkg/http/probe/handler.go` deletes it from every
+/// request that is not a network probe).
 const REQ_DROP: [&str; 6] = [
     "host",
     "upgrade",
     "knative-serving-namespace",
     "knative-serving-revision",
     "k-proxy-request",
-    "k-original-host",
+    "k-network-hash",
 ];
 
 /// A request the fast path serves.
@@ -80,20 +81,36 @@ pub enum Parsed {
     Slow(Head),
 }
 
+/// The cluster domain Hosts are matched against ([`set_cluster_domain`]).
+static CLUSTER_DOMAIN: std::sync::OnceLock<Box<str>> = std::sync::OnceLock::new();
+
+/// Sets the cluster domain once at startup (before that, and in tests, `cluster.local`).
+pub fn set_cluster_domain(domain: &str) {
+    let _ = CLUSTER_DOMAIN.set(domain.into());
+}
+
+fn cluster_domain() -> &'static str {
+    CLUSTER_DOMAIN.get().map_or("cluster.local", |d| d)
+}
+
 /// The revision a request targets: the `Knative-Serving-*` headers, else the Host (or the
-/// authority of an absolute request target) as `<name>.<namespace>[.…][:port]`.
+/// authority of an absolute request target) when it reads
+/// `<name>.<namespace>.svc.<cluster-domain>[:port]` (Knative's `context_handler.go`: the
+/// Host split in at most 4 parts on `.`, the third `svc`, the fourth up to `:` the
+/// cluster domain). `None` names no revision (Knative looks up the empty name: 404).
 pub fn revision_key(ns: &str, name: &str, host: Option<&str>) -> Option<RevisionKey> {
     if !ns.is_empty() && !name.is_empty() {
         return Some(RevisionKey::new(ns, name));
     }
-    let host = host?;
-    let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    let mut parts = host.split('.');
-    let name = parts.next().filter(|s| !s.is_empty())?;
-    let ns = parts.next().filter(|s| !s.is_empty())?;
+    let mut parts = host?.splitn(4, '.');
+    let name = parts.next()?;
+    let ns = parts.next()?;
+    let svc = parts.next()?;
+    let domain = parts.next()?;
+    let domain = domain.split_once(':').map_or(domain, |(d, _)| d);
+    if svc != "svc" || domain != cluster_domain() || name.is_empty() || ns.is_empty() {
+        return None;
+    }
     Some(RevisionKey::new(ns, name))
 }
 
@@ -142,6 +159,10 @@ pub fn parse_request_into(buf: &[u8], peer: Option<&[u8]>, spare: &mut Vec<u8>) 
     let mut n_conn = 0;
     let mut idempotency_key = false;
     let mut seen = [false; ROUTING.len()];
+    // RewriteHostIn keeps a `K-Original-Host` whose first value is not empty; Go's
+    // reverse proxy sends `TE: trailers` on when any TE value lists `trailers`.
+    let mut original_host: Option<&[u8]> = None;
+    let mut te_trailers = false;
     for h in req.headers.iter() {
         let n = h.name;
         idempotency_key |= n.eq_ignore_ascii_case("idempotency-key")
@@ -184,10 +205,13 @@ pub fn parse_request_into(buf: &[u8], peer: Option<&[u8]>, spare: &mut Vec<u8>) 
             } else {
                 fast = false;
             }
+        } else if n.eq_ignore_ascii_case("k-original-host") {
+            original_host.get_or_insert(h.value);
+        } else if n.eq_ignore_ascii_case("te") {
+            te_trailers |= lists(&[h.value], b"trailers");
         } else if n.eq_ignore_ascii_case("transfer-encoding")
             || n.eq_ignore_ascii_case("upgrade")
             || n.eq_ignore_ascii_case("expect")
-            || n.eq_ignore_ascii_case("k-network-hash")
         {
             fast = false;
         }
@@ -217,10 +241,12 @@ pub fn parse_request_into(buf: &[u8], peer: Option<&[u8]>, spare: &mut Vec<u8>) 
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut xff: Option<&[u8]> = None;
     let mut xff_more = false;
+    let keep_original_host = original_host.is_some_and(|v| !v.is_empty());
     for h in req.headers.iter() {
         if is_in(&HOP_BY_HOP, h.name)
             || is_in(&REQ_DROP, h.name)
             || lists(connection, h.name.as_bytes())
+            || (!keep_original_host && h.name.eq_ignore_ascii_case("k-original-host"))
         {
             continue;
         }
@@ -235,7 +261,10 @@ pub fn parse_request_into(buf: &[u8], peer: Option<&[u8]>, spare: &mut Vec<u8>) 
         push_header(&mut out, h.name.as_bytes(), h.value);
     }
     out.extend_from_slice(b"k-proxy-request: activator\r\n");
-    if let Some(host) = host {
+    if te_trailers {
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
+    if let Some(host) = host.filter(|_| !keep_original_host) {
         push_header(&mut out, b"k-original-host", host.as_bytes());
     }
     if xff.is_some() || peer.is_some() {
@@ -376,14 +405,21 @@ impl UpstreamPool {
     }
 }
 
-fn error_response(status: StatusCode, msg: &str, close: bool) -> Vec<u8> {
+fn error_response(e: &RequestError, close: bool) -> Vec<u8> {
     use std::io::Write as _;
-    let mut out = Vec::with_capacity(128 + msg.len());
+    let status = e.status();
+    let (msg, nosniff) = e.body();
+    let mut out = Vec::with_capacity(160 + msg.len());
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n{msg}",
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n{}content-length: {}\r\n{}\r\n{msg}",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
+        if nosniff {
+            "x-content-type-options: nosniff\r\n"
+        } else {
+            ""
+        },
         msg.len(),
         if close { "connection: close\r\n" } else { "" }
     );
@@ -501,9 +537,8 @@ pub async fn serve(
         Ok(held) => held,
         Err(e) => {
             buf.advance(total);
-            let msg = e.to_string();
-            tracing::debug!(error = %msg, "request failed");
-            let resp = error_response(e.status(), &msg, req.close);
+            tracing::debug!(error = %e, "request failed");
+            let resp = error_response(&e, req.close);
             return client.write_all(&resp).await.is_ok() && !req.close;
         }
     };
@@ -547,9 +582,8 @@ pub async fn serve(
                 Failed::Upstream(m) => RequestError::Upstream(m),
                 Failed::ClientGone => return false,
             };
-            let msg = e.to_string();
-            tracing::debug!(error = %msg, "request failed");
-            let resp = error_response(e.status(), &msg, req.close);
+            tracing::debug!(error = %e, "request failed");
+            let resp = error_response(&e, req.close);
             return client.write_all(&resp).await.is_ok() && !req.close;
         }
     };
@@ -697,7 +731,7 @@ mod tests {
 
     #[test]
     fn connection_buffer_and_peer_text_are_reused() {
-        let head = b"GET /x HTTP/1.1\r\nHost: rev.ns\r\nX-Forwarded-For: 1.1.1.1\r\n\r\n";
+        let head = b"GET /x HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\nX-Forwarded-For: 1.1.1.1\r\n\r\n";
         let mut spare = Vec::with_capacity(1024);
         let at = spare.as_ptr();
         let Parsed::Fast(r) = parse_request_into(head, Some(b"10.0.0.9"), &mut spare) else {
@@ -727,7 +761,7 @@ mod tests {
     #[test]
     fn request_rewritten_as_knative_does() {
         let r = fast(
-            "POST /a?b=1 HTTP/1.1\r\nHost: hello.default.example.com\r\nKnative-Serving-Namespace: default\r\nKnative-Serving-Revision: hello-00001\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nTE: trailers\r\nX-Forwarded-For: 1.1.1.1\r\nX-User: kept\r\nContent-Length: 3\r\n\r\nabc",
+            "POST /a?b=1 HTTP/1.1\r\nHost: hello.default.example.com\r\nKnative-Serving-Namespace: default\r\nKnative-Serving-Revision: hello-00001\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nTE: deflate, trailers\r\nK-Network-Hash: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-User: kept\r\nContent-Length: 3\r\n\r\nabc",
         );
         assert_eq!(r.key, RevisionKey::new("default", "hello-00001"));
         assert_eq!((r.body_len, r.close, r.head_method), (3, false, false));
@@ -739,6 +773,7 @@ mod tests {
             "k-proxy-request: activator\r\n",
             "k-original-host: hello.default.example.com\r\n",
             "x-forwarded-for: 1.1.1.1, 10.0.0.1\r\n",
+            "te: trailers\r\n",
         ] {
             assert!(out.contains(want), "{want:?} missing in {out}");
         }
@@ -748,10 +783,36 @@ mod tests {
             "knative-serving",
             "connection:",
             "x-hop",
-            "te:",
+            "deflate",
+            "k-network-hash",
         ] {
             assert!(!lower.contains(gone), "{gone:?} left in {out}");
         }
+    }
+
+    /// RewriteHostIn keeps a non-empty `K-Original-Host`; an empty one is replaced.
+    #[test]
+    fn existing_original_host_kept() {
+        let r = fast(
+            "GET / HTTP/1.1\r\nHost: r.ns.svc.cluster.local\r\nK-Original-Host: app.example.com\r\n\r\n",
+        );
+        let out = String::from_utf8(r.out).unwrap();
+        assert!(
+            out.contains("K-Original-Host: app.example.com\r\n"),
+            "{out}"
+        );
+        assert_eq!(
+            out.matches("-host:").count() + out.matches("-Host:").count(),
+            1,
+            "{out}"
+        );
+        let r = fast("GET / HTTP/1.1\r\nHost: r.ns.svc.cluster.local\r\nK-Original-Host:\r\n\r\n");
+        let out = String::from_utf8(r.out).unwrap();
+        assert!(
+            out.contains("k-original-host: r.ns.svc.cluster.local\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("K-Original-Host"), "{out}");
     }
 
     #[test]
@@ -761,7 +822,7 @@ mod tests {
             other => panic!("{s:?}: {other:?}"),
         };
         let rev = || Head::Revision(RevisionKey::new("ns", "rev"));
-        let h = "Host: rev.ns\r\n";
+        let h = "Host: rev.ns.svc.cluster.local\r\n";
         assert_eq!(slow(&format!("GET / HTTP/1.0\r\n{h}\r\n")), rev());
         assert_eq!(
             slow(&format!(
@@ -797,16 +858,35 @@ mod tests {
             slow("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
             Head::Other
         );
+        // Only `<name>.<namespace>.svc.<cluster-domain>[:port]` names a revision.
+        for host in [
+            "rev.ns",
+            "rev.ns.example.com",
+            "rev.ns.svc",
+            "rev.ns.svc.other.domain",
+            "rev.ns.svc.cluster.local.x",
+            ".ns.svc.cluster.local",
+        ] {
+            assert_eq!(
+                slow(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+                Head::Other,
+                "{host}"
+            );
+        }
         assert_eq!(slow("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Head::Other);
         assert!(matches!(
             parse_request(b"GET / HTTP/1.1\r\nHost: rev", None),
             Parsed::Partial
         ));
-        let r = fast("HEAD / HTTP/1.1\r\nHost: rev.ns:80\r\nConnection: close\r\n\r\n");
+        let r = fast(
+            "HEAD / HTTP/1.1\r\nHost: rev.ns.svc.cluster.local:80\r\nConnection: close\r\n\r\n",
+        );
         assert!(r.close && r.head_method && r.replayable);
-        let r = fast("POST / HTTP/1.1\r\nHost: rev.ns\r\n\r\n");
+        let r = fast("POST / HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\n\r\n");
         assert!(!r.replayable, "a POST is not sent twice");
-        let r = fast("POST / HTTP/1.1\r\nHost: rev.ns\r\nIdempotency-Key: k1\r\n\r\n");
+        let r = fast(
+            "POST / HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\nIdempotency-Key: k1\r\n\r\n",
+        );
         assert!(r.replayable);
     }
 
@@ -889,7 +969,7 @@ mod tests {
     #[test]
     fn random_request_heads_never_panic() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let base = b"POST /x HTTP/1.1\r\nHost: rev.ns\r\nKnative-Serving-Revision: r\r\nConnection: close, x\r\nX-Forwarded-For: a\r\nContent-Length: 2\r\n\r\nab";
+        let base = b"POST /x HTTP/1.1\r\nHost: rev.ns.svc.cluster.local\r\nKnative-Serving-Revision: r\r\nConnection: close, x\r\nX-Forwarded-For: a\r\nContent-Length: 2\r\n\r\nab";
         for _ in 0..5000 {
             let mut b = base.to_vec();
             for _ in 0..rng.gen_range(1..8) {

@@ -40,27 +40,66 @@ pub const HDR_REV_NAMESPACE: &str = "knative-serving-namespace";
 pub const HDR_REV_NAME: &str = "knative-serving-revision";
 
 /// Where a request for a revision could not be served, with the status Knative answers.
+/// The texts are Knative's: the 404 is the informer lister's NotFound as
+/// `context_handler.go` sendError words it (the looked-up name quoted as Go's `%q` does
+/// for the visible ASCII a header holds).
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("revision not found")]
-    NotFound,
+    #[error("Error getting active endpoint: revision.serving.knative.dev {0:?} not found")]
+    NotFound(String),
     #[error("activator request timeout")]
     Timeout,
     #[error("{0}")]
     Throttled(#[from] ThrottleError),
-    #[error("error proxying request: {0}")]
+    #[error("{0}")]
     Upstream(String),
 }
 
 impl RequestError {
     pub fn status(&self) -> StatusCode {
         match self {
-            RequestError::NotFound => StatusCode::NOT_FOUND,
+            RequestError::NotFound(_) => StatusCode::NOT_FOUND,
             RequestError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             RequestError::Throttled(_) => StatusCode::SERVICE_UNAVAILABLE,
             RequestError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
     }
+
+    /// The response body and whether it is Go's `http.Error` (message and a newline, with
+    /// `X-Content-Type-Options: nosniff`). Only the timeout is not: Knative's timeout
+    /// handler writes its message as it is.
+    pub fn body(&self) -> (String, bool) {
+        match self {
+            RequestError::Timeout => (self.to_string(), false),
+            _ => (format!("{self}\n"), true),
+        }
+    }
+
+    /// The whole answer for the hyper path.
+    pub fn response(&self) -> Response<RespBody> {
+        match self.body() {
+            (body, true) => go_http_error(self.status(), body),
+            (body, false) => text(self.status(), body),
+        }
+    }
+}
+
+/// Go's `http.Error`: `body` (which already ends in a newline) as plain text that browsers
+/// must not sniff.
+fn go_http_error(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut r = text(status, body);
+    r.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// An answer without a body (Go's `WriteHeader` alone: no Content-Type).
+fn empty(status: StatusCode) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r
 }
 
 /// Go's answer to a request with more than one Host header (net/http readRequest).
@@ -128,12 +167,31 @@ fn is_kubelet_probe(h: &HeaderMap) -> bool {
             .is_some_and(|ua| ua.starts_with("kube-probe/"))
 }
 
+/// Go's `html.EscapeString`.
+fn html_escape(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['<', '>', '&', '\'', '"']) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\'' => out.push_str("&#39;"),
+            '"' => out.push_str("&#34;"),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
     h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 /// The target revision from the Knative-Serving-* headers, else from the Host
-/// `<name>.<namespace>[.svc.<domain>][:port]`.
+/// `<name>.<namespace>.svc.<cluster-domain>[:port]` ([`crate::fast::revision_key`]).
 pub fn revision_from(h: &HeaderMap, uri: &Uri) -> Option<RevisionKey> {
     let host = h
         .get(header::HOST)
@@ -204,12 +262,25 @@ pub fn rewrite_request_headers(
     upgrade: bool,
     peer: Option<SocketAddr>,
 ) {
+    // Go's reverse proxy: `TE: trailers` goes on when the client's TE lists `trailers`.
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
     strip_hop_by_hop(h, upgrade);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // knative/networking probe handler: outside probes `K-Network-Hash` is deleted.
+    h.remove(HDR_NETWORK_HASH);
     let original_host = h.remove(header::HOST).or_else(|| {
         uri.authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    if let Some(host) = original_host {
+    // RewriteHostIn: an existing non-empty K-Original-Host is kept.
+    let keep = h.get(HDR_ORIGINAL_HOST).is_some_and(|v| !v.is_empty());
+    if let Some(host) = original_host.filter(|_| !keep) {
         h.insert(HDR_ORIGINAL_HOST, host);
     }
     h.remove(HDR_REV_NAMESPACE);
@@ -376,16 +447,21 @@ impl App {
         }
         // 1. Kubelet health checks: ready only while the autoscaler link is up.
         if is_kubelet_probe(req.headers()) {
+            // Knative's texts: cmd/activator/main.go newHealthCheck and knative/pkg
+            // websocket ErrConnectionNotEstablished.
             if self.draining.load(Ordering::Acquire) {
-                return Ok(text(StatusCode::INTERNAL_SERVER_ERROR, "shutting down"));
-            }
-            if !self.link.connected() {
-                return Ok(text(
+                return Ok(go_http_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "not connected to the autoscaler",
+                    "received SIGTERM from kubelet\n",
                 ));
             }
-            return Ok(text(StatusCode::OK, ""));
+            if !self.link.connected() {
+                return Ok(go_http_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "connection has not yet been established\n",
+                ));
+            }
+            return Ok(empty(StatusCode::OK));
         }
         // 2. Network probe.
         let probe = req.headers().get(HDR_NETWORK_PROBE).cloned();
@@ -396,11 +472,14 @@ impl App {
             let hash = req.headers().get(HDR_NETWORK_HASH).cloned();
             return Ok(match hash.filter(|h| !h.is_empty()) {
                 Some(h) => {
-                    let mut r = text(StatusCode::OK, "");
+                    let mut r = empty(StatusCode::OK);
                     r.headers_mut().insert(HDR_NETWORK_HASH, h);
                     r
                 }
-                None => text(StatusCode::BAD_REQUEST, "no K-Network-Hash header"),
+                None => go_http_error(
+                    StatusCode::BAD_REQUEST,
+                    "a probe request must contain a non-empty \"K-Network-Hash\" header\n",
+                ),
             });
         }
         if req.headers().contains_key(HDR_NETWORK_HASH) {
@@ -411,9 +490,10 @@ impl App {
             return Ok(if probe == "activator" {
                 text(StatusCode::OK, "activator")
             } else {
-                text(
+                // probe_handler.go: `%q` of the HTML-escaped value.
+                go_http_error(
                     StatusCode::BAD_REQUEST,
-                    format!("unexpected probe header value: {probe:?}"),
+                    format!("unexpected probe header value: {:?}\n", html_escape(probe)),
                 )
             });
         }
@@ -430,19 +510,20 @@ impl App {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
-                text(e.status(), e.to_string())
+                e.response()
             }
         }
     }
 
     fn lookup(&self, req: &Request<Incoming>) -> Result<Arc<RevisionSpec>, RequestError> {
-        let key = revision_from(req.headers(), req.uri()).ok_or(RequestError::NotFound)?;
-        self.state
-            .borrow()
-            .revisions
-            .get(&key)
-            .cloned()
-            .ok_or(RequestError::NotFound)
+        // Without a revision from headers or Host, Knative looks up the
+        // Knative-Serving-Revision header's value (maybe empty) and fails on that name.
+        let Some(key) = revision_from(req.headers(), req.uri()) else {
+            let name = header_str(req.headers(), HDR_REV_NAME);
+            return Err(RequestError::NotFound(name.to_owned()));
+        };
+        let spec = self.state.borrow().revisions.get(&key).cloned();
+        spec.ok_or(RequestError::NotFound(key.name))
     }
 
     async fn serve_revision(
@@ -482,7 +563,10 @@ impl App {
         started: tokio::time::Instant,
         peer: Option<SocketAddr>,
     ) -> Result<Response<RespBody>, RequestError> {
-        let upgrade = !spec.h2c && is_upgrade(req.headers());
+        // knative/pkg network/transports.go newAutoTransport: HTTP/2 (h2c) to the pod only
+        // when the client spoke HTTP/2, whatever the revision's port.
+        let h2 = req.version() == http::Version::HTTP_2;
+        let upgrade = !h2 && is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -492,7 +576,7 @@ impl App {
         rewrite_request_headers(&mut parts.headers, &parts.uri, upgrade, peer);
         parts.uri = uri;
         let out = Request::from_parts(parts, body);
-        let (out, client) = if spec.h2c {
+        let (out, client) = if h2 {
             let mut out = out;
             *out.version_mut() = http::Version::HTTP_2;
             (out, &self.client_h2)
@@ -603,7 +687,7 @@ mod tests {
             None
         );
         assert_eq!(revision_from(&hm(&[]), &uri), None);
-        let abs: Uri = "http://r.ns/x".parse().unwrap();
+        let abs: Uri = "http://r.ns.svc.cluster.local/x".parse().unwrap();
         assert_eq!(
             revision_from(&hm(&[]), &abs),
             Some(RevisionKey::new("ns", "r"))
@@ -618,7 +702,8 @@ mod tests {
             (HDR_REV_NAME, "hello-00001"),
             ("connection", "keep-alive, x-hop"),
             ("x-hop", "1"),
-            ("te", "trailers"),
+            ("te", "deflate, trailers"),
+            (HDR_NETWORK_HASH, "h"),
             ("x-forwarded-for", "1.1.1.1"),
             ("x-user", "kept"),
         ]);
@@ -631,7 +716,9 @@ mod tests {
         assert!(h.get("host").is_none());
         assert_eq!(h.get(HDR_PROXY_REQUEST).unwrap(), "activator");
         assert!(h.get(HDR_REV_NAMESPACE).is_none() && h.get(HDR_REV_NAME).is_none());
-        assert!(h.get("x-hop").is_none() && h.get("te").is_none() && h.get("connection").is_none());
+        assert!(h.get("x-hop").is_none() && h.get("connection").is_none());
+        assert!(h.get(HDR_NETWORK_HASH).is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.1.1.1, 10.0.0.1");
         assert_eq!(h.get("x-user").unwrap(), "kept");
 
@@ -644,7 +731,20 @@ mod tests {
 
     #[test]
     fn statuses() {
-        assert_eq!(RequestError::NotFound.status(), 404);
+        assert_eq!(RequestError::NotFound("x".into()).status(), 404);
+        assert_eq!(
+            RequestError::NotFound("nope".into()).body(),
+            (
+                "Error getting active endpoint: revision.serving.knative.dev \"nope\" not found\n"
+                    .into(),
+                true
+            )
+        );
+        assert_eq!(
+            RequestError::Timeout.body(),
+            ("activator request timeout".into(), false)
+        );
+        assert_eq!(html_escape("<a&'\">"), "&lt;a&amp;&#39;&#34;&gt;");
         assert_eq!(RequestError::Timeout.status(), 504);
         assert_eq!(
             RequestError::Throttled(ThrottleError::QueueFull).status(),

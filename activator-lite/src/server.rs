@@ -113,7 +113,9 @@ async fn app_conn(
         };
         let key = match parsed {
             Ok(Some(Parsed::Fast(req))) => match app.revision(&req.key) {
-                Some(spec) if !spec.h2c => {
+                // Any revision: the protocol to the pod follows the client's (HTTP/1.1
+                // here), also for h2c revisions (their `http2` port speaks both).
+                Some(spec) => {
                     let Some(adm) = app.admit(spec, client_gone(&stream)).await else {
                         return;
                     };
@@ -133,7 +135,7 @@ async fn app_conn(
                     first = false;
                     continue;
                 }
-                _ => req.key,
+                None => req.key,
             },
             Ok(Some(Parsed::Slow(Head::Revision(key)))) if first => key,
             Ok(Some(_)) => break None,
@@ -209,6 +211,7 @@ async fn terminated() -> anyhow::Result<()> {
 
 /// Runs the activator until SIGTERM/SIGINT and the drain are done.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    crate::fast::set_cluster_domain(&cfg.cluster_domain);
     let source = ManifestDir::start(&cfg.manifests)
         .with_context(|| format!("loading manifests from {}", cfg.manifests.display()))?;
     let state = source.subscribe();

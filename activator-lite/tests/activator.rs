@@ -571,8 +571,12 @@ impl QueueProxy {
     }
 }
 
+/// The protocol to the pod follows the client's, whatever the revision (knative/pkg
+/// network/transports.go `newAutoTransport`: h2c only when `r.ProtoMajor == 2`): an
+/// HTTP/1.1 request for an h2c revision reaches the pod's `http2` port as HTTP/1.1, an h2c
+/// request as HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2c_revision_is_proxied_over_http2() {
+async fn h2c_revision_gets_the_clients_protocol() {
     let m = Manifests::new();
     m.write(
         "rev-grpc.yaml",
@@ -588,11 +592,33 @@ async fn h2c_revision_is_proxied_over_http2() {
     );
     let asc = FakeAutoscaler::start(0).await;
     let act = ready_activator(&m, &asc, &[]).await;
-    let r = act.get(REV, "/h2", &[]).await;
+    let r = act.get(REV, "/h1", &[]).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "pod-h2"));
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/h2", act.port))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", REV)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = h2.request(req).await.expect("h2c request");
+    assert_eq!(
+        (resp.version(), resp.status()),
+        (http::Version::HTTP_2, StatusCode::OK)
+    );
     let seen = pod.served();
-    assert_eq!(seen[0].version, http::Version::HTTP_2);
-    assert_eq!(seen[0].headers.get("k-proxy-request").unwrap(), "activator");
+    assert_eq!(
+        seen.iter()
+            .map(|r| (r.path.as_str(), r.version))
+            .collect::<Vec<_>>(),
+        [
+            ("/h1", http::Version::HTTP_11),
+            ("/h2", http::Version::HTTP_2)
+        ]
+    );
+    assert_eq!(seen[1].headers.get("k-proxy-request").unwrap(), "activator");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,12 +201,6 @@ differential!(hop_by_hop_dropped_and_forwarded_for_appended: hop_by_hop_dropped_
 /// Contract B.2 (2): outside a network probe, `K-Network-Hash` is stripped before the request
 /// goes on (knative/networking `pkg/http/probe/handler.go`: `r.Header.Del(header.HashKey)`
 /// when `K-Network-Probe` is not `probe`).
-///
-/// Knative only: activator-lite forwards the header to the pod. A request carrying
-/// `K-Network-Hash` leaves its fast path (`activator-lite/src/fast.rs` marks it slow), is
-/// admitted early as a revision request by `src/server.rs` (`Parsed::Slow(Head::Revision)`
-/// on a fresh connection), and `App::handle` then returns `self.respond(..)` at once
-/// (`src/handler.rs`, `if admission.is_some()`), skipping the strip further down.
 async fn network_hash_stripped_from_proxied_requests(imp: Impl) {
     let pod = Pod::start("pod-a", true).await;
     let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
@@ -216,18 +210,11 @@ async fn network_hash_stripped_from_proxied_requests(imp: Impl) {
     assert!(h.get("k-network-hash").is_none(), "{h:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_hash_stripped_from_proxied_requests_knative() {
-    network_hash_stripped_from_proxied_requests(Impl::Knative).await;
-}
+differential!(network_hash_stripped_from_proxied_requests: network_hash_stripped_from_proxied_requests_lite, network_hash_stripped_from_proxied_requests_knative);
 
 /// `TE: trailers` from the client reaches the pod (Go's `httputil.ReverseProxy`: "Issue 21096:
 /// tell backend applications that care about trailer support that we support trailers",
 /// net/http/httputil/reverseproxy.go); gRPC servers require it.
-///
-/// Knative only: activator-lite drops `TE` as hop-by-hop whatever its value
-/// (`activator-lite/src/handler.rs` `HOP_BY_HOP` contains "te"; the fast path skips the same
-/// list in `src/fast.rs`).
 async fn te_trailers_reaches_the_pod(imp: Impl) {
     let pod = Pod::start("pod-a", true).await;
     let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
@@ -237,10 +224,7 @@ async fn te_trailers_reaches_the_pod(imp: Impl) {
     assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn te_trailers_reaches_the_pod_knative() {
-    te_trailers_reaches_the_pod(Impl::Knative).await;
-}
+differential!(te_trailers_reaches_the_pod: te_trailers_reaches_the_pod_lite, te_trailers_reaches_the_pod_knative);
 
 /// Contract B.2 (11, 12): the revision's timeoutSeconds gives 504 "activator request
 /// timeout"; a pod that refuses the connection gives 502.
@@ -306,11 +290,6 @@ differential!(poke_then_health_follows_the_autoscaler_link: poke_then_health_fol
 /// lister does (`pkg/activator/handler/context_handler.go` sendError: "Error getting active
 /// endpoint: " + the NotFound error); the probe 400s are `probe_handler.go`'s and
 /// knative/networking `pkg/http/probe/handler.go`'s texts.
-///
-/// Knative only: activator-lite answers "revision not found", "no K-Network-Hash header",
-/// "unexpected probe header value: \"queue\"" without the newline, all without nosniff
-/// (`activator-lite/src/handler.rs` `text(..)` callers). Statuses match (see the
-/// differential cases above); only the texts differ.
 async fn error_bodies_as_go_http_error(imp: Impl) {
     let (_m, _asc, s) = setup(imp, 0, &[]).await;
     let r = s.get("nope", "/", &[]).await;
@@ -338,10 +317,7 @@ async fn error_bodies_as_go_http_error(imp: Impl) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn error_bodies_as_go_http_error_knative() {
-    error_bodies_as_go_http_error(Impl::Knative).await;
-}
+differential!(error_bodies_as_go_http_error: error_bodies_as_go_http_error_lite, error_bodies_as_go_http_error_knative);
 
 /// Sequential requests to `rev` until `want` answers (both pods' probes may still be in
 /// flight when the activator turns healthy); then the next `n` replies.
@@ -564,10 +540,6 @@ differential!(h2c_websocket_and_streaming: h2c_websocket_and_streaming_lite, h2c
 /// the h2c transport only when `r.ProtoMajor == 2` (network/transports.go). So an HTTP/1.1
 /// request for an h2c revision goes to the pod's `http2` port as HTTP/1.1 (queue-proxy serves
 /// both there), and an h2c request for a plain revision goes to the pod as HTTP/2.
-///
-/// Knative only: activator-lite chooses by the revision (`activator-lite/src/handler.rs`
-/// `proxy`: `if spec.h2c` sets HTTP/2 and the h2-only client, otherwise HTTP/1.1), so it sends
-/// HTTP/2 for the first and HTTP/1.1 for the second.
 async fn protocol_to_the_pod_follows_the_client(imp: Impl) {
     let h2pod = Pod::start("pod-h2", true).await;
     let pod = Pod::start("pod-a", true).await;
@@ -586,10 +558,7 @@ async fn protocol_to_the_pod_follows_the_client(imp: Impl) {
     assert_eq!(pod.served()[0].version, http::Version::HTTP_2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn protocol_to_the_pod_follows_the_client_knative() {
-    protocol_to_the_pod_follows_the_client(Impl::Knative).await;
-}
+differential!(protocol_to_the_pod_follows_the_client: protocol_to_the_pod_follows_the_client_lite, protocol_to_the_pod_follows_the_client_knative);
 
 /// A request for the revision by Host alone, without the Knative-Serving-* headers.
 async fn by_host(s: &Subject, host: &str) -> Reply {
@@ -605,10 +574,6 @@ async fn by_host(s: &Subject, host: &str) -> Reply {
 /// (`pkg/activator/handler/context_handler.go`: `strings.SplitN(r.Host, ".", 4)`, 4 parts,
 /// `parts[2] == "svc"`, `parts[3]` without port == `network.GetClusterDomainName()`); any
 /// other Host looks up the empty name: 404.
-///
-/// Knative only: activator-lite takes the first two labels of any Host as name and namespace
-/// (`activator-lite/src/fast.rs` `revision_key`), so `hello-00001.default.example.com` and
-/// `hello-00001.default.svc` are proxied to the revision.
 async fn host_names_a_revision_only_as_a_cluster_service(imp: Impl) {
     let pod = Pod::start("pod-a", true).await;
     let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
@@ -625,19 +590,12 @@ async fn host_names_a_revision_only_as_a_cluster_service(imp: Impl) {
     assert_eq!(pod.served().len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_names_a_revision_only_as_a_cluster_service_knative() {
-    host_names_a_revision_only_as_a_cluster_service(Impl::Knative).await;
-}
+differential!(host_names_a_revision_only_as_a_cluster_service: host_names_a_revision_only_as_a_cluster_service_lite, host_names_a_revision_only_as_a_cluster_service_knative);
 
 /// Contract B.2 (12) RewriteHostIn: the Host moves into `K-Original-Host` only when the request
 /// has none; an existing `K-Original-Host` (set by a proxy in front) is kept
 /// (knative/networking `pkg/http/header/header.go` RewriteHostIn: "Don't overwrite an existing
 /// OriginalHostHeader").
-///
-/// Knative only: activator-lite always replaces it with the Host (`activator-lite/src/fast.rs`
-/// drops `k-original-host` (`REQ_DROP`) and writes its own; `src/handler.rs`
-/// `rewrite_request_headers` inserts over it).
 async fn existing_original_host_is_kept(imp: Impl) {
     let pod = Pod::start("pod-a", true).await;
     let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
@@ -649,7 +607,4 @@ async fn existing_original_host_is_kept(imp: Impl) {
     assert_eq!(h.get("k-original-host").unwrap(), "app.example.com");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn existing_original_host_is_kept_knative() {
-    existing_original_host_is_kept(Impl::Knative).await;
-}
+differential!(existing_original_host_is_kept: existing_original_host_is_kept_lite, existing_original_host_is_kept_knative);

@@ -164,6 +164,8 @@ impl Activator {
         let child = Command::new(BIN)
             .env_clear()
             .envs(STOCK_ENV)
+            // As for the oracle: the cluster domain whatever the host's resolv.conf says.
+            .env("CLUSTER_DOMAIN", "cluster.local")
             .env("RUST_LOG", "warn")
             .arg("--manifests")
             .arg(manifests)
