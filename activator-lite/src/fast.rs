@@ -481,15 +481,21 @@ async fn exchange(
             None => connect(dest).await.map_err(up)?,
         };
         ubuf.clear();
+        // A pod may answer before reading the body and close: its answer is relayed even
+        // though the request could not be sent whole (as Go's transport does).
+        let mut write_failed = None;
         if let Err(e) = s.write_all(out).await {
             if reused {
                 continue;
             }
-            return Err(Failed::Upstream(e.to_string()));
+            write_failed = Some(e);
         }
         loop {
             match parse_response(ubuf, head_method) {
-                Ok(ParsedResponse::Complete(r)) => return Ok((s, r)),
+                Ok(ParsedResponse::Complete(mut r)) => {
+                    r.reusable &= write_failed.is_none();
+                    return Ok((s, r));
+                }
                 Ok(ParsedResponse::Interim(n)) => {
                     ubuf.advance(n);
                     continue;
@@ -501,10 +507,15 @@ async fn exchange(
             let retry_read = reused && replayable && ubuf.is_empty();
             match fill(&mut s, ubuf).await {
                 Ok(0) if retry_read => break,
-                Ok(0) => return Err(Failed::Upstream("unexpected EOF from the pod".into())),
+                Ok(0) => {
+                    return Err(Failed::Upstream(write_failed.map_or_else(
+                        || "unexpected EOF from the pod".into(),
+                        |e| e.to_string(),
+                    )));
+                }
                 Ok(_) => {}
                 Err(_) if retry_read => break,
-                Err(e) => return Err(Failed::Upstream(e.to_string())),
+                Err(e) => return Err(Failed::Upstream(write_failed.unwrap_or(e).to_string())),
             }
         }
     }

@@ -150,7 +150,7 @@ pub struct App {
     pub queue_depth: usize,
     /// Keep-alive connections of the fast path ([`crate::fast`]).
     pub pool: crate::fast::UpstreamPool,
-    client_h1: Client<HttpConnector, Incoming>,
+    client_h1: Client<crate::connector::PodConnector, Incoming>,
     client_h2: Client<HttpConnector, Incoming>,
 }
 
@@ -370,7 +370,7 @@ impl App {
         conn.set_nodelay(true);
         let client_h1 = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(max_idle_per_host)
-            .build(conn.clone());
+            .build(crate::connector::PodConnector(conn.clone()));
         let client_h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(conn);
@@ -576,20 +576,18 @@ impl App {
         rewrite_request_headers(&mut parts.headers, &parts.uri, upgrade, peer);
         parts.uri = uri;
         let out = Request::from_parts(parts, body);
-        let (out, client) = if h2 {
-            let mut out = out;
+        let mut out = out;
+        let send = if h2 {
             *out.version_mut() = http::Version::HTTP_2;
-            (out, &self.client_h2)
+            self.client_h2.request(out)
         } else {
-            let mut out = out;
             *out.version_mut() = http::Version::HTTP_11;
-            (out, &self.client_h1)
+            self.client_h1.request(out)
         };
         // One timer serves the first-byte timeout and then, when it ends at the same
         // instant (the usual case), the total timeout of the streamed body.
         let mut timer =
             first_byte_timeout(spec).map(|t| Box::pin(tokio::time::sleep_until(started + t)));
-        let send = client.request(out);
         let sent = match timer.as_mut() {
             Some(t) => tokio::select! {
                 r = send => r,

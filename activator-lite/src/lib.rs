@@ -14,6 +14,7 @@ pub mod admission;
 pub mod autoscaler;
 pub mod backends;
 pub mod config;
+pub mod connector;
 pub mod fast;
 pub mod handler;
 pub mod manifests;

@@ -1035,3 +1035,68 @@ async fn bodies_head_and_pods_closing_idle_connections() {
     assert!(r.body.is_empty());
     pod.abort();
 }
+
+/// A pod that answers every request at once without reading its body, then closes the
+/// connection (unread bytes make the kernel reset it), as a server that rejects an upload
+/// early does. Probes get the queue-proxy answer.
+async fn impatient_pod() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let probe = String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("k-network-probe: queue");
+                let body = if probe { "queue" } else { "early" };
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A pod that answers before reading a large request body: its answer reaches the client
+/// even though sending the rest of the body fails (Go's transport relays a response that
+/// arrived while the body was being written; Knative's activator returned the pod's 200
+/// every time). Many quick requests, both through hyper (1 MB) and the fast path (60 KB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_answer_relayed_when_the_body_cannot_be_sent() {
+    let (addr, _pod) = impatient_pod().await;
+    let m = Manifests::new();
+    m.revision(REV, 0, "");
+    m.endpoints(REV, &[addr], &[]);
+    let asc = FakeAutoscaler::start(0).await;
+    let act = ready_activator(&m, &asc, &[]).await;
+    for size in [1 << 20, 60 * 1024] {
+        let body = Bytes::from(vec![b'x'; size]);
+        for i in 0..15 {
+            let req = Request::post(format!("http://127.0.0.1:{}/upload", act.port))
+                .header("knative-serving-namespace", NS)
+                .header("knative-serving-revision", REV)
+                .body(Full::new(body.clone()))
+                .expect("request");
+            let r = send(req).await;
+            assert_eq!(
+                (r.status, r.body.as_str()),
+                (StatusCode::OK, "early"),
+                "body of {size} bytes, attempt {i}"
+            );
+        }
+    }
+}
