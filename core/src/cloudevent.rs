@@ -445,14 +445,35 @@ fn decode_base64(s: &str) -> Result<Bytes, EventError> {
         .map_err(|e| EventError::Base64(e.to_string()))
 }
 
-/// Is `s` JSON that [`CloudEvent::from_structured`] reads back as the `data` member? Checked
-/// without building a value tree: numbers must fit an f64, strings must decode, nesting
-/// must stay below serde_json's limit one level down. (Skipping the value would accept
-/// `1e999` and bad escapes.)
+/// Is `s` JSON that [`CloudEvent::from_structured`] reads back as the `data` member? Numbers
+/// must fit an f64, escapes must decode, nesting must stay below serde_json's limit one level
+/// down. Skipping the value (fast, no tree) checks the syntax but none of these three, so data
+/// that could break one of them (an exponent, 300 digits in a row, a `\u` escape, over
+/// [`MAX_DATA_DEPTH`] brackets) is also walked by [`JsonCheck`].
 fn embeddable_json(s: &str) -> bool {
     use serde::de::DeserializeSeed as _;
+    if serde_json::from_str::<serde::de::IgnoredAny>(s).is_err() {
+        return false;
+    }
+    if !may_not_read_back(s.as_bytes()) {
+        return true;
+    }
     let mut de = serde_json::Deserializer::from_str(s);
     JsonCheck(0).deserialize(&mut de).is_ok() && de.end().is_ok()
+}
+
+/// A cheap over-approximation of the JSON that skips as valid but does not parse as a value:
+/// long data (300 digits or over 100 brackets need length), a backslash, an exponent.
+fn may_not_read_back(b: &[u8]) -> bool {
+    if b.len() >= 200 || b.contains(&b'\\') {
+        return true;
+    }
+    let mut prev = b' ';
+    b.iter().any(|&c| {
+        let exp = c | 0x20 == b'e' && (prev.is_ascii_digit() || prev == b'.');
+        prev = c;
+        exp
+    })
 }
 
 /// Visits a JSON value at a nesting depth, keeping nothing.
@@ -1179,6 +1200,18 @@ mod tests {
                 proptest::prop_assert_eq!(CloudEvent::from_http(&ev.binary_headers(), ev.data.clone().unwrap_or_default()).map(|e| e.attrs), Ok(ev.attrs.clone()));
                 proptest::prop_assert_eq!(CloudEvent::from_structured(&ev.to_structured()).map(|e| e.attrs), Ok(ev.attrs.clone()));
             }
+        }
+
+        /// Whatever JSON-looking data an event carries, its structured form reads back.
+        #[test]
+        fn structured_output_always_reads_back(parts in proptest::collection::vec(proptest::sample::select(vec![
+            "[", "]", "{", "}", ",", ":", "\"k\"", "1", "9999999999", "e", "E999", ".5", "-", "\"\\ud800\"",
+            "\"\\u00e9\"", "\"\\n\"", "null", "true", " ", "\u{e9}", "\\",
+        ]), 0..160)) {
+            let mut ev = sample();
+            ev.data = Some(Bytes::from(parts.concat()));
+            let back = CloudEvent::from_structured(&ev.to_structured());
+            proptest::prop_assert!(back.is_ok(), "{:?}", back);
         }
 
         #[test]
