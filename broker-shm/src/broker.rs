@@ -71,6 +71,13 @@ pub fn apply_ingress_extensions(ev: &mut CloudEvent, max_ttl: i32) -> Result<(),
         ARRIVAL_EXT,
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
     );
+    // Knative's ingress re-encodes the event: `time` goes on in UTC, as sdk-go writes it.
+    if let Some(utc) = ev
+        .get("time")
+        .and_then(spright_core::cloudevent::go_time_utc_text)
+    {
+        ev.set("time", utc);
+    }
     // Knative's TTL defaulter (pkg/broker/ttl.go): missing, or not a CloudEvents integer
     // (sdk-go's ParseInteger: a decimal number truncated to int32, out-of-range refused) →
     // MAX_TTL; otherwise decremented, floor 0.

@@ -175,32 +175,10 @@ fn lookup<'a>(ev: &'a CloudEvent, name: &str) -> Option<Cow<'a, str>> {
 /// zero offset, other offsets kept; an unset time is Go's zero time. A value that does not
 /// parse stays as it is (the ingress refuses such events before they reach a filter).
 pub fn canonical_time(time: Option<&str>) -> String {
-    use chrono::{Offset, Timelike};
-    let Some(t) = time else {
-        return "0001-01-01T00:00:00Z".into();
-    };
-    let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) else {
-        return t.to_string();
-    };
-    let mut out = dt.format("%Y-%m-%dT%H:%M:%S").to_string();
-    let nanos = dt.nanosecond() % 1_000_000_000;
-    if nanos != 0 {
-        let frac = format!("{nanos:09}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
+    match time {
+        None => "0001-01-01T00:00:00Z".into(),
+        Some(t) => spright_core::cloudevent::go_time_text(t).unwrap_or_else(|| t.to_string()),
     }
-    let offset = dt.offset().fix().local_minus_utc();
-    if offset == 0 {
-        out.push('Z');
-    } else {
-        let (sign, abs) = if offset < 0 {
-            ('-', -offset)
-        } else {
-            ('+', offset)
-        };
-        out.push_str(&format!("{sign}{:02}:{:02}", abs / 3600, abs / 60 % 60));
-    }
-    out
 }
 
 impl Filter {

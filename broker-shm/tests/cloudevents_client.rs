@@ -299,10 +299,9 @@ const V03_BASE64_ROW: &str = "0.3-Structured-bin";
 /// Knative decodes the base64 data of a 0.3 structured event and delivers the bytes in binary
 /// mode without `datacontentencoding` (sdk-go v2.16.1 event/event_unmarshal.go reads it into the
 /// 0.3 context and decodes the data; binding/spec/spec.go's 0.3 attribute set, which the binary
-/// writer walks, has no datacontentencoding). broker-shm delivers the decoded bytes with a
-/// `ce-datacontentencoding: base64` header, which tells a 0.3 receiver that the body is base64
-/// when it is not (the Knative-only row k5 of dropin.rs shows the same at the drop-in ingress).
-/// Knative only until broker-shm drops the attribute once the data is decoded.
+/// writer walks, has no datacontentencoding). broker-shm used to deliver the decoded bytes
+/// with a `ce-datacontentencoding: base64` header (a 0.3 receiver would decode them again);
+/// it drops the attribute once the data is bytes since 46c88bf (row k5 of dropin.rs).
 async fn v03_base64_case(imp: Impl) {
     let sub = Recorder::start().await;
     let desc = broker(
@@ -323,10 +322,7 @@ async fn v03_base64_case(imp: Impl) {
     bk.assert_alive();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v03_structured_base64_data_knative() {
-    v03_base64_case(Impl::Knative).await;
-}
+both!(v03_base64_case: v03_structured_base64_data_broker_shm, v03_structured_base64_data_knative);
 
 /// A subscriber's reply event re-enters the broker and reaches the next Trigger's subscriber
 /// intact (a 1.0 reply in binary mode, a 0.3 reply in structured mode).

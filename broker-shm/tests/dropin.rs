@@ -749,9 +749,9 @@ async fn filter_follows_manifests_case(imp: Impl) {
 differential!(filter_follows_manifests_case: filter_follows_manifests_broker_shm, filter_follows_manifests_knative);
 
 // Cases found by running the tests above against Knative's handlers, each read from its
-// source (knative.dev/eventing v0.49.2). The first two now run on both implementations (fixed
-// in broker-shm/src/dropin.rs); the ones declared with a `_knative` test only still pin
-// Knative's behaviour where broker-shm differs, their `_broker_shm` twin to come with the fix.
+// source (knative.dev/eventing v0.49.2). broker-shm differed in each until its fixes
+// (broker-shm/src/dropin.rs, filter.rs, broker.rs and spright_core::cloudevent); all now run
+// on both implementations.
 
 /// pkg/broker/ingress/ingress_handler.go `receive`: the dispatcher treats any non-2xx answer of
 /// the channel as a send error, so the ingress answers 500 (never the channel's 4xx or 503).
@@ -884,8 +884,8 @@ async fn filter_resolved_targets_case(imp: Impl) {
 differential!(filter_resolved_targets_case: filter_resolved_targets_broker_shm, filter_resolved_targets_knative);
 
 /// Knative's CESQL (cloudevents/sdk-go sql/v2, behind pkg/eventfilter/subscriptionsapi) reads
-/// `time` in its canonical RFC 3339 form, so a `.000` fraction does not matter (broker-shm's
-/// attribute, exact, prefix and suffix dialects do this since a852624, its CESQL not yet).
+/// `time` in its canonical RFC 3339 form, so a `.000` fraction does not matter (as every
+/// broker-shm dialect does, through spright_core::cloudevent::go_time_text).
 async fn filter_cesql_time_case(imp: Impl) {
     #[rustfmt::skip]
     const ROWS: &[DialectRow] = &[
@@ -895,14 +895,12 @@ async fn filter_cesql_time_case(imp: Impl) {
     filter_rows(imp, ROWS).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filter_cesql_time_knative() {
-    filter_cesql_time_case(Impl::Knative).await;
-}
+differential!(filter_cesql_time_case: filter_cesql_time_broker_shm, filter_cesql_time_knative);
 
 /// sdk-go's decoding and validation behind pkg/broker/ingress (`binding.ToEvent`,
-/// `event.Validate`): `source` must be a URI-reference and `dataschema` a URI (400 otherwise); a 0.3 structured event with `datacontentencoding: base64` goes on with its
-/// decoded data and without that attribute; `time` goes on in canonical RFC 3339 form.
+/// `event.Validate`): `source` must be a URI-reference and `dataschema` a URI (400
+/// otherwise); a 0.3 structured event with `datacontentencoding: base64` goes on with its
+/// decoded data and without that attribute; `time` goes on in canonical RFC 3339 form (UTC).
 async fn ingress_strict_forms_case(imp: Impl) {
     const CE: &str = "application/cloudevents+json";
     #[rustfmt::skip]
@@ -915,7 +913,4 @@ async fn ingress_strict_forms_case(imp: Impl) {
     ingress_rows(imp, ROWS).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_strict_forms_knative() {
-    ingress_strict_forms_case(Impl::Knative).await;
-}
+differential!(ingress_strict_forms_case: ingress_strict_forms_broker_shm, ingress_strict_forms_knative);

@@ -205,6 +205,33 @@ impl CloudEvent {
                 ));
             }
         }
+        // As sdk-go decodes and validates them: source a URI-reference, dataschema (1.0) an
+        // absolute URI, schemaurl (0.3) a URI-reference, datacontenttype a media type.
+        if let Some(src) = self.get("source")
+            && !go_url_parses(src)
+        {
+            return Err(EventError::Invalid(
+                "source".into(),
+                format!("{src:?} is not a URI-reference"),
+            ));
+        }
+        if let Some(u) = self.get("dataschema").or_else(|| self.get("schemaurl")) {
+            let absolute = sv == "0.3" || scheme_len(u).is_some_and(|n| n > 0);
+            if !go_url_parses(u) || !absolute {
+                return Err(EventError::Invalid(
+                    "dataschema".into(),
+                    format!("{u:?} is not an absolute URI"),
+                ));
+            }
+        }
+        if let Some(ct) = self.get("datacontenttype")
+            && !go_media_type_parses(ct)
+        {
+            return Err(EventError::Invalid(
+                "datacontenttype".into(),
+                format!("{ct:?} is not a media type (RFC 2046)"),
+            ));
+        }
         if let Some(t) = self.get("time")
             && chrono::DateTime::parse_from_rfc3339(t).is_err()
         {
@@ -273,8 +300,13 @@ impl CloudEvent {
             };
             let bad = || EventError::HeaderValue(name.as_str().to_owned());
             let raw = std::str::from_utf8(value.as_bytes()).map_err(|_| bad())?;
-            ev.attrs
-                .insert(attr.to_owned(), percent_decode(raw).ok_or_else(bad)?);
+            let value = percent_decode(raw).ok_or_else(bad)?;
+            // sdk-go's binary decoder sets these through setters that trim and treat an empty
+            // value as unset (the JSON format keeps an empty one, and validation refuses it).
+            if matches!(attr, "subject" | "dataschema" | "schemaurl") && value.trim().is_empty() {
+                continue;
+            }
+            ev.attrs.insert(attr.to_owned(), value);
         }
         // An empty Content-Type says nothing about the data: no datacontenttype.
         if let Some(ct) = ct.filter(|c| !c.is_empty()) {
@@ -635,12 +667,188 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// CloudEvents SQL sees every attribute as a string (the filter casts as it needs).
+/// `time` as Go writes a parsed time (`time.Time.Format(time.RFC3339Nano)`, what Knative's
+/// filters and CESQL compare): the fraction without trailing zeros (none when zero), `Z` for a
+/// zero offset, any other offset kept. `None` when `t` is not RFC 3339.
+pub fn go_time_text(t: &str) -> Option<String> {
+    let dt = chrono::DateTime::parse_from_rfc3339(t).ok()?;
+    Some(format_go_time(
+        &dt.naive_local(),
+        dt.offset().local_minus_utc(),
+    ))
+}
+
+/// `time` in UTC as sdk-go writes it on the wire (`types.FormatTime`): what Knative's ingress
+/// forwards. `None` when `t` is not RFC 3339.
+pub fn go_time_utc_text(t: &str) -> Option<String> {
+    let dt = chrono::DateTime::parse_from_rfc3339(t).ok()?;
+    Some(format_go_time(&dt.naive_utc(), 0))
+}
+
+fn format_go_time(local: &chrono::NaiveDateTime, offset_secs: i32) -> String {
+    use chrono::Timelike;
+    let mut out = local.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let nanos = local.nanosecond() % 1_000_000_000;
+    if nanos != 0 {
+        let frac = format!("{nanos:09}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
+    }
+    if offset_secs == 0 {
+        out.push('Z');
+    } else {
+        let (sign, abs) = if offset_secs < 0 {
+            ('-', -offset_secs)
+        } else {
+            ('+', offset_secs)
+        };
+        let _ = write!(out, "{sign}{:02}:{:02}", abs / 3600, abs / 60 % 60);
+    }
+    out
+}
+
+/// Whether Go's `net/url.Parse` takes `s`, as sdk-go needs for `source` (a URI-reference) and
+/// `dataschema` (a URI): no control characters, `%` only as a valid escape outside the
+/// query, a scheme (if any) that starts with a letter and is not empty, no colon in the first
+/// segment of a relative reference, and a numeric port in an authority.
+pub fn go_url_parses(s: &str) -> bool {
+    if s.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return false;
+    }
+    let (before_frag, frag) = s.split_once('#').unwrap_or((s, ""));
+    let (before_query, _query) = before_frag.split_once('?').unwrap_or((before_frag, ""));
+    let escapes_ok = |t: &str| {
+        let b = t.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                if i + 2 >= b.len() {
+                    return false;
+                }
+                if !(b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                    return false;
+                }
+                i += 3;
+            } else {
+                i += 1;
+            }
+        }
+        true
+    };
+    if !escapes_ok(before_query) || !escapes_ok(frag) {
+        return false;
+    }
+    let rest = match scheme_len(before_query) {
+        Some(0) => return false,
+        Some(n) => &before_query[n + 1..],
+        None => {
+            let first = before_query.split('/').next().unwrap_or("");
+            if first.contains(':') {
+                return false;
+            }
+            before_query
+        }
+    };
+    if let Some(auth) = rest.strip_prefix("//") {
+        let auth = auth.split('/').next().unwrap_or("");
+        let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+        let port = if host.starts_with('[') {
+            match host.split_once(']') {
+                Some((_, after)) => after.strip_prefix(':'),
+                None => return false,
+            }
+        } else {
+            host.rsplit_once(':').map(|(_, p)| p)
+        };
+        if port.is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit())) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Length of the scheme of `s` as Go's `getScheme` finds it: `Some(len)` when `s` has one
+/// (`Some(0)` for a leading colon, an error in Go), `None` for a relative reference.
+fn scheme_len(s: &str) -> Option<usize> {
+    for (i, c) in s.bytes().enumerate() {
+        match c {
+            b'a'..=b'z' | b'A'..=b'Z' => {}
+            b'0'..=b'9' | b'+' | b'-' | b'.' if i > 0 => {}
+            b':' => return Some(i),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Whether Go's `mime.ParseMediaType` takes `ct` (sdk-go validates `datacontenttype` with
+/// it): `type/subtype` made of tokens, then `; name=value` parameters, the value a token or
+/// a quoted string.
+pub fn go_media_type_parses(ct: &str) -> bool {
+    fn token_len(s: &[u8]) -> usize {
+        s.iter()
+            .take_while(|&&b| b > b' ' && b < 0x7f && !b"()<>@,;:\\\"/[]?=".contains(&b))
+            .count()
+    }
+    let b = ct.trim().as_bytes();
+    let t = token_len(b);
+    if t == 0 || b.get(t) != Some(&b'/') {
+        return false;
+    }
+    let st = token_len(&b[t + 1..]);
+    if st == 0 {
+        return false;
+    }
+    let mut rest = &b[t + 1 + st..];
+    loop {
+        rest = rest.trim_ascii_start();
+        if rest.is_empty() {
+            return true;
+        }
+        let Some(r) = rest.strip_prefix(b";") else {
+            return false;
+        };
+        rest = r.trim_ascii_start();
+        if rest.is_empty() {
+            return true;
+        }
+        let k = token_len(rest);
+        if k == 0 || rest.get(k) != Some(&b'=') {
+            return false;
+        }
+        rest = &rest[k + 1..];
+        if let Some(q) = rest.strip_prefix(b"\"") {
+            let mut i = 0;
+            loop {
+                match q.get(i) {
+                    None => return false,
+                    Some(b'\\') => i += 2,
+                    Some(b'"') => break,
+                    Some(_) => i += 1,
+                }
+            }
+            rest = &q[i + 1..];
+        } else {
+            let v = token_len(rest);
+            if v == 0 {
+                return false;
+            }
+            rest = &rest[v..];
+        }
+    }
+}
+
 #[cfg(feature = "cesql")]
 impl cesql::EventAttributes for CloudEvent {
     fn attribute(&self, name: &str) -> Option<cesql::Value> {
-        self.attrs
-            .get(name)
-            .map(|v| cesql::Value::String(v.clone()))
+        let v = self.attrs.get(name)?;
+        // sdk-go's CESQL reads `time` as a time and formats it with RFC3339Nano.
+        if name == "time" {
+            return Some(cesql::Value::String(
+                go_time_text(v).unwrap_or_else(|| v.clone()),
+            ));
+        }
+        Some(cesql::Value::String(v.clone()))
     }
 }
 
@@ -662,6 +870,104 @@ mod tests {
 
     fn sample() -> CloudEvent {
         CloudEvent::new("1", "/s", "t")
+    }
+
+    #[test]
+    fn go_url_parse_rules() {
+        for ok in [
+            "/s",
+            "https://example.com/a?x=%zz#f",
+            "urn:uuid:6e8bc430",
+            "a b",
+            "mqtt://broker:1883/t%2Fx",
+            "http://[::1]:80/",
+            "//host/p",
+            "",
+        ] {
+            assert!(go_url_parses(ok), "{ok:?}");
+        }
+        for bad in [
+            "%%",
+            "/a%2",
+            "/a%zz",
+            ":x",
+            "1a:b",
+            "a\u{7f}",
+            "a\nb",
+            "http://h:port/",
+            "http://[::1/",
+        ] {
+            assert!(!go_url_parses(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn go_media_type_rules() {
+        for ok in [
+            "text/plain",
+            "application/json; charset=utf-8",
+            "text/plain;",
+            "a/b; x=\"q;uo\\\"ted\"; y=1",
+        ] {
+            assert!(go_media_type_parses(ok), "{ok:?}");
+        }
+        for bad in [
+            "text",
+            "/plain",
+            "text/",
+            "text/plain; charset",
+            "text/plain x",
+            "a/b; x=\"open",
+        ] {
+            assert!(!go_media_type_parses(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn go_time_texts() {
+        assert_eq!(
+            go_time_text("2021-01-01T00:00:00.000Z").as_deref(),
+            Some("2021-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            go_time_text("2021-01-01T01:00:00.5+01:00").as_deref(),
+            Some("2021-01-01T01:00:00.5+01:00")
+        );
+        assert_eq!(
+            go_time_utc_text("2021-01-01T01:00:00.5+01:00").as_deref(),
+            Some("2021-01-01T00:00:00.5Z")
+        );
+        assert_eq!(go_time_text("nope"), None);
+    }
+
+    #[test]
+    fn sdk_go_validation_of_uris_media_types_and_blank_binary_attributes() {
+        let mut ev = sample();
+        ev.set("source", "%%");
+        assert!(matches!(ev.validate(), Err(EventError::Invalid(a, _)) if a == "source"));
+        let mut ev = sample();
+        ev.set("dataschema", "/relative");
+        assert!(matches!(ev.validate(), Err(EventError::Invalid(a, _)) if a == "dataschema"));
+        ev.set("dataschema", "https://example.com/schema");
+        assert!(ev.validate().is_ok());
+        ev.set("datacontenttype", "json");
+        assert!(matches!(ev.validate(), Err(EventError::Invalid(a, _)) if a == "datacontenttype"));
+        // Binary mode: an empty subject or dataschema is unset (sdk-go's setters), the JSON
+        // format keeps it and validation refuses it.
+        let h = hm(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "1"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+            ("ce-subject", " "),
+            ("ce-dataschema", ""),
+        ]);
+        let ev = CloudEvent::from_http(&h, Bytes::new()).unwrap();
+        assert_eq!((ev.get("subject"), ev.get("dataschema")), (None, None));
+        assert!(
+            structured(r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","subject":""}"#)
+                .is_err()
+        );
     }
 
     fn structured(body: &str) -> Result<CloudEvent, EventError> {
@@ -713,7 +1019,7 @@ mod tests {
         for (ct, data) in cases {
             let mut ev = CloudEvent::new("id-\"1\"", "/s\\x", "t\u{1}");
             ev.set("zz", "last");
-            ev.set("dataschema", "d");
+            ev.set("dataschema", "urn:d");
             if let Some(ct) = ct {
                 ev.set("datacontenttype", ct);
             }
