@@ -464,7 +464,10 @@ mod tests {
         let out = with_error_extensions(&ev, &Target::Http("http://x/y".into()), &fail);
         assert_eq!(out.get("knativeerrordest"), Some("http://x/y"));
         assert_eq!(out.get("knativeerrorcode"), Some("500"));
-        assert_eq!(out.get("knativeerrordata").map(str::len), Some(ERROR_DATA_MAX));
+        assert_eq!(
+            out.get("knativeerrordata").map(str::len),
+            Some(ERROR_DATA_MAX)
+        );
         let data = B64.decode(out.get("knativeerrordata").unwrap()).unwrap();
         assert_eq!(data.len(), 768);
         // An empty body still gives the extension; no response is 500 with the error.
