@@ -18,21 +18,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Runs the case `async fn(Impl)` as two tests: broker-shm and Knative's MT broker.
-macro_rules! both {
-    ($case:ident: $broker_shm:ident, $knative:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $broker_shm() {
-            $case(Impl::BrokerShm).await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $knative() {
-            $case(Impl::Knative).await;
-        }
-    };
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     Binary,
@@ -290,7 +275,7 @@ async fn attributes_case(imp: Impl) {
     bk.assert_alive();
 }
 
-both!(attributes_case: attributes_intact_broker_shm, attributes_intact_knative);
+differential!(attributes_case: attributes_intact_broker_shm, attributes_intact_knative);
 
 /// The matrix row that differs: a 0.3 structured event whose binary data the SDK writes as
 /// base64 `data` with `datacontentencoding: base64`.
@@ -322,7 +307,7 @@ async fn v03_base64_case(imp: Impl) {
     bk.assert_alive();
 }
 
-both!(v03_base64_case: v03_structured_base64_data_broker_shm, v03_structured_base64_data_knative);
+differential!(v03_base64_case: v03_structured_base64_data_broker_shm, v03_structured_base64_data_knative);
 
 /// A subscriber's reply event re-enters the broker and reaches the next Trigger's subscriber
 /// intact (a 1.0 reply in binary mode, a 0.3 reply in structured mode).
@@ -385,7 +370,7 @@ async fn reply_chain_case(imp: Impl) {
     bk.assert_alive();
 }
 
-both!(reply_chain_case: reply_chain_broker_shm, reply_chain_knative);
+differential!(reply_chain_case: reply_chain_broker_shm, reply_chain_knative);
 
 /// A subscriber that answers 500 and then 200 gets the event again per the Trigger's
 /// delivery.retry, and nothing goes to the dead-letter sink.
@@ -429,7 +414,7 @@ async fn retry_case(imp: Impl) {
     bk.assert_alive();
 }
 
-both!(retry_case: retry_then_success_broker_shm, retry_then_success_knative);
+differential!(retry_case: retry_then_success_broker_shm, retry_then_success_knative);
 
 /// A subscriber that always fails gets 1 + retry attempts, then the event goes to the
 /// dead-letter sink with knativeerrordest (the subscriber), knativeerrorcode and
@@ -497,13 +482,13 @@ async fn trigger_dead_letter_case(imp: Impl) {
     dead_letter_case(imp, false).await;
 }
 
-both!(trigger_dead_letter_case: dead_letter_extensions_broker_shm, dead_letter_extensions_knative);
+differential!(trigger_dead_letter_case: dead_letter_extensions_broker_shm, dead_letter_extensions_knative);
 
 async fn broker_dead_letter_case(imp: Impl) {
     dead_letter_case(imp, true).await;
 }
 
-both!(broker_dead_letter_case: broker_delivery_dead_letter_broker_shm, broker_delivery_dead_letter_knative);
+differential!(broker_dead_letter_case: broker_delivery_dead_letter_broker_shm, broker_delivery_dead_letter_knative);
 
 /// A subscriber that replies with the type it subscribed to makes a loop; the TTL the client
 /// sends (3) allows 2 deliveries: the ingress decrements it to 2, the reply re-enters with 2
@@ -574,7 +559,7 @@ async fn ttl_loop_case(imp: Impl) {
     ttl_loop(imp, false).await;
 }
 
-both!(ttl_loop_case: ttl_exhausted_loop_stops_broker_shm, ttl_exhausted_loop_stops_knative);
+differential!(ttl_loop_case: ttl_exhausted_loop_stops_broker_shm, ttl_exhausted_loop_stops_knative);
 
 /// Knative's in-memory channel with `messaging.knative.dev/async-handler: "true"` answers
 /// before delivery: the client of the same loop hears 202, as from broker-shm.
@@ -630,7 +615,7 @@ async fn format_case(imp: Impl) {
     bk.assert_alive();
 }
 
-both!(format_case: delivery_format_broker_shm, delivery_format_knative);
+differential!(format_case: delivery_format_broker_shm, delivery_format_knative);
 
 /// One Trigger of a status table: what its subscriber answers and what follows: the number
 /// of attempts and the dead-letter event's knativeerrordest (true: the subscriber's URL),
@@ -777,7 +762,7 @@ async fn status_table_case(imp: Impl) {
     status_rows(imp, "cestatus", STATUS_ROWS).await;
 }
 
-both!(status_table_case: retried_statuses_broker_shm, retried_statuses_knative);
+differential!(status_table_case: retried_statuses_broker_shm, retried_statuses_knative);
 
 /// Where broker-shm differs from Knative's MT broker (Knative only until it changes):
 /// - `junk`: 200 with a body that is no CloudEvent. Knative's filter answers 502 with an empty

@@ -11,21 +11,6 @@ use common::*;
 use http::{Method, StatusCode};
 use std::time::Duration;
 
-/// Runs the case `async fn(Impl)` as two tests: against broker-shm and against the oracle.
-macro_rules! differential {
-    ($case:ident: $broker_shm:ident, $knative:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $broker_shm() {
-            $case(Impl::BrokerShm).await;
-        }
-
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $knative() {
-            $case(Impl::Knative).await;
-        }
-    };
-}
-
 /// A Broker of the stock class as the MT broker controller leaves it: the channel address in the
 /// status annotations (absent when `channel` is None) and its own address.
 fn mt_broker(ns: &str, name: &str, channel: Option<&str>) -> String {

@@ -42,6 +42,18 @@ impl Rng {
     }
 }
 
+/// Where `scripts/setup.sh` installs a Go binary (Knative's oracles, `queue`): `$GOBIN`, else
+/// `$HOME/go/bin`.
+pub fn go_bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("GOBIN") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join("go")
+            .join("bin"),
+    };
+    dir.join(name)
+}
+
 const LOW: u32 = 20_000;
 /// The kernel hands out ephemeral ports from 32768 up (`ip_local_port_range`).
 const SPAN: u32 = 32_768 - LOW;

@@ -517,13 +517,7 @@ pub fn tally(replies: &[Reply]) -> HashMap<String, usize> {
 
 /// Where `scripts/setup.sh` puts Knative's activator oracle: `$GOBIN`, else `$HOME/go/bin`.
 pub fn oracle_bin() -> PathBuf {
-    let dir = match std::env::var_os("GOBIN") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-            .join("go")
-            .join("bin"),
-    };
-    dir.join("knative-activator-oracle")
+    spright_test_support::go_bin("knative-activator-oracle")
 }
 
 /// knative-activator-oracle (oracle/knative-activator): Knative's own activator handler

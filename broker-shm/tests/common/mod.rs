@@ -16,6 +16,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Runs the case `async fn(Impl)` as two tests, one per implementation: broker-shm and
+/// Knative's own handlers (the oracle).
+#[allow(unused_macros)]
+macro_rules! differential {
+    ($case:ident: $broker_shm:ident, $knative:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $broker_shm() {
+            $case(Impl::BrokerShm).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $knative() {
+            $case(Impl::Knative).await;
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use differential;
+
 pub use spright_test_support::free_port;
 
 /// A running broker-shm process.
@@ -476,13 +495,7 @@ pub enum Role {
 
 /// Where `scripts/setup.sh` puts the oracle: `$GOBIN`, else `$HOME/go/bin`.
 pub fn oracle_bin() -> PathBuf {
-    let dir = match std::env::var_os("GOBIN") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-            .join("go")
-            .join("bin"),
-    };
-    dir.join("knative-broker-oracle")
+    spright_test_support::go_bin("knative-broker-oracle")
 }
 
 /// A running knative-broker-oracle: Knative's mt-broker-ingress or mt-broker-filter handler
