@@ -235,6 +235,12 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
         Ok(ev) => ev,
         Err(e) => return respond(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
+    // The Trigger's delivery (format, timeout), compiled once for whichever path sends.
+    let delivery = trigger
+        .delivery
+        .as_ref()
+        .and_then(|d| d.compile(&trigger.namespace, "spec.delivery").ok())
+        .unwrap_or_default();
     // The reply and dead-letter paths proxy: every request header goes on, the TTL stays as
     // it is, the answer is relayed as for a subscriber.
     if let Some(sub) = sub.as_deref() {
@@ -271,7 +277,7 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
             &target,
             &ev,
             headers,
-            Format::Binary,
+            (Format::Binary, delivery.timeout),
             None,
         )
         .await;
@@ -290,14 +296,9 @@ async fn filter_handler(state: Arc<State>, req: Request<Incoming>) -> Resp {
     if !filter.passes(&ev) {
         return respond(StatusCode::OK, Bytes::new());
     }
-    let format = trigger
-        .delivery
-        .as_ref()
-        .and_then(|d| d.compile(&trigger.namespace, "spec.delivery").ok())
-        .unwrap_or_default()
-        .format;
     let headers = pass_through(&parts.headers);
-    send(&state, &trigger, &target, &ev, headers, format, Some(ttl)).await
+    let mode = (delivery.format, delivery.timeout);
+    send(&state, &trigger, &target, &ev, headers, mode, Some(ttl)).await
 }
 
 /// The request headers a proxying path (`/reply`, `/dls`) sends on: all of them but the
@@ -334,16 +335,12 @@ async fn send(
     target: &StatusTarget,
     ev: &CloudEvent,
     headers: HeaderMap,
-    format: Format,
+    (format, timeout): (Format, Option<std::time::Duration>),
     ttl: Option<String>,
 ) -> Resp {
     let opts = SendOptions {
         format,
-        timeout: trigger
-            .delivery
-            .as_ref()
-            .and_then(|d| d.compile(&trigger.namespace, "spec.delivery").ok())
-            .and_then(|d| d.timeout),
+        timeout,
         namespace: trigger.namespace.clone(),
         prefer_reply: true,
         extra_headers: headers,
