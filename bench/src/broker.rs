@@ -10,9 +10,10 @@
 //!   descriptor itself);
 //! - `chain-http`: the same 3-step reply chain with HTTP subscribers;
 //! - `chain-stock`: the same 3-step chain in the stock broker's topology: drop-in ingress →
-//!   HTTP → an in-memory channel (IMC-like: 202, then fan-out to every subscription in
-//!   parallel, each reply posted back to the ingress as a Subscription's `reply`) → HTTP →
-//!   drop-in filter → HTTP → subscriber, the reply returned in the filter's response;
+//!   HTTP → an in-memory channel (IMC-like: fan-out to every subscription in parallel, each
+//!   reply posted back to the ingress as a Subscription's `reply`, then 202, as Knative's IMC
+//!   answers by default; `--async-channel`: 202 first) → HTTP → drop-in filter → HTTP →
+//!   subscriber, the reply returned in the filter's response;
 //! - `chain-knative` (not in the default set): the same topology on Knative's own code, the
 //!   `knative-broker-oracle` that `scripts/setup.sh` builds from `oracle/knative-broker`:
 //!   Knative's mt-broker-ingress and mt-broker-filter handlers and the in-memory channel's
@@ -126,6 +127,12 @@ pub struct BrokerBenchArgs {
     /// Core of the load generator (the senders and their runtime).
     #[arg(long, default_value_t = 1)]
     pub load_cpu: usize,
+    /// The stock topology's channel answers 202 at once and fans out afterwards, as an
+    /// InMemoryChannel with the `messaging.knative.dev/async-handler: "true"` annotation.
+    /// Without it the channel answers after every subscription's delivery (and reply) is done,
+    /// as Knative's IMC does by default (knative.dev/eventing pkg/channel/fanout).
+    #[arg(long)]
+    pub async_channel: bool,
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -581,7 +588,7 @@ fn std_listener() -> anyhow::Result<(std::net::TcpListener, u16)> {
 }
 
 /// The stock topology: drop-in ingress and filter plus an IMC-like channel.
-async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
+async fn stock_topology(yaml_triggers: &str, async_channel: bool) -> anyhow::Result<String> {
     let (ing_l, ing_port) = std_listener()?;
     let (fil_l, fil_port) = std_listener()?;
     let ingress_url = format!("http://127.0.0.1:{ing_port}/bench/default");
@@ -590,7 +597,8 @@ async fn stock_topology(yaml_triggers: &str) -> anyhow::Result<String> {
         .map(|t| format!("http://127.0.0.1:{fil_port}/triggers/bench/{t}/uid-{t}"))
         .collect();
     let reply_to = ingress_url.clone();
-    let channel_port = own_thread("channel", move || channel(subs, reply_to)).await?;
+    let channel_port =
+        own_thread("channel", move || channel(subs, reply_to, async_channel)).await?;
     let broker = format!(
         "{BROKER}status:\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{channel_port}/\n"
     );
@@ -650,6 +658,7 @@ fn unused_port() -> anyhow::Result<u16> {
 async fn knative_topology(
     dir: &std::path::Path,
     subs: [u16; 3],
+    async_channel: bool,
 ) -> anyhow::Result<(String, KillOnDrop)> {
     let bin = knative_oracle_bin();
     if !bin.exists() {
@@ -661,7 +670,12 @@ async fn knative_topology(
     let (ing, fil, ch) = (unused_port()?, unused_port()?, unused_port()?);
     let ingress_url = format!("http://127.0.0.1:{ing}/bench/default");
     let mut yaml = format!(
-        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: bench\n  annotations:\n    eventing.knative.dev/broker.class: MTChannelBasedBroker\nstatus:\n  address:\n    url: {ingress_url}\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{ch}/bench/default-kne-trigger\n---\napiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: default-kne-trigger\n  namespace: bench\n  uid: uid-channel\nspec:\n  subscribers:\n"
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: bench\n  annotations:\n    eventing.knative.dev/broker.class: MTChannelBasedBroker\nstatus:\n  address:\n    url: {ingress_url}\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{ch}/bench/default-kne-trigger\n---\napiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: default-kne-trigger\n  namespace: bench\n  uid: uid-channel\n{}spec:\n  subscribers:\n",
+        if async_channel {
+            "  annotations:\n    messaging.knative.dev/async-handler: \"true\"\n"
+        } else {
+            ""
+        }
     );
     for t in ["t1", "t2", "t3"] {
         yaml.push_str(&format!(
@@ -710,9 +724,10 @@ async fn knative_topology(
     Ok((ingress_url, child))
 }
 
-/// An IMC-like channel: answers 202, then delivers to every subscription and posts replies
-/// back to `reply_to`; returns its port.
-async fn channel(subs: Vec<String>, reply_to: String) -> anyhow::Result<u16> {
+/// An IMC-like channel: delivers to every subscription at once and posts replies back to
+/// `reply_to`; answers 202 when all are done (or at once when `asynchronous`, then delivers);
+/// returns its port.
+async fn channel(subs: Vec<String>, reply_to: String, asynchronous: bool) -> anyhow::Result<u16> {
     let c = client();
     serve_fn(move |req: Request<Incoming>| {
         let (c, subs, reply_to) = (c.clone(), subs.clone(), reply_to.clone());
@@ -730,6 +745,7 @@ async fn channel(subs: Vec<String>, reply_to: String) -> anyhow::Result<u16> {
                 hv("ce-benchsent"),
             );
             // Like the IMC dispatcher's fan-out: every subscription at once.
+            let mut fanout = tokio::task::JoinSet::new();
             for sub in subs {
                 let (c, reply_to, headers, body) = (
                     c.clone(),
@@ -737,16 +753,16 @@ async fn channel(subs: Vec<String>, reply_to: String) -> anyhow::Result<u16> {
                     parts.headers.clone(),
                     body.clone(),
                 );
-                tokio::spawn(async move {
+                fanout.spawn(async move {
                     let mut rb = Request::post(&sub);
                     if let Some(h) = rb.headers_mut() {
                         *h = headers;
                     }
                     let Ok(req) = rb.body(Full::new(body)) else {
-                        return;
+                        return false;
                     };
                     let Ok(resp) = c.request(req).await else {
-                        return;
+                        return false;
                     };
                     let (rp, rbody) = resp.into_parts();
                     let rbody = rbody
@@ -759,13 +775,29 @@ async fn channel(subs: Vec<String>, reply_to: String) -> anyhow::Result<u16> {
                         if let Some(h) = rb.headers_mut() {
                             *h = rp.headers.clone();
                         }
-                        if let Ok(req) = rb.body(Full::new(rbody)) {
-                            let _ = c.request(req).await;
-                        }
+                        let Ok(req) = rb.body(Full::new(rbody)) else {
+                            return false;
+                        };
+                        return c.request(req).await.is_ok_and(|r| r.status().is_success());
                     }
+                    rp.status.is_success()
                 });
             }
-            resp(StatusCode::ACCEPTED)
+            if asynchronous {
+                fanout.detach_all();
+                return resp(StatusCode::ACCEPTED);
+            }
+            // Knative's default: the answer waits for every subscription (and its reply);
+            // any failure is a 500, which makes the sender retry.
+            let mut ok = true;
+            while let Some(done) = fanout.join_next().await {
+                ok &= done.unwrap_or(false);
+            }
+            if ok {
+                resp(StatusCode::ACCEPTED)
+            } else {
+                resp(StatusCode::INTERNAL_SERVER_ERROR)
+            }
         }
     })
     .await
@@ -1185,7 +1217,7 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
             resolved_trigger("t2", "chain.s2", p2),
             resolved_trigger("t3", "chain.s3", p3),
         );
-        let url = stock_topology(&triggers).await?;
+        let url = stock_topology(&triggers, args.async_channel).await?;
         rows.extend(
             load(
                 &on,
@@ -1204,7 +1236,8 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
         let p1 = subscriber(Some("chain.s2"), &stats).await?;
         let p2 = subscriber(Some("chain.s3"), &stats).await?;
         let p3 = subscriber(None, &stats).await?;
-        let (url, _oracle) = knative_topology(&tmp.join("chain-knative"), [p1, p2, p3]).await?;
+        let (url, _oracle) =
+            knative_topology(&tmp.join("chain-knative"), [p1, p2, p3], args.async_channel).await?;
         rows.extend(
             load(
                 &on,
