@@ -51,6 +51,9 @@ type config struct {
 	channelPort int
 	maxTTL      int
 	logLevel    string
+	// stampExtension, when set, names the extension the ingress stamps with its receipt time
+	// (stamp.go); empty keeps Knative's handler exactly as it is.
+	stampExtension string
 }
 
 func envInt(name string, def int) (int, error) {
@@ -91,6 +94,7 @@ func parseConfig(args []string) (*config, error) {
 	fs.IntVar(&c.channelPort, "channel-port", 0, "port of Knative's in-memory channel fan-out (channels at /<namespace>/<name>); 0 disables it")
 	fs.IntVar(&c.maxTTL, "max-ttl", ttlDef, "TTL given to events without knativebrokerttl (env MAX_TTL)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.stampExtension, "stamp-ingress-extension", "", "for benchmarks: give every binary-mode event reaching the ingress without this extension the extension, set to the receipt time in ns since the Unix epoch (off when empty)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(os.Stdout)
@@ -112,6 +116,11 @@ func parseConfig(args []string) (*config, error) {
 	}
 	if c.ingressPort == 0 && c.filterPort == 0 && c.channelPort == 0 {
 		return nil, errors.New("every server is disabled: give --ingress-port, --filter-port or --channel-port")
+	}
+	if c.stampExtension != "" {
+		if err := validExtensionName(c.stampExtension); err != nil {
+			return nil, fmt.Errorf("--stamp-ingress-extension: %w", err)
+		}
 	}
 	if c.maxTTL <= 0 || c.maxTTL > 1<<31-1 {
 		return nil, fmt.Errorf("MAX_TTL must be > 0, was %d", c.maxTTL)
@@ -242,7 +251,12 @@ func run(cfg *config, logger *zap.Logger) error {
 		if err != nil {
 			return fmt.Errorf("ingress handler: %w", err)
 		}
-		servers = append(servers, namedHandler{"ingress", cfg.ingressPort, h})
+		var ih http.Handler = h
+		if cfg.stampExtension != "" {
+			ih = stampIngress(cfg.stampExtension, h)
+			logger.Info("ingress stamps events", zap.String("extension", cfg.stampExtension))
+		}
+		servers = append(servers, namedHandler{"ingress", cfg.ingressPort, ih})
 	}
 	if cfg.filterPort != 0 {
 		h, err := filter.NewHandler(
