@@ -18,7 +18,18 @@
 //!   `knative-broker-oracle` that `scripts/setup.sh` builds from `oracle/knative-broker`:
 //!   Knative's mt-broker-ingress and mt-broker-filter handlers and the in-memory channel's
 //!   fan-out (knative.dev/eventing v0.49.2) in one Go process on the component's core, the
-//!   same bench subscribers; measured from the sender only (no probe inside Go).
+//!   same bench subscribers;
+//! - `chain-swap` (not in the default set): what an operator actually runs after swapping
+//!   only the mt-broker-ingress and mt-broker-filter images (issue 5, item 5): broker-shm's
+//!   drop-in ingress and filter, as in `chain-stock`, around Knative's own InMemoryChannel
+//!   fan-out in the oracle process (its channel server only, on the component's core): the
+//!   Broker's `knative.dev/channelAddress` names the oracle's channel, whose subscribers are
+//!   the drop-in filter's `/triggers/<ns>/<name>/<uid>` URLs with the drop-in ingress as
+//!   `replyUri`. Synchronous like Knative's IMC by default, `--async-channel` as for the
+//!   others.
+//!
+//! `chain-knative` and `chain-swap` need the oracle binary, so they run only when asked for
+//! (the default set runs on a machine without Go).
 //!
 //! Each path runs two phases. Throughput: `--concurrency` closed-loop senders POST binary-mode
 //! events to the ingress, each waiting for the 202; events/s is what reaches the last step.
@@ -30,7 +41,18 @@
 //! time rides in the extension `benchsent`. A second row per path, `[from ingress]`, measures
 //! the same paced events from the ingress handler's receipt of the decoded event (broker-shm's
 //! ingress or the drop-in ingress, through `broker_shm::probe`) to the last step: the issue's
-//! ingress-to-subscriber latency without the sender's own cost.
+//! ingress-to-subscriber latency without the sender's own cost. Knative's own ingress in Go
+//! has no such probe: for `chain-knative` the oracle runs with
+//! `--stamp-ingress-extension benchingress`, a wrapper around its ingress handler only that
+//! sets the extension `benchingress` to the wall-clock receipt time (ns since the Unix epoch)
+//! on a binary-mode event that has none; the subscribers copy it into their replies (the
+//! first stamp stays), and the last step reads its receipt on the same clock (CLOCK_REALTIME,
+//! where the other rows use the bench's monotonic clock). The stamp is taken before Knative's
+//! handler reads and parses the request, whereas broker-shm's probe fires after its decode:
+//! Knative's `[from ingress]` figure includes its own parsing of the first event, which
+//! makes it larger, and the shm / Knative ratio smaller (more favourable to shm), by that
+//! parse time. (`chain-swap`'s row comes from the drop-in ingress's own probe, as
+//! `chain-stock`'s.)
 //!
 //! Placement, the same for every path and as in `spright-bench queue-proxy`: the component
 //! under test — broker-shm, or the drop-in ingress, the channel and the drop-in filter — with
@@ -48,7 +70,11 @@
 //! ingress, the channel, the drop-in filter, each with a one-thread runtime); on a loaded
 //! machine the stock topology's throughput then collapses (its backlog outgrows the drain,
 //! and the paced phase warns that its latency includes queueing), so the default is the
-//! shared runtime. The run prints the placement first.
+//! shared runtime. The run prints the placement first. The oracle (`chain-knative`: all
+//! three Knative components; `chain-swap`: Knative's channel) is a Go process started from a
+//! thread on the component's core: it inherits that core (Go then runs one P), and its
+//! goroutines share it with the bench's subscribers (and, in `chain-swap`, the drop-in
+//! ingress and filter), as the Rust components do.
 //!
 //! `post` is the floor of every path: one POST answered 202 at once, through the same sender.
 //! `--stages` prints, per path, the paced events' time since the send at every probed stage
@@ -91,8 +117,9 @@ pub struct BrokerBenchArgs {
     pub concurrency: usize,
     /// Paths to run (http, shm, chain-shm, chain-http, chain-stock; also chain-knative: the
     /// stock topology on Knative's own Go handlers, from `scripts/setup.sh`'s
-    /// knative-broker-oracle; and post: a bare POST answered 202 at once, the floor of every
-    /// path).
+    /// knative-broker-oracle; chain-swap: broker-shm's drop-in ingress and filter around
+    /// Knative's own InMemoryChannel from that oracle, the operator's image swap; and post: a
+    /// bare POST answered 202 at once, the floor of every path).
     #[arg(
         long,
         value_delimiter = ',',
@@ -145,9 +172,23 @@ fn start() -> Instant {
     *START.get_or_init(Instant::now)
 }
 
+/// Monotonic ns since the bench started: the sender's `benchsent` and every receipt.
 fn now_ns() -> u64 {
     u64::try_from(start().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
+
+/// Wall-clock ns since the Unix epoch (CLOCK_REALTIME, the clock of Go's
+/// `time.Now().UnixNano()`): the clock of the oracle's [`INGRESS_STAMP`], so the last step's
+/// receipt is read on it too for chain-knative's `[from ingress]` row.
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The extension Knative's own ingress (the oracle, `--stamp-ingress-extension`) sets to its
+/// receipt time in wall-clock ns; the bench subscribers copy it into their replies.
+const INGRESS_STAMP: &str = "benchingress";
 
 /// Latencies and counts seen at the final step of a path.
 struct Stats {
@@ -173,7 +214,13 @@ impl Stats {
         })
     }
 
-    fn record_sent(&self, sent: Option<&str>) {
+    /// Records an event at the last step: `sent` is its `benchsent`, `stamp` its
+    /// [`INGRESS_STAMP`] (set only by Knative's own ingress in the oracle).
+    fn record(&self, ev: &CloudEvent) {
+        self.record_sent(ev.get("benchsent"), ev.get(INGRESS_STAMP));
+    }
+
+    fn record_sent(&self, sent: Option<&str>, stamp: Option<&str>) {
         self.seen.fetch_add(1, Ordering::Relaxed);
         if !self.recording.load(Ordering::Relaxed) {
             return;
@@ -181,7 +228,7 @@ impl Stats {
         let Some(sent) = sent.and_then(|s| s.parse::<u64>().ok()) else {
             return;
         };
-        let now = now_ns();
+        let (now, wall) = (now_ns(), wall_ns());
         let us = now.saturating_sub(sent) / 1000;
         self.count.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut h) = self.hist.lock() {
@@ -191,8 +238,15 @@ impl Stats {
             .lock()
             .ok()
             .and_then(|mut m| m.remove(&sent));
-        if let (Some(t), Ok(mut h)) = (at_ingress, self.from_ingress.lock()) {
-            let _ = h.record((now.saturating_sub(t) / 1000).max(1));
+        // broker-shm's probe (on the monotonic clock), else the oracle ingress's stamp (on
+        // the wall clock).
+        let from_ingress = at_ingress.map(|t| now.saturating_sub(t)).or_else(|| {
+            stamp
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|t| wall.saturating_sub(t))
+        });
+        if let (Some(ns), Ok(mut h)) = (from_ingress, self.from_ingress.lock()) {
+            let _ = h.record((ns / 1000).max(1));
         }
     }
 
@@ -359,8 +413,11 @@ fn reply_event(ev: &CloudEvent, next_type: &str) -> CloudEvent {
         "/bench/step",
         next_type,
     );
-    if let Some(s) = ev.get("benchsent") {
-        r.set("benchsent", s);
+    // The send time, and the first ingress stamp (a reply re-entering the ingress keeps it).
+    for ext in ["benchsent", INGRESS_STAMP] {
+        if let Some(s) = ev.get(ext) {
+            r.set(ext, s);
+        }
     }
     r.set("datacontenttype", "application/json");
     r.data = ev.data.clone();
@@ -393,7 +450,7 @@ async fn http_subscriber(
             mark("subscriber.received", &ev);
             match next_type {
                 None => {
-                    stats.record_sent(ev.get("benchsent"));
+                    stats.record(&ev);
                     resp(StatusCode::ACCEPTED)
                 }
                 Some(t) => {
@@ -431,7 +488,7 @@ fn shm_function(
                 mark("fn.received", &ev);
                 match next_type {
                     None => {
-                        stats.record_sent(ev.get("benchsent"));
+                        stats.record(&ev);
                         event.set_len(0)?;
                     }
                     Some(t) => event.replace(&reply_event(&ev, t).to_structured())?,
@@ -457,6 +514,27 @@ fn resolved_trigger(name: &str, ty: &str, port: u16) -> String {
         "{}status:\n  subscriberUri: http://127.0.0.1:{port}/\n",
         trigger(name, ty, &uri(port))
     )
+}
+
+/// The chain's HTTP subscribers: the first two reply with the next step's type, the last
+/// records at `stats`; their ports.
+async fn chain_subscribers(stats: &Arc<Stats>) -> anyhow::Result<[u16; 3]> {
+    Ok([
+        subscriber(Some("chain.s2"), stats).await?,
+        subscriber(Some("chain.s3"), stats).await?,
+        subscriber(None, stats).await?,
+    ])
+}
+
+/// The chain's Triggers t1, t2, t3 (types chain.s1, chain.s2, chain.s3), resolved to the
+/// subscribers on `ports`.
+fn resolved_chain_triggers(ports: [u16; 3]) -> String {
+    let docs: Vec<String> = [("t1", "chain.s1"), ("t2", "chain.s2"), ("t3", "chain.s3")]
+        .into_iter()
+        .zip(ports)
+        .map(|((t, ty), port)| resolved_trigger(t, ty, port))
+        .collect();
+    docs.join("---\n")
 }
 
 fn uri(port: u16) -> String {
@@ -599,9 +677,57 @@ async fn stock_topology(yaml_triggers: &str, async_channel: bool) -> anyhow::Res
     let reply_to = ingress_url.clone();
     let channel_port =
         own_thread("channel", move || channel(subs, reply_to, async_channel)).await?;
-    let broker = format!(
-        "{BROKER}status:\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{channel_port}/\n"
-    );
+    dropins(
+        ing_l,
+        fil_l,
+        &format!("http://127.0.0.1:{channel_port}/"),
+        yaml_triggers,
+    )
+    .await?;
+    Ok(ingress_url)
+}
+
+/// The operator's drop-in swap: broker-shm's drop-in ingress and filter (as in
+/// [`stock_topology`]) around Knative's own InMemoryChannel fan-out, served by the oracle
+/// (channel port only; see [`knative_topology`] for where it runs). Returns the drop-in
+/// ingress URL and the oracle process.
+async fn swap_topology(
+    dir: &std::path::Path,
+    yaml_triggers: &str,
+    async_channel: bool,
+) -> anyhow::Result<(String, KillOnDrop)> {
+    let (ing_l, ing_port) = std_listener()?;
+    let (fil_l, fil_port) = std_listener()?;
+    let ch = unused_port()?;
+    let ingress_url = format!("http://127.0.0.1:{ing_port}/bench/default");
+    let oracle = start_oracle(
+        dir,
+        &imc_yaml(fil_port, &ingress_url, async_channel),
+        &[("--channel-port", ch)],
+        &[],
+    )
+    .await?;
+    dropins(
+        ing_l,
+        fil_l,
+        &format!("http://127.0.0.1:{ch}/bench/{IMC}"),
+        yaml_triggers,
+    )
+    .await?;
+    Ok((ingress_url, oracle))
+}
+
+/// broker-shm's drop-in ingress and filter on `ing_l` and `fil_l`, each on its own thread with
+/// `--component-threads`: the Broker's status names `channel_url` as its channel
+/// (`knative.dev/channelAddress`), the Triggers are `yaml_triggers`.
+async fn dropins(
+    ing_l: std::net::TcpListener,
+    fil_l: std::net::TcpListener,
+    channel_url: &str,
+    yaml_triggers: &str,
+) -> anyhow::Result<()> {
+    let broker =
+        format!("{BROKER}status:\n  annotations:\n    knative.dev/channelAddress: {channel_url}\n");
     let source: Arc<dyn ConfigSource> =
         Arc::new(Static(snapshot(&format!("{broker}---\n{yaml_triggers}"))?));
     for (name, mode, listener) in [
@@ -622,7 +748,7 @@ async fn stock_topology(yaml_triggers: &str, async_channel: bool) -> anyhow::Res
         })
         .await?;
     }
-    Ok(ingress_url)
+    Ok(())
 }
 
 /// Where `scripts/setup.sh` builds `oracle/knative-broker`: `$GOBIN`, else `$HOME/go/bin`.
@@ -650,27 +776,16 @@ fn unused_port() -> anyhow::Result<u16> {
     Ok(std_listener()?.1)
 }
 
-/// The stock topology on Knative's own code: `knative-broker-oracle` runs the mt-broker-ingress
-/// and mt-broker-filter handlers and the in-memory channel's fan-out of knative.dev/eventing
-/// v0.49.2 (imported, fed from manifests with the status blocks Knative's controllers would
-/// write) in one Go process. Started from this thread, it inherits the component's core (Go
-/// then runs one P). Returns the ingress URL and the process.
-async fn knative_topology(
-    dir: &std::path::Path,
-    subs: [u16; 3],
-    async_channel: bool,
-) -> anyhow::Result<(String, KillOnDrop)> {
-    let bin = knative_oracle_bin();
-    if !bin.exists() {
-        anyhow::bail!(
-            "chain-knative needs Knative's broker oracle at {}: run scripts/setup.sh",
-            bin.display()
-        );
-    }
-    let (ing, fil, ch) = (unused_port()?, unused_port()?, unused_port()?);
-    let ingress_url = format!("http://127.0.0.1:{ing}/bench/default");
+/// The name of the InMemoryChannel Knative's MT broker creates for Broker `default`.
+const IMC: &str = "default-kne-trigger";
+
+/// The Broker's InMemoryChannel as the Subscription reconciler leaves it: one subscriber per
+/// Trigger, the filter's `/triggers/<ns>/<name>/<uid>` on `filter_port`, each reply to
+/// `reply_url` (the ingress); with `async_channel`, the annotation that makes the IMC answer
+/// 202 before its fan-out.
+fn imc_yaml(filter_port: u16, reply_url: &str, async_channel: bool) -> String {
     let mut yaml = format!(
-        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: bench\n  annotations:\n    eventing.knative.dev/broker.class: MTChannelBasedBroker\nstatus:\n  address:\n    url: {ingress_url}\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{ch}/bench/default-kne-trigger\n---\napiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: default-kne-trigger\n  namespace: bench\n  uid: uid-channel\n{}spec:\n  subscribers:\n",
+        "apiVersion: messaging.knative.dev/v1\nkind: InMemoryChannel\nmetadata:\n  name: {IMC}\n  namespace: bench\n  uid: uid-channel\n{}spec:\n  subscribers:\n",
         if async_channel {
             "  annotations:\n    messaging.knative.dev/async-handler: \"true\"\n"
         } else {
@@ -679,24 +794,41 @@ async fn knative_topology(
     );
     for t in ["t1", "t2", "t3"] {
         yaml.push_str(&format!(
-            "    - uid: sub-{t}\n      subscriberUri: http://127.0.0.1:{fil}/triggers/bench/{t}/uid-{t}\n      replyUri: {ingress_url}\n"
+            "    - uid: sub-{t}\n      subscriberUri: http://127.0.0.1:{filter_port}/triggers/bench/{t}/uid-{t}\n      replyUri: {reply_url}\n"
         ));
     }
-    for ((t, ty), port) in [("t1", "chain.s1"), ("t2", "chain.s2"), ("t3", "chain.s3")]
-        .into_iter()
-        .zip(subs)
-    {
-        yaml.push_str(&format!("---\n{}", resolved_trigger(t, ty, port)));
+    yaml
+}
+
+/// Starts `knative-broker-oracle` on the manifest `yaml` (written into `dir`) with the
+/// servers `ports` (`--ingress-port` etc.; the others off) and `extra` flags, and waits
+/// until every port listens. Started from this thread, it inherits the component's core (Go
+/// then runs one P).
+async fn start_oracle(
+    dir: &std::path::Path,
+    yaml: &str,
+    ports: &[(&str, u16)],
+    extra: &[&str],
+) -> anyhow::Result<KillOnDrop> {
+    let bin = knative_oracle_bin();
+    if !bin.exists() {
+        anyhow::bail!(
+            "chain-knative and chain-swap need Knative's broker oracle at {}: run scripts/setup.sh",
+            bin.display()
+        );
     }
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("chain.yaml"), yaml)?;
     let log = std::fs::File::create(dir.join("oracle.log"))?;
-    let child = std::process::Command::new(&bin)
-        .arg("--manifests")
-        .arg(dir)
-        .args(["--ingress-port", &ing.to_string()])
-        .args(["--filter-port", &fil.to_string()])
-        .args(["--channel-port", &ch.to_string()])
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("--manifests").arg(dir);
+    // Every server off unless given (the ingress would default to INGRESS_PORT or 8080).
+    for flag in ["--ingress-port", "--filter-port", "--channel-port"] {
+        let port = ports.iter().find(|(f, _)| *f == flag).map_or(0, |p| p.1);
+        cmd.args([flag, &port.to_string()]);
+    }
+    let child = cmd
+        .args(extra)
         .args(["--log-level", "error"])
         .stdout(std::process::Stdio::null())
         .stderr(log)
@@ -704,7 +836,7 @@ async fn knative_topology(
         .with_context(|| format!("starting {}", bin.display()))?;
     let mut child = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    for port in [ing, fil, ch] {
+    for &(_, port) in ports {
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_err()
@@ -721,6 +853,37 @@ async fn knative_topology(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    Ok(child)
+}
+
+/// The stock topology on Knative's own code: `knative-broker-oracle` runs the mt-broker-ingress
+/// and mt-broker-filter handlers and the in-memory channel's fan-out of knative.dev/eventing
+/// v0.49.2 (imported, fed from manifests with the status blocks Knative's controllers would
+/// write) in one Go process on the component's core. Its ingress stamps each event with
+/// [`INGRESS_STAMP`]. Returns the ingress URL and the process.
+async fn knative_topology(
+    dir: &std::path::Path,
+    subs: [u16; 3],
+    async_channel: bool,
+) -> anyhow::Result<(String, KillOnDrop)> {
+    let (ing, fil, ch) = (unused_port()?, unused_port()?, unused_port()?);
+    let ingress_url = format!("http://127.0.0.1:{ing}/bench/default");
+    let mut yaml = format!(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n  namespace: bench\n  annotations:\n    eventing.knative.dev/broker.class: MTChannelBasedBroker\nstatus:\n  address:\n    url: {ingress_url}\n  annotations:\n    knative.dev/channelAddress: http://127.0.0.1:{ch}/bench/{IMC}\n---\n{}",
+        imc_yaml(fil, &ingress_url, async_channel)
+    );
+    yaml.push_str(&format!("---\n{}", resolved_chain_triggers(subs)));
+    let child = start_oracle(
+        dir,
+        &yaml,
+        &[
+            ("--ingress-port", ing),
+            ("--filter-port", fil),
+            ("--channel-port", ch),
+        ],
+        &["--stamp-ingress-extension", INGRESS_STAMP],
+    )
+    .await?;
     Ok((ingress_url, child))
 }
 
@@ -920,7 +1083,7 @@ async fn generate(
             let sent = now_ns().to_string();
             if send_one(&c, &url, &format!("p{n}"), &ty).await == Some(StatusCode::ACCEPTED) {
                 mark_sent("ingress 202 at sender", &ty, Some(&sent));
-                acks.record_sent(Some(&sent));
+                acks.record_sent(Some(&sent), None);
             }
         });
     }
@@ -1015,7 +1178,7 @@ pub fn run(args: BrokerBenchArgs) -> anyhow::Result<()> {
         "placement: component under test on CPU {} ({}), load generator on CPU {} (one runtime worker)",
         args.component_cpu,
         if args.component_threads {
-            "--component-threads: a thread per component: broker-shm (ingress, plus its dataplane reply thread), each function, each HTTP subscriber; stock: drop-in ingress, channel, drop-in filter"
+            "--component-threads: a thread per component: broker-shm (ingress, plus its dataplane reply thread), each function, each HTTP subscriber; stock and swap: drop-in ingress, channel (swap: the oracle process), drop-in filter"
         } else {
             "every component on one runtime worker; the functions and the dataplane's reply thread on threads of their own"
         },
@@ -1107,7 +1270,7 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
                         .headers()
                         .get("ce-benchsent")
                         .and_then(|v| v.to_str().ok());
-                    st.record_sent(sent);
+                    st.record_sent(sent, None);
                     resp(StatusCode::ACCEPTED)
                 }
             })
@@ -1183,9 +1346,7 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
     }
     if want("chain-http") {
         let stats = Stats::new();
-        let p1 = subscriber(Some("chain.s2"), &stats).await?;
-        let p2 = subscriber(Some("chain.s3"), &stats).await?;
-        let p3 = subscriber(None, &stats).await?;
+        let [p1, p2, p3] = chain_subscribers(&stats).await?;
         let yaml = format!(
             "{BROKER}---\n{}---\n{}---\n{}",
             trigger("t1", "chain.s1", &uri(p1)),
@@ -1208,15 +1369,7 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
     }
     if want("chain-stock") {
         let stats = Stats::new();
-        let p1 = subscriber(Some("chain.s2"), &stats).await?;
-        let p2 = subscriber(Some("chain.s3"), &stats).await?;
-        let p3 = subscriber(None, &stats).await?;
-        let triggers = format!(
-            "{}---\n{}---\n{}",
-            resolved_trigger("t1", "chain.s1", p1),
-            resolved_trigger("t2", "chain.s2", p2),
-            resolved_trigger("t3", "chain.s3", p3),
-        );
+        let triggers = resolved_chain_triggers(chain_subscribers(&stats).await?);
         let url = stock_topology(&triggers, args.async_channel).await?;
         rows.extend(
             load(
@@ -1233,15 +1386,31 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
 
     if want("chain-knative") {
         let stats = Stats::new();
-        let p1 = subscriber(Some("chain.s2"), &stats).await?;
-        let p2 = subscriber(Some("chain.s3"), &stats).await?;
-        let p3 = subscriber(None, &stats).await?;
+        let subs = chain_subscribers(&stats).await?;
         let (url, _oracle) =
-            knative_topology(&tmp.join("chain-knative"), [p1, p2, p3], args.async_channel).await?;
+            knative_topology(&tmp.join("chain-knative"), subs, args.async_channel).await?;
         rows.extend(
             load(
                 &on,
                 "3-step chain, Knative's own broker (Go)",
+                &url,
+                "chain.s1",
+                stats,
+                &args,
+            )
+            .await,
+        );
+    }
+
+    if want("chain-swap") {
+        let stats = Stats::new();
+        let triggers = resolved_chain_triggers(chain_subscribers(&stats).await?);
+        let (url, _oracle) =
+            swap_topology(&tmp.join("chain-swap"), &triggers, args.async_channel).await?;
+        rows.extend(
+            load(
+                &on,
+                "3-step chain, drop-in swap (Knative's IMC)",
                 &url,
                 "chain.s1",
                 stats,
@@ -1261,26 +1430,30 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
             .find(|r| r.name.starts_with(n) && r.name.ends_with(FROM_INGRESS))
             .and_then(|r| r.p50_us)
     };
-    if let (Some(a), Some(b)) = (
-        from_ingress("3-step chain, broker-shm + shm"),
-        from_ingress("3-step chain, stock"),
-    ) {
-        println!(
-            "chain p50 latency from the ingress's receipt, shm / stock topology: {:.3}",
-            a / b.max(1e-9)
-        );
-    }
-    // The shared-memory chain against each baseline that ran: events/s and p50 (from the sender).
-    let shm = find("3-step chain, broker-shm + shm");
-    for (prefix, label, latency) in [
+    // The baselines the shared-memory chain is compared with: row prefix, label, and whether
+    // their p50 latency is compared too.
+    let baselines = [
         ("3-step chain, stock", "stock topology", true),
         (
             "3-step chain, Knative's own broker",
-            "Knative's own broker (Go handlers, same topology)",
+            "Knative's own broker",
             true,
         ),
+        ("3-step chain, drop-in swap", "drop-in swap", true),
         ("3-step chain, broker-shm + HTTP", "HTTP subscribers", false),
-    ] {
+    ];
+    let shm_from_ingress = from_ingress("3-step chain, broker-shm + shm");
+    for (prefix, label, _) in baselines.iter().filter(|b| b.2) {
+        if let (Some(a), Some(b)) = (shm_from_ingress, from_ingress(prefix)) {
+            println!(
+                "chain p50 latency from the ingress's receipt, shm / {label}: {:.3}",
+                a / b.max(1e-9)
+            );
+        }
+    }
+    // The shared-memory chain against each baseline that ran: events/s and p50 (from the sender).
+    let shm = find("3-step chain, broker-shm + shm");
+    for (prefix, label, latency) in baselines {
         let (Some(shm), Some(base)) = (shm, find(prefix)) else {
             continue;
         };
@@ -1296,4 +1469,59 @@ async fn run_async(args: BrokerBenchArgs, on: tokio::runtime::Handle) -> anyhow:
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_carry_the_send_time_and_the_first_ingress_stamp() {
+        let mut ev = CloudEvent::new("e1", "/src", "chain.s1");
+        ev.set("benchsent", "10");
+        ev.set(INGRESS_STAMP, "20");
+        let r = reply_event(&ev, "chain.s2");
+        assert_eq!(r.get("type"), Some("chain.s2"));
+        assert_eq!(r.get("benchsent"), Some("10"));
+        assert_eq!(r.get(INGRESS_STAMP), Some("20"));
+        let plain = reply_event(&CloudEvent::new("e2", "/src", "chain.s1"), "chain.s2");
+        assert_eq!(plain.get(INGRESS_STAMP), None);
+    }
+
+    #[test]
+    fn an_ingress_stamp_is_read_on_the_wall_clock() {
+        let stats = Stats::new();
+        stats.recording.store(true, Ordering::Relaxed);
+        let mut ev = CloudEvent::new("e1", "/src", "chain.s3");
+        ev.set("benchsent", now_ns().to_string());
+        // Stamped a second ago on the wall clock: the row reads about a second, whatever the
+        // bench's monotonic clock says.
+        ev.set(INGRESS_STAMP, (wall_ns() - 1_000_000_000).to_string());
+        stats.record(&ev);
+        let h = stats.from_ingress.lock().map(|h| h.max()).unwrap_or(0);
+        assert!(
+            (1_000_000..60_000_000).contains(&h),
+            "{h} us is not about a second"
+        );
+        // A stamp that is not a number is not a sample.
+        let mut bad = ev.clone();
+        bad.set(INGRESS_STAMP, "soon");
+        stats.record(&bad);
+        assert_eq!(stats.from_ingress.lock().map(|h| h.len()).unwrap_or(0), 1);
+    }
+
+    #[test]
+    fn the_channel_manifest_names_every_trigger_and_the_reply_address() {
+        let sync = imc_yaml(4000, "http://127.0.0.1:5000/bench/default", false);
+        for t in ["t1", "t2", "t3"] {
+            assert!(sync.contains(&format!(
+                "subscriberUri: http://127.0.0.1:4000/triggers/bench/{t}/uid-{t}\n      replyUri: http://127.0.0.1:5000/bench/default\n"
+            )));
+        }
+        assert!(!sync.contains("async-handler"));
+        assert!(
+            imc_yaml(4000, "http://x/", true)
+                .contains("messaging.knative.dev/async-handler: \"true\"")
+        );
+    }
 }
