@@ -51,6 +51,10 @@ type config struct {
 	channelPort int
 	maxTTL      int
 	logLevel    string
+	// The in-memory channel dispatcher's HTTP connection pool (env MAX_IDLE_CONNS,
+	// MAX_IDLE_CONNS_PER_HOST; the stock dispatcher Deployment sets both to 1000).
+	maxIdleConns        int
+	maxIdleConnsPerHost int
 	// stampExtension, when set, names the extension the ingress stamps with its receipt time
 	// (stamp.go); empty keeps Knative's handler exactly as it is.
 	stampExtension string
@@ -84,6 +88,15 @@ func parseConfig(args []string) (*config, error) {
 		return nil, err
 	}
 	c := &config{}
+	if c.maxIdleConns, err = envInt("MAX_IDLE_CONNS", 1000); err != nil {
+		return nil, err
+	}
+	if c.maxIdleConnsPerHost, err = envInt("MAX_IDLE_CONNS_PER_HOST", 1000); err != nil {
+		return nil, err
+	}
+	if c.maxIdleConns <= 0 || c.maxIdleConnsPerHost <= 0 {
+		return nil, fmt.Errorf("MAX_IDLE_CONNS (%d) and MAX_IDLE_CONNS_PER_HOST (%d) must be greater than 0", c.maxIdleConns, c.maxIdleConnsPerHost)
+	}
 	fs := flag.NewFlagSet("knative-broker-oracle", flag.ContinueOnError)
 	// Errors are logged by main as JSON; -h prints the usage on stdout.
 	fs.SetOutput(io.Discard)
@@ -278,6 +291,18 @@ func run(cfg *config, logger *zap.Logger) error {
 	}
 	var chans *channels
 	if cfg.channelPort != 0 {
+		// The connection pool is one per process in kncloudevents. Knative's ingress and filter
+		// handlers set theirs in their constructors (1000 idle connections; 1000 per host for
+		// the ingress, 100 for the filter); the IMC dispatcher sets its own from its env. A
+		// process that serves only the channel is the dispatcher and gets the dispatcher's
+		// (without it, Go's default of 2 idle connections per host would close most
+		// connections after one request); with the ingress or filter also on, theirs stay.
+		if cfg.ingressPort == 0 && cfg.filterPort == 0 {
+			kncloudevents.ConfigureConnectionArgs(&kncloudevents.ConnectionArgs{
+				MaxIdleConns:        cfg.maxIdleConns,
+				MaxIdleConnsPerHost: cfg.maxIdleConnsPerHost,
+			})
+		}
 		chans = newChannels(logger.Named("channel"), trustBundles, withFeatures, mp, tp)
 		if err := chans.set(objs.channels); err != nil {
 			return fmt.Errorf("in-memory channel: %w", err)
