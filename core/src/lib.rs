@@ -23,4 +23,5 @@ pub mod http1;
 pub mod logging;
 pub mod pool;
 pub mod sdk;
+pub mod sniff;
 pub mod transport;

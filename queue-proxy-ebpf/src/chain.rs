@@ -11,6 +11,7 @@ use std::time::Instant as StdInstant;
 use http::{HeaderValue, Request, Response, StatusCode, header, response::Parts};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use spright_core::sniff;
 use tokio::time::Instant;
 
 use crate::accounting::RequestAccounting;
@@ -23,7 +24,7 @@ use crate::metrics::RequestMetrics;
 use crate::proxy::{self, Proxy};
 use crate::readiness::Prober;
 use crate::reqlog::RequestLog;
-use crate::sniff::{self, Prepended};
+use crate::sniff::Prepended;
 use crate::timeout::{self, TimedBody, Timeouts};
 use crate::timer::Timers;
 use crate::upstream::UpstreamBody;

@@ -428,10 +428,10 @@ impl Inner {
                         }
                     }
                     let n = usize::try_from(n).unwrap_or(usize::MAX).min(ubuf.len());
-                    Some(crate::sniff::detect(&ubuf[..n]))
+                    Some(spright_core::sniff::detect(&ubuf[..n]))
                 }
-                Framing::Chunked => h1::first_chunk_data(ubuf).map(crate::sniff::detect),
-                Framing::UntilClose if !ubuf.is_empty() => Some(crate::sniff::detect(ubuf)),
+                Framing::Chunked => h1::first_chunk_data(ubuf).map(spright_core::sniff::detect),
+                Framing::UntilClose if !ubuf.is_empty() => Some(spright_core::sniff::detect(ubuf)),
                 _ => None,
             };
             if let Some(ct) = sniffed {
