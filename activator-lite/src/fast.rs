@@ -3,7 +3,8 @@
 //! as bytes, the way nginx does it: the request head is parsed once with `httparse` and
 //! rewritten straight into the outgoing buffer (Knative's header rules, the same as
 //! [`crate::handler::rewrite_request_headers`]), sent on a pooled keep-alive connection
-//! to the pod, and the response head is rewritten (hop-by-hop headers dropped) while
+//! to the pod, and the response head is rewritten (hop-by-hop headers dropped, and the
+//! `Content-Type` Go's server would sniff added when there is none: [`sniff_type`]) while
 //! its body is passed through in its own framing (length, chunked, or until close).
 //! No header map, no per-connection client task, no channel between tasks.
 //!
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 
 use spright_core::http1::{BodyCursor, ResponseRules, is_in, lists, push_header, visible_ascii};
 pub use spright_core::http1::{FastResponse, Framing, ParsedResponse, ResponseError};
+use spright_core::sniff;
 
 use crate::admission::{Head, MAX_HEAD, client_gone};
 use crate::handler::{Admission, HOP_BY_HOP, RequestError, first_byte_timeout};
@@ -601,6 +603,23 @@ pub async fn serve(
     ubuf.advance(resp.head_len);
     let close = req.close || resp.framing == Framing::UntilClose;
     let mut head = resp.out;
+    if resp.sniff && sniff::go_sniffs(resp.status, false, sniff::head_content_encoding(&head)) {
+        match sniff_type(&mut upstream, ubuf, resp.framing, total_deadline, idle).await {
+            Ok(Some(ct)) => push_header(&mut head, b"Content-Type", ct.as_bytes()),
+            Ok(None) => {}
+            Err(e) => {
+                // Nothing of the answer has gone out yet: the client gets the activator's
+                // own error (Go's server would drop the connection instead).
+                let e = match e.kind() {
+                    io::ErrorKind::TimedOut => RequestError::Timeout,
+                    _ => RequestError::Upstream(e.to_string()),
+                };
+                tracing::debug!(error = %e, status = resp.status, "response body failed");
+                let resp = error_response(&e, req.close);
+                return client.write_all(&resp).await.is_ok() && !req.close;
+            }
+        }
+    }
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
@@ -627,6 +646,47 @@ pub async fn serve(
         pool.put(&dest, upstream);
     }
     done && !close
+}
+
+/// The `Content-Type` Go's server gives a pod answer that has none (the caller checked
+/// [`sniff::go_sniffs`]), from the body bytes Go would sniff; the first of them follow the
+/// head in `ubuf`.
+///
+/// A body of known length: Go's reverse proxy (`FlushInterval` 0) flushes nothing until
+/// its server's 2 KiB buffer is full or the body ends, so the type comes from the first
+/// `min(length, 512)` bytes, and the head waits for them here too. Chunked and
+/// read-until-close bodies: the proxy flushes the head at once (a timer armed with a
+/// negative interval races the first body write), so only body bytes already received
+/// with the head count, as they do in Go when its first read finds them buffered; the head
+/// never waits for a streamed body. No body bytes: no type (Go sniffs only non-empty
+/// writes).
+async fn sniff_type(
+    upstream: &mut TcpStream,
+    ubuf: &mut BytesMut,
+    framing: Framing,
+    deadline: Option<Instant>,
+    idle: Option<Duration>,
+) -> io::Result<Option<&'static str>> {
+    match framing {
+        Framing::Length(n) if n > 0 => {
+            let want = usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(sniff::SNIFF_LEN);
+            while ubuf.len() < want {
+                if bounded(fill(upstream, ubuf), deadline, idle).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            Ok(Some(sniff::detect(&ubuf[..want])))
+        }
+        Framing::Chunked => {
+            let mut first = [0u8; sniff::SNIFF_LEN];
+            let n = sniff::chunked_prefix(ubuf, &mut first);
+            Ok((n > 0).then(|| sniff::detect(&first[..n])))
+        }
+        Framing::UntilClose if !ubuf.is_empty() => Ok(Some(sniff::detect(ubuf))),
+        _ => Ok(None),
+    }
 }
 
 /// Waits for `fut` until `deadline` or for `idle` of inactivity, whichever is first.

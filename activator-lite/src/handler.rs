@@ -2,6 +2,7 @@
 //! kubelet health, network probe (`K-Network-Hash`), activator probe, revision lookup,
 //! concurrency reporting, revision timeouts, throttling and proxying.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,6 +23,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
 use tokio::time::Sleep;
+
+use spright_core::sniff;
 
 use crate::autoscaler::LinkStatus;
 use crate::manifests::{ClusterState, RevisionKey, RevisionSpec};
@@ -299,23 +302,85 @@ pub fn rewrite_request_headers(
 }
 
 /// A response body that keeps the pod slot and the concurrency count until it ends,
-/// and enforces the revision's total and idle timeouts while streaming.
+/// and enforces the revision's total and idle timeouts while streaming. Frames read
+/// ahead to sniff a `Content-Type` ([`GuardedBody::sniff`]) are passed on first.
 struct GuardedBody {
     inner: Incoming,
+    read_ahead: VecDeque<Frame<Bytes>>,
     hold: Option<(Lease, InFlight)>,
     deadline: Option<Pin<Box<Sleep>>>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
-impl Body for GuardedBody {
-    type Data = Bytes;
-    type Error = BoxError;
+impl GuardedBody {
+    /// The `Content-Type` Go's server gives a pod answer that has none (the caller checked
+    /// [`sniff::go_sniffs`]), from the body bytes Go would sniff, read ahead here and kept
+    /// for the client.
+    ///
+    /// A body of known length: Go's reverse proxy (`FlushInterval` 0) flushes nothing until
+    /// its server's buffer is full (2 KiB for HTTP/1, 4 KiB for HTTP/2) or the body ends, so
+    /// the type comes from the first `min(length, 512)` bytes, and the head waits for them
+    /// here too. A body of unknown length (chunked, or HTTP/2 without `content-length`): the
+    /// proxy flushes the head at once (a timer armed with a negative interval races the
+    /// first body write), so only a first frame that is already here counts, as in Go when
+    /// its first read finds body bytes buffered; the head never waits for a streamed body.
+    /// No body bytes: no type (Go sniffs only non-empty writes).
+    async fn sniff(&mut self) -> Result<Option<&'static str>, RequestError> {
+        use futures::FutureExt;
+        let failed = |e: BoxError| {
+            if e.is::<hyper::Error>() {
+                RequestError::Upstream(e.to_string())
+            } else {
+                RequestError::Timeout
+            }
+        };
+        match self.inner.size_hint().exact() {
+            Some(0) => return Ok(None),
+            Some(n) => {
+                let want = usize::try_from(n)
+                    .unwrap_or(usize::MAX)
+                    .min(sniff::SNIFF_LEN);
+                let mut have = 0;
+                while have < want {
+                    match std::future::poll_fn(|cx| self.poll_inner(cx)).await {
+                        Some(Ok(frame)) => {
+                            let data = frame.data_ref().map_or(0, Bytes::len);
+                            let trailers = frame.is_trailers();
+                            self.read_ahead.push_back(frame);
+                            have += data;
+                            if trailers {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => return Err(failed(e)),
+                        None => break,
+                    }
+                }
+            }
+            None => match std::future::poll_fn(|cx| self.poll_inner(cx)).now_or_never() {
+                Some(Some(Ok(frame))) => self.read_ahead.push_back(frame),
+                Some(Some(Err(e))) => return Err(failed(e)),
+                Some(None) | None => {}
+            },
+        }
+        let mut data = self.read_ahead.iter().filter_map(Frame::data_ref);
+        let (Some(first), None) = (data.next(), data.next()) else {
+            // Several frames (or none): their first bytes, side by side.
+            let mut head = [0u8; sniff::SNIFF_LEN];
+            let mut n = 0;
+            for d in self.read_ahead.iter().filter_map(Frame::data_ref) {
+                let take = d.len().min(head.len() - n);
+                head[n..n + take].copy_from_slice(&d[..take]);
+                n += take;
+            }
+            return Ok((n > 0).then(|| sniff::detect(&head[..n])));
+        };
+        Ok((!first.is_empty()).then(|| sniff::detect(first)))
+    }
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
+    /// The next frame from the pod, within the timeouts.
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         if let Some(d) = this.deadline.as_mut()
             && d.as_mut().poll(cx).is_ready()
         {
@@ -346,13 +411,43 @@ impl Body for GuardedBody {
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.read_ahead.pop_front() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => self.poll_inner(cx),
+        }
+    }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.read_ahead.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        if self.read_ahead.is_empty() {
+            return inner;
+        }
+        let ahead: u64 = self
+            .read_ahead
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| u64::try_from(d.len()).unwrap_or(u64::MAX))
+            .sum();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(ahead));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(ahead));
+        }
+        hint
     }
 }
 
@@ -644,12 +739,25 @@ impl App {
             .idle_timeout
             .filter(|d| !d.is_zero())
             .map(|d| (d, Box::pin(tokio::time::sleep(d))));
-        let body = GuardedBody {
+        let mut body = GuardedBody {
             inner: body,
+            read_ahead: VecDeque::new(),
             hold: Some((lease, in_flight)),
             deadline,
             idle,
         };
+        let encoding = parts.headers.get(header::CONTENT_ENCODING);
+        let typed = parts.headers.contains_key(header::CONTENT_TYPE);
+        if sniff::go_sniffs(
+            parts.status.as_u16(),
+            typed,
+            encoding.map(HeaderValue::as_bytes),
+        ) && let Some(ct) = body.sniff().await?
+        {
+            parts
+                .headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
         Ok(Response::from_parts(parts, body.boxed()))
     }
 }

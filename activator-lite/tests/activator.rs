@@ -957,15 +957,8 @@ async fn one_shot_pod() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
             };
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let head_end = loop {
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    let mut chunk = [0u8; 4096];
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                let Some(head_end) = read_head(&mut s, &mut buf).await else {
+                    return;
                 };
                 let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
                 let len: usize = head

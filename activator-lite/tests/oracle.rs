@@ -417,12 +417,22 @@ async fn deleted_revision_is_404(imp: Impl) {
 }
 differential!(deleted_revision_is_404: deleted_revision_is_404_lite, deleted_revision_is_404_knative);
 
+/// A raw HTTP/1.1 answer: `head` (status line and headers, without the blank line), then
+/// `body` in the same write.
+fn answer(head: &str, body: &[u8]) -> Vec<Step> {
+    let mut b = format!("{head}\r\n\r\n").into_bytes();
+    b.extend_from_slice(body);
+    vec![Step::Write(b)]
+}
+
 /// A pod answer without Content-Type reaches the client with the one Go's server sniffs from
-/// the body (net/http `DetectContentType`: Knative's activator is a `httputil.ReverseProxy`
-/// inside a Go `http.Server`, which sets it on the first write when the header is absent).
-///
-/// Knative only: activator-lite passes the pod's response head as it is, so the client gets no
-/// Content-Type (`activator-lite/src/fast.rs` response rewrite and the hyper path alike).
+/// the body: Knative's activator is a `httputil.ReverseProxy` inside a Go `http.Server`,
+/// which calls `DetectContentType` on the first body bytes when the handler set no
+/// Content-Type (net/http `server.go` `chunkWriter.writeHeader`). Not when the status has
+/// no body (204), the body is empty, the pod set a Content-Type (even an empty one) or a
+/// Content-Encoding. A body of known length arriving in two pieces is sniffed whole: Go
+/// holds the head until its buffer fills or the body ends. Each case goes through the
+/// HTTP/1.1 fast path and, as HTTP/1.0, through activator-lite's hyper path.
 async fn missing_content_type_is_sniffed(imp: Impl) {
     let pod = Pod::start("pod-a", true).await;
     let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
@@ -432,26 +442,162 @@ async fn missing_content_type_is_sniffed(imp: Impl) {
         r.headers.get("content-type").unwrap(),
         "text/plain; charset=utf-8"
     );
-}
+    drop(s);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_content_type_is_sniffed_knative() {
-    missing_content_type_is_sniffed(Impl::Knative).await;
+    let html = HTML_PAGE.as_bytes();
+    let html_head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}", html.len());
+    let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR";
+    let mut split = answer("HTTP/1.1 200 OK\r\nContent-Length: 20", b"hello world ");
+    split.push(Step::Pause(Duration::from_millis(200)));
+    split.push(Step::Write(b"\x00\x01\x02\x03\x04\x05\x06\x07".to_vec()));
+    let raw = RawPod::start(vec![
+        ("/html", answer(&html_head, html)),
+        (
+            "/png",
+            answer(
+                &format!("HTTP/1.1 200 OK\r\nContent-Length: {}", png.len()),
+                png,
+            ),
+        ),
+        (
+            "/binary",
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 6", b"\x00\x01\x02abc"),
+        ),
+        (
+            "/not-found",
+            answer("HTTP/1.1 404 Not Found\r\nContent-Length: 4", b"gone"),
+        ),
+        (
+            "/empty",
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 0", b""),
+        ),
+        ("/no-content", answer("HTTP/1.1 204 No Content", b"")),
+        (
+            "/typed",
+            answer(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 6",
+                b"<html>",
+            ),
+        ),
+        (
+            "/typed-empty",
+            answer(&format!("{html_head}\r\nContent-Type: "), html),
+        ),
+        (
+            "/gzip",
+            answer(
+                "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 4",
+                b"\x1f\x8b\x08\x00",
+            ),
+        ),
+        ("/split", split),
+    ])
+    .await;
+    let (_m, _asc, s) = setup(imp, 0, &[raw.addr]).await;
+    let cases: [(&str, StatusCode, Option<&str>); 10] = [
+        ("/html", StatusCode::OK, Some("text/html; charset=utf-8")),
+        ("/png", StatusCode::OK, Some("image/png")),
+        ("/binary", StatusCode::OK, Some("application/octet-stream")),
+        (
+            "/not-found",
+            StatusCode::NOT_FOUND,
+            Some("text/plain; charset=utf-8"),
+        ),
+        ("/empty", StatusCode::OK, None),
+        ("/no-content", StatusCode::NO_CONTENT, None),
+        ("/typed", StatusCode::OK, Some("application/json")),
+        ("/typed-empty", StatusCode::OK, Some("")),
+        ("/gzip", StatusCode::OK, None),
+        ("/split", StatusCode::OK, Some("application/octet-stream")),
+    ];
+    for version in [http::Version::HTTP_11, http::Version::HTTP_10] {
+        for (path, status, want) in cases {
+            let r = get_version(s.port(), REV, path, version).await;
+            let ct = r.headers.get("content-type").map(|v| v.to_str().unwrap());
+            assert_eq!(
+                (r.status, ct),
+                (status, want),
+                "{path} {version:?}: {:?}\n{}",
+                r.headers,
+                s.logs()
+            );
+        }
+    }
+    let r = s.get(REV, "/html", &[]).await;
+    assert_eq!(r.body, HTML_PAGE);
 }
+differential!(missing_content_type_is_sniffed: missing_content_type_is_sniffed_lite, missing_content_type_is_sniffed_knative);
 
-/// An HTTP/2 (h2c, prior knowledge) client request for `rev` to the activator's http1 port;
-/// the status and protocol of the answer.
-async fn h2c_get(s: &Subject, rev: &str) -> (http::Version, StatusCode) {
+/// A streamed (chunked) answer without Content-Type whose first bytes are not there yet
+/// when its head arrives: Go's reverse proxy flushes the head at once for bodies of unknown
+/// length (`httputil.ReverseProxy.flushInterval`: -1), so the client gets it without a
+/// Content-Type, before the body; nothing waits for bytes to sniff.
+async fn streamed_answer_head_is_not_held_for_sniffing(imp: Impl) {
+    use http_body_util::BodyExt;
+    let raw = RawPod::start(vec![(
+        "/stream",
+        vec![
+            Step::Write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()),
+            Step::WaitRelease,
+            Step::Write(b"6\r\n<html>\r\n0\r\n\r\n".to_vec()),
+        ],
+    )])
+    .await;
+    let (_m, _asc, s) = setup(imp, 0, &[raw.addr]).await;
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}/stream", s.port()))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", REV)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("the head comes before the body")
+        .expect("stream");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers().get("content-type").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    raw.release.notify_one();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "<html>");
+}
+differential!(streamed_answer_head_is_not_held_for_sniffing: streamed_answer_head_is_not_held_for_sniffing_lite, streamed_answer_head_is_not_held_for_sniffing_knative);
+
+/// Over h2c the activator's HTTP/2 server sniffs as its HTTP/1 server does (net/http
+/// `h2_bundle.go` `writeChunk`), and the request reaches the pod over HTTP/2.
+async fn missing_content_type_is_sniffed_over_h2c(imp: Impl) {
+    let pod = Pod::start("pod-a", true).await;
+    let (_m, _asc, s) = setup(imp, 0, &[pod.addr]).await;
+    let resp = h2c_request(&s, REV, "/html").await;
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(
+        resp.headers().get("content-type").unwrap(),
+        "text/html; charset=utf-8"
+    );
+    assert_eq!(pod.served()[0].version, http::Version::HTTP_2);
+}
+differential!(missing_content_type_is_sniffed_over_h2c: missing_content_type_is_sniffed_over_h2c_lite, missing_content_type_is_sniffed_over_h2c_knative);
+
+/// An HTTP/2 (h2c, prior knowledge) client request for `rev` and `path` to the activator's
+/// http1 port.
+async fn h2c_request(s: &Subject, rev: &str, path: &str) -> hyper::Response<hyper::body::Incoming> {
     let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
             .build_http();
-    let req = hyper::Request::get(format!("http://127.0.0.1:{}/", s.port()))
+    let req = hyper::Request::get(format!("http://127.0.0.1:{}{path}", s.port()))
         .header("knative-serving-namespace", NS)
         .header("knative-serving-revision", rev)
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .expect("request");
-    let resp = h2.request(req).await.expect("h2c request");
+    h2.request(req).await.expect("h2c request")
+}
+
+/// An h2c request for `rev`: the protocol and status of the answer.
+async fn h2c_get(s: &Subject, rev: &str) -> (http::Version, StatusCode) {
+    let resp = h2c_request(s, rev, "/").await;
     (resp.version(), resp.status())
 }
 

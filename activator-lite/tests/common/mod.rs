@@ -30,6 +30,8 @@ use tokio_tungstenite::tungstenite::Message;
 pub const BIN: &str = env!("CARGO_BIN_EXE_activator-lite");
 pub const POD_NAME: &str = "activator-test-pod";
 pub const NS: &str = "default";
+/// An HTML page, served without Content-Type by the test pods.
+pub const HTML_PAGE: &str = "<!DOCTYPE html>\n<html><body><p>hello</p></body></html>\n";
 
 /// A free loopback port (bound then released).
 pub use spright_test_support::free_port;
@@ -398,6 +400,9 @@ async fn pod_handle(st: Arc<PodState>, mut req: Request<Incoming>) -> Response<P
             r.headers_mut().insert("sec-websocket-accept", v);
         }
         r
+    } else if path == "/html" {
+        // No Content-Type: the activator's server sniffs one.
+        Response::new(full(HTML_PAGE))
     } else {
         Response::new(full(st.name.clone()))
     };
@@ -649,4 +654,137 @@ impl Subject {
     pub async fn get(&self, rev: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
         get(self.port(), rev, path, headers).await
     }
+}
+
+/// One step of a [`RawPod`] answer.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// These bytes, in one write.
+    Write(Vec<u8>),
+    /// A pause before the next step.
+    Pause(Duration),
+    /// Waits until the test calls `release.notify_one()`.
+    WaitRelease,
+}
+
+/// A pod that answers in raw HTTP/1.1 bytes, so a test decides the framing and which
+/// bytes travel together: queue-proxy probes get 200 `queue`, any other request the steps
+/// given for its path (without query), else 404. Requests carry no body; a connection
+/// serves them one after another.
+pub struct RawPod {
+    pub addr: SocketAddr,
+    pub release: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RawPod {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawPod {
+    pub async fn start(answers: Vec<(&'static str, Vec<Step>)>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind pod");
+        let addr = listener.local_addr().expect("addr");
+        let release = Arc::new(Notify::new());
+        let answers: Arc<HashMap<&'static str, Vec<Step>>> =
+            Arc::new(answers.into_iter().collect());
+        let rel = release.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns.spawn(raw_conn(stream, answers.clone(), rel.clone()));
+            }
+        });
+        Self {
+            addr,
+            release,
+            task,
+        }
+    }
+}
+
+async fn raw_conn(
+    mut s: tokio::net::TcpStream,
+    answers: Arc<HashMap<&'static str, Vec<Step>>>,
+    release: Arc<Notify>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::new();
+    loop {
+        let Some(end) = read_head(&mut s, &mut buf).await else {
+            return;
+        };
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        if !matches!(req.parse(&buf[..end]), Ok(httparse::Status::Complete(_))) {
+            return;
+        }
+        let probe = req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("k-network-probe") && h.value == b"queue");
+        let path = req
+            .path
+            .unwrap_or("/")
+            .split('?')
+            .next()
+            .unwrap_or("/")
+            .to_owned();
+        buf.drain(..end);
+        let steps = if probe {
+            vec![Step::Write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nqueue".to_vec(),
+            )]
+        } else {
+            answers.get(path.as_str()).cloned().unwrap_or_else(|| {
+                vec![Step::Write(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                )]
+            })
+        };
+        for step in steps {
+            match step {
+                Step::Write(b) => {
+                    if s.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Pause(d) => tokio::time::sleep(d).await,
+                Step::WaitRelease => release.notified().await,
+            }
+        }
+    }
+}
+
+/// Reads from `s` into `buf` until it holds a whole request head; the head's length, or
+/// `None` when the connection ends first.
+pub async fn read_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A GET for revision `rev` through the activator on `port`, in HTTP `version` (1.0 or 1.1).
+pub async fn get_version(port: u16, rev: &str, path: &str, version: http::Version) -> Reply {
+    let req = Request::get(format!("http://127.0.0.1:{port}{path}"))
+        .version(version)
+        .header("host", format!("{rev}.{NS}.example.com"))
+        .header("knative-serving-namespace", NS)
+        .header("knative-serving-revision", rev)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(req).await
 }
