@@ -16,9 +16,6 @@ mod health;
 #[allow(dead_code)]
 #[path = "../../queue-proxy-ebpf/src/reqlog.rs"]
 mod reqlog;
-#[allow(dead_code)]
-#[path = "../../queue-proxy-ebpf/src/sniff.rs"]
-mod sniff;
 
 use std::sync::Arc;
 
@@ -28,7 +25,10 @@ use spright_fuzz::{qp::request, split_once, text};
 fuzz_target!(|data: &[u8]| {
     let (template, rest) = split_once(data, 0);
     let (mut req, body) = request(rest);
-    let _ = sniff::detect(body);
+    // Go's content sniffing, shared with activator-lite (spright-core).
+    let _ = spright_core::sniff::detect(body);
+    let _ = spright_core::sniff::head_content_encoding(body);
+    let _ = spright_core::sniff::chunked_prefix(body, &mut [0; spright_core::sniff::SNIFF_LEN]);
     let _ = health::is_kubelet_probe(req.headers());
     let _ = health::is_probe(req.headers());
     let _ = health::classify(req.headers());
