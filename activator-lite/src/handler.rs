@@ -746,13 +746,17 @@ impl App {
             deadline,
             idle,
         };
-        let encoding = parts.headers.get(header::CONTENT_ENCODING);
-        let typed = parts.headers.contains_key(header::CONTENT_TYPE);
-        if sniff::go_sniffs(
-            parts.status.as_u16(),
-            typed,
-            encoding.map(HeaderValue::as_bytes),
-        ) && let Some(ct) = body.sniff().await?
+        // The common answer has a Content-Type: one lookup, nothing read ahead.
+        if !parts.headers.contains_key(header::CONTENT_TYPE)
+            && sniff::go_sniffs(
+                parts.status.as_u16(),
+                false,
+                parts
+                    .headers
+                    .get(header::CONTENT_ENCODING)
+                    .map(HeaderValue::as_bytes),
+            )
+            && let Some(ct) = body.sniff().await?
         {
             parts
                 .headers
