@@ -358,8 +358,10 @@ impl CloudEvent {
         };
         // `part` lies inside `body`: its bytes, shared with `owner` when there is one.
         let bytes = |part: &[u8], leading_ws: bool| {
-            let mut start = (part.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
-            let end = (start + part.len()).min(body.len());
+            // `part` always lies inside `body`; the clamps only keep the indexing total.
+            let offset = (part.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+            let end = offset.saturating_add(part.len()).min(body.len());
+            let mut start = offset.min(end);
             while leading_ws && start > 0 && matches!(body[start - 1], b' ' | b'\t' | b'\n' | b'\r')
             {
                 start -= 1;
@@ -1604,6 +1606,13 @@ mod tests {
             let back = CloudEvent::from_structured(&ev.to_structured()).unwrap();
             assert_eq!(back, ev, "{rest}");
         }
+        // A member name with escapes is the name it spells.
+        let ev = CloudEvent::from_structured(
+            br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","d\u0061ta":[1 ],"\u0078":"y"}"#,
+        )
+        .unwrap();
+        assert_eq!(ev.data.as_deref(), Some(&b"[1 ]"[..]));
+        assert_eq!(ev.get("x"), Some("y"));
         // Data before the specversion is read the same way.
         let ev = CloudEvent::from_structured(
             br#"{"data": {"k": 1.50}, "specversion":"1.0","id":"d4","source":"/s","type":"t"}"#,
