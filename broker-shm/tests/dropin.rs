@@ -907,7 +907,8 @@ differential!(ingress_strict_forms_case: ingress_strict_forms_broker_shm, ingres
 ///   long numbers, exponents, escapes, spacing and key order reach the channel byte for byte,
 ///   `null` as the text `null`, from any member position, the last duplicate winning;
 /// - another media type (`application/ld+json`, `text/plain`, a different case) takes only a
-///   JSON string, its text; anything else is 400;
+///   JSON string, its text (an unpaired surrogate escape read as U+FFFD, as jsoniter reads
+///   it); anything else is 400;
 /// - a null `data_base64` is 400.
 ///
 /// Not in the table: a 0.3 event with a `data_base64` member. Knative keeps it as an extension
@@ -933,6 +934,7 @@ async fn ingress_data_bytes_case(imp: Impl) {
         ("d14", &[("content-type", CE)], br#"{"specversion":"1.0","id":"d14","source":"/s","type":"t","data":"a<b>&\u2028"}"#, 202, &[("body", Some(r#""a<b>&\u2028""#))]),
         ("d15", &[("content-type", CE)], br#"{"specversion":"1.0","id":"d15","source":"/s","type":"t","data":{"a":1},"data":[2]}"#, 202, &[("body", Some("[2]"))]),
         ("d16", &[("content-type", CE)], br#"{"specversion":"1.0","id":"d16","source":"/s","type":"t","datacontenttype":"application/json ","data":{"a":1}}"#, 400, &[]),
+        ("d17", &[("content-type", CE)], br#"{"specversion":"1.0","id":"d17","source":"/s","type":"t","datacontenttype":"text/plain","data":"a\ud800b\n"}"#, 202, &[("body", Some("a\u{fffd}b\n"))]),
     ];
     ingress_rows(imp, ROWS).await;
 }

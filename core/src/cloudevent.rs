@@ -378,9 +378,9 @@ impl CloudEvent {
             }
             Some(match serde_json::from_str::<&str>(raw.get()) {
                 Ok(s) => Ok(bytes(s.as_bytes(), false)),
-                Err(_) => serde_json::from_str::<String>(raw.get())
+                Err(_) => json_string_text(raw.get())
                     .map(|s| Bytes::from(s.into_bytes()))
-                    .map_err(|_| ()),
+                    .ok_or(()),
             })
         };
         match (data, data_b64) {
@@ -687,6 +687,58 @@ impl<'de> serde::de::Visitor<'de> for AttrSeed {
         {}
         Ok(AttrValue::Compound)
     }
+}
+
+/// The text of a JSON string literal (`raw`, quotes included, its syntax already checked) as
+/// sdk-go's reader (jsoniter `ReadString`) decodes it: escapes resolved, a `\u` surrogate
+/// escape that does not pair with the next one as U+FFFD. `None` when `raw` is not a string.
+fn json_string_text(raw: &str) -> Option<String> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut rest = inner;
+    let hex4 = |s: &str| s.get(..4).and_then(|h| u16::from_str_radix(h, 16).ok());
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let esc = rest.get(i + 1..)?;
+        let mut chars = esc.chars();
+        rest = match chars.next()? {
+            'u' => {
+                let r = hex4(&esc[1..])?;
+                let after = &esc[5..];
+                match (r, after.strip_prefix("\\u").and_then(hex4)) {
+                    (0xd800..=0xdbff, Some(r2 @ 0xdc00..=0xdfff)) => {
+                        let c =
+                            0x10000 + ((u32::from(r) - 0xd800) << 10) + (u32::from(r2) - 0xdc00);
+                        out.push(char::from_u32(c)?);
+                        &after[6..]
+                    }
+                    (0xd800..=0xdfff, Some(r2)) => {
+                        out.push('\u{fffd}');
+                        out.push(char::from_u32(u32::from(r2)).unwrap_or('\u{fffd}'));
+                        &after[6..]
+                    }
+                    _ => {
+                        out.push(char::from_u32(u32::from(r)).unwrap_or('\u{fffd}'));
+                        after
+                    }
+                }
+            }
+            c => {
+                out.push(match c {
+                    '"' | '\\' | '/' => c,
+                    'b' => '\u{8}',
+                    'f' => '\u{c}',
+                    'n' => '\n',
+                    'r' => '\r',
+                    't' => '\t',
+                    _ => return None,
+                });
+                chars.as_str()
+            }
+        };
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// Does sdk-go read the JSON-format `data` member as JSON for this `datacontenttype`? Its
@@ -1646,6 +1698,24 @@ mod tests {
                 );
             }
         }
+        // Unpaired surrogate escapes read as U+FFFD, as sdk-go reads them (Knative delivers the
+        // replacement character).
+        for (data, want) in [
+            (r#""\ud800""#, "\u{fffd}"),
+            (
+                r#""a\udc00b\ud83d\ude00\u00e9\"\\\/\b\f\n\r\t""#,
+                "a\u{fffd}b\u{1f600}\u{e9}\"\\/\u{8}\u{c}\n\r\t",
+            ),
+            (r#""\ud800\u0041\ud800\ud800""#, "\u{fffd}A\u{fffd}\u{fffd}"),
+        ] {
+            let ev = parse("text/plain", data).unwrap();
+            assert_eq!(ev.data.as_deref(), Some(want.as_bytes()), "{data}");
+            assert_eq!(
+                CloudEvent::from_structured(&ev.to_structured()).unwrap(),
+                ev
+            );
+        }
+        assert_eq!(json_string_text("1"), None);
         let ev = parse("application/ld+json", r#""x\n""#).unwrap();
         assert_eq!(ev.data.as_deref(), Some(&b"x\n"[..]));
         let ev = parse("application/json ; charset=utf-8", r#""x""#).unwrap();
