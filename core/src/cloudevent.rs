@@ -817,8 +817,17 @@ impl Data<'_> {
     }
 }
 
-/// Appends `s` as a JSON string.
+/// Appends `s` as a JSON string. Text with nothing to escape (no control character, quote or
+/// backslash: most attribute values and every member name) is copied as is, which is what
+/// serde_json writes for it too.
 fn json_string(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -1874,6 +1883,22 @@ mod tests {
         let mut ev = sample();
         ev.set("dataref", "x");
         assert_eq!(ev.validate(), Ok(()));
+    }
+
+    #[test]
+    fn json_strings_as_serde_json_writes_them() {
+        for s in [
+            "",
+            "plain",
+            "caf\u{e9} \u{1f600}",
+            "q\"b\\",
+            "\u{1}\n\u{1f}",
+            "\u{7f}</",
+        ] {
+            let mut out = Vec::new();
+            json_string(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]
