@@ -165,9 +165,16 @@ async fn upstream() -> anyhow::Result<SocketAddr> {
                         "ok"
                     };
                     let _ = req.into_body().collect().await;
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                        Bytes::from_static(body.as_bytes()),
-                    )))
+                    // A revision's pod answers through its queue-proxy, a Go server, which
+                    // sets the Content-Type Go sniffs when the app sets none: an answer
+                    // reaching the activator always has one (else the activators sniff).
+                    let mut resp =
+                        hyper::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    Ok::<_, std::convert::Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
