@@ -603,7 +603,7 @@ pub async fn serve(
     ubuf.advance(resp.head_len);
     let close = req.close || resp.framing == Framing::UntilClose;
     let mut head = resp.out;
-    if resp.sniff && sniff::go_sniffs(resp.status, false, sniff::head_content_encoding(&head)) {
+    if resp.sniff {
         match sniff_type(&mut upstream, ubuf, resp.framing, total_deadline, idle).await {
             Ok(Some(ct)) => push_header(&mut head, b"Content-Type", ct.as_bytes()),
             Ok(None) => {}

@@ -66,7 +66,8 @@ pub struct FastResponse {
     pub framing: Framing,
     /// The upstream connection may carry another request afterwards.
     pub reusable: bool,
-    /// No `Content-Type`, on a status that has a body: the client gets a sniffed one.
+    /// No `Content-Type` and no `Content-Encoding`, on a status that has a body: the client
+    /// gets a sniffed one (when Go's server would, [`crate::sniff::go_sniffs`]).
     pub sniff: bool,
     /// The response had a `Date` header.
     pub dated: bool,
@@ -159,6 +160,7 @@ fn response_from(
     let mut connection: [&[u8]; 4] = [b""; 4];
     let mut n_conn = 0;
     let (mut typed, mut dated) = (false, false);
+    let mut encoding: Option<&[u8]> = None;
     for h in resp.headers.iter() {
         let n = h.name;
         if n.eq_ignore_ascii_case("content-length") {
@@ -181,6 +183,9 @@ fn response_from(
             n_conn += 1;
         } else if n.eq_ignore_ascii_case("content-type") {
             typed = true;
+        } else if n.eq_ignore_ascii_case("content-encoding") {
+            // Go's Header.Get: the first value counts.
+            encoding = encoding.or(Some(h.value));
         } else if n.eq_ignore_ascii_case("date") {
             dated = true;
         }
@@ -234,7 +239,7 @@ fn response_from(
         status,
         framing,
         reusable,
-        sniff: !typed && !no_body,
+        sniff: crate::sniff::go_sniffs(status, typed, encoding),
         dated,
         out,
     }))
@@ -545,6 +550,23 @@ mod tests {
             parse_response(long.as_bytes(), false, &RECHUNK),
             Ok(ParsedResponse::Partial)
         );
+    }
+
+    #[test]
+    fn sniffing_follows_go() {
+        let sniff = |head: &str| complete(head, &RECHUNK).sniff;
+        assert!(sniff("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"));
+        assert!(!sniff("HTTP/1.1 200 OK\r\nContent-Type: x/y\r\n\r\n"));
+        // Present but empty still counts as set.
+        assert!(!sniff("HTTP/1.1 200 OK\r\nContent-Type:\r\n\r\n"));
+        assert!(!sniff("HTTP/1.1 204 No Content\r\n\r\n"));
+        // A Content-Encoding stops it; Go reads the first value (an empty one does not).
+        assert!(!sniff(
+            "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\n"
+        ));
+        assert!(sniff(
+            "HTTP/1.1 200 OK\r\nContent-Encoding:\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n"
+        ));
     }
 
     #[test]

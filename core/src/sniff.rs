@@ -5,8 +5,8 @@
 //! the HTTP/2 server does the same in `h2_bundle.go` `writeChunk`), and Knative's
 //! activator and queue-proxy relay pod answers through such servers. [`go_sniffs`] is
 //! when that happens, [`detect`] is `http.DetectContentType` (`sniff.go`), and
-//! [`chunked_prefix`] / [`head_content_encoding`] read what the byte-level HTTP/1.1 fast
-//! paths have at hand.
+//! [`chunked_prefix`] reads what the byte-level HTTP/1.1 fast paths have at hand (their
+//! head parser, `http1::parse_response`, applies [`go_sniffs`] to the head).
 
 /// How many leading body bytes [`detect`] looks at (Go's `sniffLen`).
 pub const SNIFF_LEN: usize = 512;
@@ -210,17 +210,6 @@ pub fn go_sniffs(status: u16, has_content_type: bool, content_encoding: Option<&
     body_allowed && !has_content_type && content_encoding.is_none_or(|v| v.trim_ascii().is_empty())
 }
 
-/// The first `Content-Encoding` value of an HTTP/1.1 head (status line, then
-/// `name: value` lines; the blank line may be there or not), as [`go_sniffs`] wants it.
-pub fn head_content_encoding(head: &[u8]) -> Option<&[u8]> {
-    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
-        let (name, value) = line.split_at(line.iter().position(|&b| b == b':')?);
-        name.trim_ascii()
-            .eq_ignore_ascii_case(b"content-encoding")
-            .then(|| value[1..].trim_ascii())
-    })
-}
-
 /// The body bytes of the chunks whose size line is in `buf` (a chunked body from its
 /// start), as far as they are there, copied into `out` up to its length: what Go's
 /// chunked reader returns from its first read of bytes already received. The count
@@ -350,16 +339,6 @@ mod tests {
     }
 
     #[test]
-    fn content_encoding_of_a_head() {
-        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\ncontent-encoding:  gzip \r\n";
-        assert_eq!(head_content_encoding(head), Some(&b"gzip"[..]));
-        let head = b"HTTP/1.1 200 Content-Encoding: x\r\nX-A: b\r\n\r\n";
-        assert_eq!(head_content_encoding(head), None);
-        let head = b"HTTP/1.1 200 OK\r\nContent-Encoding:\r\nContent-Encoding: br\r\n";
-        assert_eq!(head_content_encoding(head), Some(&b""[..]));
-    }
-
-    #[test]
     fn chunked_prefix_reads_what_is_there() {
         let mut out = [0u8; SNIFF_LEN];
         let n = chunked_prefix(b"5\r\nhello\r\n3;x=y\r\n, w\r\n4\r\norl", &mut out);
@@ -381,7 +360,6 @@ mod tests {
         for _ in 0..5000 {
             let v: Vec<u8> = (0..rng.gen_range(0..64)).map(|_| rng.r#gen()).collect();
             let _ = detect(&v);
-            let _ = head_content_encoding(&v);
             let _ = chunked_prefix(&v, &mut out);
         }
     }

@@ -27,7 +27,6 @@ fuzz_target!(|data: &[u8]| {
     let (mut req, body) = request(rest);
     // Go's content sniffing, shared with activator-lite (spright-core).
     let _ = spright_core::sniff::detect(body);
-    let _ = spright_core::sniff::head_content_encoding(body);
     let _ = spright_core::sniff::chunked_prefix(body, &mut [0; spright_core::sniff::SNIFF_LEN]);
     let _ = health::is_kubelet_probe(req.headers());
     let _ = health::is_probe(req.headers());

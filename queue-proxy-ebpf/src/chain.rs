@@ -310,9 +310,12 @@ impl Chain {
 
 /// Go's server sniffs a `Content-Type` for bodies that come without one.
 fn needs_sniffing(parts: &Parts) -> bool {
-    let s = parts.status.as_u16();
-    !parts.headers.contains_key(header::CONTENT_TYPE)
-        && !(100..200).contains(&s)
-        && s != 204
-        && s != 304
+    spright_core::sniff::go_sniffs(
+        parts.status.as_u16(),
+        parts.headers.contains_key(header::CONTENT_TYPE),
+        parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes),
+    )
 }

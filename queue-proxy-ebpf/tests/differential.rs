@@ -1174,6 +1174,34 @@ fn timeouts_when_the_head_waits_for_sniffing() {
     assert_same("idle timeout, head without content type", &k, &o);
 }
 
+/// An answer with a Content-Encoding and no Content-Type gets no sniffed type; an empty first
+/// Content-Encoding does not count (Go's server reads the first value). HTTP/1.1 and 1.0.
+#[test]
+fn encoded_answers_are_not_sniffed() {
+    let (_g, _up, env) = oracle_case();
+    let (k, o) = both(&env, |p| {
+        let mut types = Vec::new();
+        for path in ["/encoded", "/encoded?empty=1"] {
+            let a = get(p.ports.serving, path, &[]);
+            types.push((a.status, a.headers.get("content-type").cloned()));
+            let raw = raw_text(
+                p.ports.serving,
+                format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes(),
+            );
+            let ty = raw.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-type")
+                    .then(|| value.trim().to_string())
+            });
+            types.push((raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), ty));
+        }
+        types
+    });
+    assert_same("encoded answers", &k, &o);
+    assert_eq!(o[0], (200, None));
+    assert_eq!(o[2], (200, Some("application/x-gzip".to_string())));
+}
+
 #[test]
 fn probe_request_logs_and_custom_template() {
     let (_g, _up, mut env) = oracle_case();

@@ -291,6 +291,20 @@ async fn upstream_handle(
                 .insert("content-length", "100".parse().expect("static"));
             r
         }
+        "/encoded" => {
+            // A gzip body without Content-Type: Go's server sniffs no type for an encoded
+            // answer. `empty=1`: an empty Content-Encoding comes first, which Go's
+            // `Header.Get` reads, so it sniffs after all.
+            let gzip: &'static [u8] = &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 3, 0];
+            let mut r = Response::new(full(Bytes::from_static(gzip)));
+            if query(&req, "empty") == Some(1) {
+                r.headers_mut()
+                    .append("content-encoding", "".parse().expect("static"));
+            }
+            r.headers_mut()
+                .append("content-encoding", "gzip".parse().expect("static"));
+            r
+        }
         "/hop" => {
             // Hop-by-hop headers the proxy must not forward, and an empty body.
             let mut r = Response::new(full(""));
