@@ -101,7 +101,7 @@ struct Segment {
     /// (it never reads or writes the bytes), so a deleted segment stays mapped until a
     /// request for it is done.
     map: Arc<MmapRaw>,
-    /// Pages below this position are populated or requested (see [`prefault`]).
+    /// Pages below this position are populated or requested (see [`Segment::prefault`]).
     populated: usize,
 }
 
@@ -243,7 +243,6 @@ impl Segment {
         };
         seg.used = seg.scan();
         seg.populated = seg.used;
-        seg.prefault();
         Ok(seg)
     }
 
@@ -409,6 +408,10 @@ impl BrokerLog {
         if segments.is_empty() {
             segments.push_back(Segment::open(dir, 0, cfg.segment_bytes)?);
         }
+        // Only the last segment is appended to.
+        if let Some(last) = segments.back_mut() {
+            last.prefault();
+        }
         Ok(BrokerLog {
             dir: dir.to_path_buf(),
             cfg,
@@ -464,6 +467,9 @@ impl BrokerLog {
             }
             self.segments
                 .push_back(Segment::open(&self.dir, base, self.cfg.segment_bytes)?);
+            if let Some(new) = self.segments.back_mut() {
+                new.prefault();
+            }
         }
         let durability = self.cfg.durability;
         let seg = self
