@@ -14,7 +14,7 @@ use memmap2::{Advice, MmapMut, MmapOptions, MmapRaw};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, OnceLock};
 
 const HEADER: usize = 8;
@@ -282,9 +282,9 @@ impl Segment {
             #[cfg(test)]
             done: None,
         };
-        match queue.try_send(req) {
-            Ok(()) => self.populated = want,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {}
+        // A full queue drops the request (see `prefault_queue`); a later append asks again.
+        if queue.try_send(req).is_ok() {
+            self.populated = want;
         }
     }
 
